@@ -1,0 +1,217 @@
+"""The ``domgen`` command line. Every user mistake ends as one sentence on stderr and exit code 2."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from domgen.errors import DomgenError
+
+DEVICE = click.Choice(["cpu", "cuda"])
+
+
+class DomgenGroup(click.Group):
+    """Turns DomgenError into ``error: <sentence>`` and exit code 2, with no traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except DomgenError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted: finished runs are kept in MLflow; re-run the same command to resume", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=DomgenGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="domgen")
+def main():
+    """Domain-generalisation experiments for COVID-19 lesion segmentation on chest CT.
+
+    \b
+    Families:  leave-one-out / pseudolabel   (Enshaei et al., Certainty-Index pseudo-labels)
+    Tracking:  MLflow, by default ./mlflow.db; browse with `domgen ui`.
+    Data:      `domgen data list`; the default suite `synthetic` is generated on first use.
+    """
+
+
+def _threads(device: str) -> None:
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise DomgenError("--device cuda was given but PyTorch sees no CUDA GPU; use --device cpu")
+    if os.environ.get("DOMGEN_THREADS"):
+        torch.set_num_threads(int(os.environ["DOMGEN_THREADS"]))
+
+
+# ---------------------------------------------------------------- data
+@main.group(cls=DomgenGroup)
+def data():
+    """List, check and fetch datasets."""
+
+
+@data.command("list")
+@click.option("--suite", default=None, help="Also list the datasets of this suite ('synthetic' or a suite YAML).")
+def data_list(suite):
+    """The public datasets domgen knows (see data_cards/) and, with --suite, a suite's datasets."""
+    from domgen.data.fetch import PUBLIC_DATASETS
+
+    click.echo("Public datasets (cards in data_cards/):")
+    for key, info in PUBLIC_DATASETS.items():
+        how = "domgen data fetch" if info.get("urls") else "manual download"
+        click.echo(f"  {key:28s} {info['title'][:60]:60s} [{how}]")
+    if suite:
+        from domgen.data.registry import load_suite
+
+        s = load_suite(suite)
+        click.echo(f"\nSuite {s.name} ({s.path}):")
+        for name, spec in s.datasets.items():
+            click.echo(f"  {name:10s} {spec.format:7s} {spec.intensity.describe():32s} {spec.lesion_kind:9s} {spec.root}")
+
+
+@data.command("check")
+@click.argument("name")
+@click.option("--suite", default="synthetic", show_default=True, help="'synthetic' or a path to a suite YAML.")
+def data_check(name, suite):
+    """Read every file of dataset NAME and report patients, slices, infected slices, sizes, intensities."""
+    from domgen.data.check import check_dataset, format_check
+    from domgen.data.registry import load_suite
+
+    click.echo(format_check(check_dataset(load_suite(suite).get(name))))
+
+
+@data.command("fetch")
+@click.argument("name")
+@click.option("--dest", type=click.Path(path_type=Path), default=Path("domgen-data/public"), show_default=True)
+def data_fetch(name, dest):
+    """Download a public dataset where its source allows, and verify its checksum."""
+    from domgen.data.fetch import fetch
+
+    click.echo(f"fetched {name} into {fetch(name, dest)}")
+
+
+@main.command("generate")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Folder (default: $DOMGEN_DATA or ./domgen-data, /synthetic).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--scale", default=None, type=float, help="Matrix scale: 512*scale and 630*scale pixels.")
+def generate(out, seed, scale):
+    """Write the synthetic multi-site CT suite (NIfTI, DICOM, PNG slice folders) to disk."""
+    from domgen.data.synthetic import ensure_synthetic_suite
+
+    params = {"seed": seed, **({"scale": scale} if scale else {})}
+    click.echo(f"suite file: {ensure_synthetic_suite(out, **params)}")
+
+
+# ---------------------------------------------------------------- leave-one-out
+def _common_run_options(f):
+    options = [
+        click.option("--suite", default=None, help="'synthetic' (default) or a suite YAML describing your copies."),
+        click.option("--profile", default="quick", show_default=True, help="quick (CPU demo) | paper | a YAML path."),
+        click.option("--seed", type=int, default=None, help="Base seed; fold k uses seed + k."),
+        click.option("--device", type=DEVICE, default=None, help="cpu or cuda."),
+        click.option("--encoder-weights", default=None, help="none | imagenet | PATH to an encoder state dict."),
+        click.option("--lung-mask", default=None, help="Lung-mask provider: threshold | reference | lungmask."),
+        click.option("--lungmask-weights", default=None, type=click.Path(), help="Weights file for --lung-mask lungmask."),
+        click.option("--tracking-uri", default=None, help="MLflow tracking URI (default sqlite:///mlflow.db)."),
+        click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override any profile field, e.g. train.epochs=3."),
+        click.option("--quiet", is_flag=True, help="No progress bars."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _resolve(family: str, profile: str, overrides, **flat) -> dict:
+    from domgen.config import apply_overrides, load_profile
+
+    cfg = apply_overrides(load_profile(family, profile), overrides, **flat)
+    return cfg
+
+
+@main.command("leave-one-out")
+@click.option("--source", required=True, help="Source dataset name in the suite (e.g. A).")
+@click.option("--targets", default=None, help="Comma-separated unseen datasets (default: every other COVID dataset).")
+@click.option("--folds", type=int, default=None, help="Number of folds (quick: 2, paper: 5).")
+@click.option("--ci-min", type=float, default=None, help="Keep pseudo-labels with Certainty Index >= this.")
+@click.option("--min-pixels", type=int, default=None, help="Drop slices with fewer pixels above the cut-off (original resolution).")
+@click.option("--top-k", type=int, default=None, help="At most this many pseudo-labelled slices per target.")
+@click.option("--top-fraction", type=float, default=None, help="At most this fraction of the ranked slices.")
+@click.option("--mix", type=click.Choice(["source+pseudo", "pseudo-only"]), default=None)
+@click.option("--rounds", type=int, default=None, help="Select-and-retrain rounds.")
+@click.option("--init-checkpoint", type=click.Path(), default=None, help="Start from this domgen checkpoint instead of a fresh model.")
+@_common_run_options
+def leave_one_out(source, targets, folds, ci_min, min_pixels, top_k, top_fraction, mix, rounds, init_checkpoint,
+                  suite, profile, seed, device, encoder_weights, lung_mask, lungmask_weights, tracking_uri, overrides, quiet):
+    """Train on SOURCE, test in-domain and on unseen datasets, retrain on Certainty-Index pseudo-labels.
+
+    Prints the paper's Table II (per test set, DSC/SPC/SEN before and after) and Table III (averages).
+    Re-running the same command resumes: finished runs are found by their config hash.
+    """
+    from domgen.families.leave_one_out import EXPERIMENT, run_leave_one_out
+    from domgen.tracking import mlflow_store as store
+    from domgen.tracking.report import leave_one_out_tables, to_markdown
+
+    cfg = _resolve("leave_one_out", profile, overrides, **{
+        "source": source, "targets": targets, "folds": folds, "suite": suite, "seed": seed, "device": device,
+        "model.encoder_weights": encoder_weights, "preprocessing.lung_mask": lung_mask,
+        "preprocessing.lungmask_weights": lungmask_weights, "pseudolabel.ci_min": ci_min,
+        "pseudolabel.min_pixels": min_pixels, "pseudolabel.top_k": top_k, "pseudolabel.top_fraction": top_fraction,
+        "pseudolabel.mix": mix, "pseudolabel.rounds": rounds, "init_checkpoint": init_checkpoint})
+    _threads(cfg["device"])
+    uri = store.configure(tracking_uri)
+    parent = run_leave_one_out(cfg, progress=not quiet)
+    tables = leave_one_out_tables(parent)
+    click.echo(f"\nTable II - {EXPERIMENT}, parent run {parent} ({uri})\n")
+    click.echo(to_markdown(tables["table2"]))
+    click.echo("\nTable III - averages over unseen test sets\n")
+    click.echo(to_markdown(tables["table3"]))
+
+
+# ---------------------------------------------------------------- reports and UI
+@main.command("report")
+@click.option("--experiment", default="domgen-leave-one-out", show_default=True, help="MLflow experiment name.")
+@click.option("--run-id", default=None, help="Parent run (default: the newest finished one).")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("reports"), show_default=True)
+@click.option("--tracking-uri", default=None)
+def report(experiment, run_id, out, tracking_uri):
+    """Rebuild the paper's tables from MLflow alone; writes Markdown, CSV and LaTeX."""
+    from mlflow.tracking import MlflowClient
+
+    from domgen.tracking import mlflow_store as store
+    from domgen.tracking.report import leave_one_out_tables, to_markdown, write_tables
+
+    store.configure(tracking_uri)
+    exp = MlflowClient().get_experiment_by_name(experiment)
+    if exp is None:
+        raise DomgenError(f"MLflow experiment '{experiment}' does not exist at {store.configure(tracking_uri)}; run the experiment first or pass --tracking-uri")
+    if run_id is None:
+        parents = store.runs_of(exp.experiment_id, "tags.`domgen.role` = 'round'")
+        if not parents:
+            raise DomgenError(f"experiment '{experiment}' has no finished round; run it to completion first")
+        run_id = max(parents, key=lambda r: r.info.end_time or 0).info.run_id
+    tables = leave_one_out_tables(run_id)
+    paths = write_tables(tables, out / experiment / run_id)
+    for name, df in tables.items():
+        click.echo(f"\n{name}\n\n{to_markdown(df)}")
+    click.echo(f"\nwrote {len(paths)} files to {out / experiment / run_id}")
+
+
+@main.command("ui")
+@click.option("--tracking-uri", default=None)
+@click.option("--port", default=5000, show_default=True)
+def ui(tracking_uri, port):
+    """Start the MLflow UI on 127.0.0.1 for the domgen store."""
+    import subprocess
+
+    from domgen.tracking import mlflow_store as store
+
+    uri = store.configure(tracking_uri)
+    click.echo(f"MLflow UI for {uri} at http://127.0.0.1:{port}")
+    subprocess.run([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)], check=False)
+
+
+if __name__ == "__main__":
+    main()

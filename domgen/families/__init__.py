@@ -1,0 +1,1 @@
+"""Experiment families: a config (``experiments/<family>/``) plus one function that expands it into runs."""

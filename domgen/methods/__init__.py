@@ -1,0 +1,1 @@
+"""Methods that act on trained models: Certainty-Index pseudo-labels, transfer strategies."""

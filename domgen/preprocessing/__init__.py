@@ -1,0 +1,1 @@
+"""Preprocessing: intensity (HU, windows, normalisations, resizing), lung masks and patient-wise splits."""

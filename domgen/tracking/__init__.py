@@ -1,0 +1,1 @@
+"""Tracking: MLflow (an embedded SQLite store by default) and reports rebuilt from it."""

@@ -1,0 +1,92 @@
+"""Files a run leaves behind: checkpoints, predicted masks as NIfTI, overlay PNGs."""
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import nibabel as nib  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from domgen.errors import DomgenError  # noqa: E402
+from domgen.models import build_model  # noqa: E402
+from domgen.preprocessing.slices import SliceSet  # noqa: E402
+
+
+def save_checkpoint(path: Path, model, model_cfg: dict, **extra) -> Path:
+    """A self-describing checkpoint: the model config beside the state dict (atomic write)."""
+    tmp = path.with_suffix(".part")
+    torch.save({"model": dict(model_cfg), "state_dict": model.state_dict(), **extra}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: Path) -> tuple[torch.nn.Module, dict]:
+    """(model, checkpoint dict) from a file written by ``save_checkpoint``."""
+    if not Path(path).is_file():
+        raise DomgenError(f"checkpoint {path} does not exist; pass a checkpoint.pt from a domgen run (MLflow artifact model/checkpoint.pt)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt zip / pickle
+        raise DomgenError(f"cannot read checkpoint {path} ({type(exc).__name__}); it is corrupt or not a domgen checkpoint") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "state_dict" not in ckpt:
+        raise DomgenError(f"{path} is not a domgen checkpoint (no 'model'/'state_dict'); use model/checkpoint.pt from a domgen run")
+    cfg = dict(ckpt["model"])
+    cfg["encoder_weights"] = "none"  # the state dict holds every weight
+    model = build_model(**{k: cfg[k] for k in ("arch", "encoder", "encoder_weights", "in_channels") if k in cfg})
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as exc:
+        raise DomgenError(f"checkpoint {path} does not match its model config ({str(exc).splitlines()[0]})") from None
+    return model, ckpt
+
+
+def write_prediction_niftis(folder: Path, probabilities: list[np.ndarray], slices: SliceSet, cutoff: float) -> list[Path]:
+    """One binary NIfTI per patient (opens in ITK-SNAP / 3D Slicer); slices not evaluated stay 0."""
+    folder.mkdir(parents=True, exist_ok=True)
+    by_patient: dict[str, list[int]] = defaultdict(list)
+    for i, pid in enumerate(slices.patient_ids):
+        by_patient[pid].append(i)
+    paths = []
+    for pid, index in by_patient.items():
+        z = [int(slices.slice_ids[i].rsplit("/", 1)[1]) for i in index]
+        h, w = slices.truths[index[0]].shape
+        volume = np.zeros((max(z) + 1, h, w), dtype=np.uint8)
+        for zi, i in zip(z, index):
+            if probabilities[i].shape == (h, w):
+                volume[zi] = probabilities[i] > cutoff
+        row, col = slices.spacings[index[0]]
+        # domgen's NIfTI convention: array (X, Y, Z) = volume transposed, affine diag(col, row, 1)
+        img = nib.Nifti1Image(np.transpose(volume, (2, 1, 0)), np.diag([col, row, 1.0, 1.0]))
+        path = folder / f"{pid}.nii.gz"
+        nib.save(img, path)
+        paths.append(path)
+    return paths
+
+
+def overlay_figure(path: Path, slices: SliceSet, probabilities: list[np.ndarray], index: list[int], cutoff: float, titles: list[str]) -> Path:
+    """Image with the true lesion (green) and the predicted lesion (red) outlines, one panel a slice."""
+    n = max(len(index), 1)
+    fig, axes = plt.subplots(1, n, figsize=(2.6 * n, 2.9), squeeze=False)
+    for ax, i, title in zip(axes[0], index, titles):
+        image = slices.inputs[i, 0]
+        truth, prob = slices.truths[i], probabilities[i]
+        ax.imshow(np.asarray(__import__("skimage.transform", fromlist=["resize"]).resize(image, truth.shape, order=1)), cmap="gray")
+        if truth.any():
+            ax.contour(truth, levels=[0.5], colors="lime", linewidths=0.8)
+        if (prob > cutoff).any():
+            ax.contour(prob > cutoff, levels=[0.5], colors="red", linewidths=0.8)
+        ax.set_title(title, fontsize=7)
+        ax.axis("off")
+    for ax in axes[0][len(index):]:
+        ax.axis("off")
+    fig.suptitle("green: ground truth, red: prediction", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,1 @@
+"""Training: augmentation, losses, the training loop and prediction."""

@@ -1,0 +1,214 @@
+"""The training loop: Adam, early stopping on validation loss, best weights by a chosen criterion.
+
+Defaults follow Enshaei et al. (Dice + BCE, lr 1e-3, patience 5, keep best validation DSC); Bizopoulos
+et al. use soft Dice and keep the lowest validation loss; Wang et al.'s Continual Learning uses the poly
+schedule lr * (1 - epoch/max_epochs)^0.9.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import segmentation_models_pytorch as smp
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from domgen.preprocessing.slices import SliceSet
+from domgen.training.augment import build_augmentation
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    epochs: int = 100
+    batch_size: int = 16
+    lr: float = 1e-3
+    patience: int | None = 5  # epochs without a better validation loss before stopping
+    loss: str = "dice+bce"  # a LOSSES name
+    select_by: str = "val_dsc"  # "val_dsc" (Enshaei) or "val_loss" (Bizopoulos)
+    schedule: str = "constant"  # "constant" or "poly" (Wang et al.)
+    poly_power: float = 0.9
+    augment: str = "enshaei"
+    seed: int = 0
+    device: str = "cpu"
+
+    @classmethod
+    def from_config(cls, cfg: dict, **override) -> "TrainSettings":
+        known = {k: v for k, v in {**cfg, **override}.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+class DiceBCELoss(nn.Module):
+    """Dice + binary cross-entropy on logits (Enshaei et al.)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dice = smp.losses.DiceLoss(mode="binary", from_logits=True)
+        self.bce = nn.BCEWithLogitsLoss()
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.dice(logits, target) + self.bce(logits, target)
+
+
+LOSSES: dict[str, Callable[[], nn.Module]] = {
+    "dice+bce": DiceBCELoss,
+    # soft Dice with eps 1e-5 (Bizopoulos et al.): 1 - (2|P.T| + eps) / (|P| + |T| + eps)
+    "soft-dice": lambda: smp.losses.DiceLoss(mode="binary", from_logits=True, smooth=1e-5),
+}
+
+
+def poly_lr(base_lr: float, epoch: int, max_epochs: int, power: float = 0.9) -> float:
+    """Poly schedule: base_lr * (1 - epoch / max_epochs) ** power (Wang et al.)."""
+    return base_lr * (1.0 - epoch / max_epochs) ** power
+
+
+class SliceDataset(Dataset):
+    def __init__(self, slices: SliceSet, augment: str = "none", seed: int = 0) -> None:
+        self.slices = slices
+        self.transform = build_augmentation(augment, seed)
+
+    def __len__(self) -> int:
+        return len(self.slices)
+
+    def __getitem__(self, i: int):
+        image = self.slices.inputs[i, 0]
+        mask = self.slices.targets[i]
+        if self.transform is not None:
+            out = self.transform(image=image, mask=mask)
+            image, mask = out["image"], out["mask"]
+        return torch.from_numpy(np.ascontiguousarray(image))[None], torch.from_numpy(np.ascontiguousarray(mask))[None].float()
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """One optimisation step; returns the (detached) loss. Kept bare: the benchmark compares it with smp's."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = loss_fn(model(x), y)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def set_train_mode(model: nn.Module) -> None:
+    """train(), but frozen parts (no parameter requiring grad) keep their BatchNorm statistics fixed."""
+    model.train()
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            if not any(p.requires_grad for p in module.parameters()):
+                module.eval()
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    best_epoch: int
+    epochs_run: int
+    history: list[dict] = field(default_factory=list)
+    seconds_per_epoch: float = 0.0
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+
+
+def _padded_batches(inputs: np.ndarray, batch_size: int):
+    for start in range(0, len(inputs), batch_size):
+        yield start, torch.from_numpy(inputs[start:start + batch_size])
+
+
+@torch.no_grad()
+def predict_model_size(model: nn.Module, slices: SliceSet, batch_size: int = 32, device: str = "cpu") -> np.ndarray:
+    """Lesion probabilities at model size, (N, S, S) float32."""
+    model.eval()
+    out = np.empty(slices.targets.shape, dtype=np.float32)
+    for start, x in _padded_batches(slices.inputs, batch_size):
+        out[start:start + len(x)] = torch.sigmoid(model(x.to(device)))[:, 0].cpu().numpy()
+    return out
+
+
+def to_original_size(probabilities: np.ndarray, slices: SliceSet) -> list[np.ndarray]:
+    """Bilinear resize of each model-size probability map back to its slice's original shape."""
+    out = []
+    for prob, truth in zip(probabilities, slices.truths):
+        t = torch.from_numpy(prob)[None, None]
+        out.append(F.interpolate(t, size=truth.shape, mode="bilinear", align_corners=False)[0, 0].numpy())
+    return out
+
+
+def _validate(model, loss_fn, slices: SliceSet, batch_size: int, device: str) -> tuple[float, float]:
+    model.eval()
+    losses, tp, fp, fn = [], 0.0, 0.0, 0.0
+    with torch.no_grad():
+        for start, x in _padded_batches(slices.inputs, batch_size):
+            y = torch.from_numpy(slices.targets[start:start + len(x)])[:, None].float().to(device)
+            logits = model(x.to(device))
+            losses.append(float(loss_fn(logits, y)) * len(x))
+            pred = logits > 0
+            tp += float((pred & (y > 0)).sum())
+            fp += float((pred & (y == 0)).sum())
+            fn += float((~pred & (y > 0)).sum())
+    dsc = 2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) > 0 else 1.0
+    return float(np.sum(losses) / max(len(slices), 1)), dsc
+
+
+def train(
+    model: nn.Module,
+    train_set: SliceSet,
+    val_set: SliceSet,
+    settings: TrainSettings,
+    on_epoch: Callable[[dict], None] | None = None,
+    progress: bool = True,
+    desc: str = "train",
+) -> TrainResult:
+    """Train ``model`` in place; returns it loaded with the best weights."""
+    seed_everything(settings.seed)
+    device = settings.device
+    model.to(device)
+    loss_fn = LOSSES[settings.loss]()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=settings.lr)
+    loader = DataLoader(
+        SliceDataset(train_set, settings.augment, settings.seed),
+        batch_size=settings.batch_size, shuffle=True, drop_last=len(train_set) > settings.batch_size,
+        generator=torch.Generator().manual_seed(settings.seed), num_workers=0,
+    )
+    best_score, best_loss, best_state, best_epoch, stale = -np.inf, np.inf, None, 0, 0
+    history: list[dict] = []
+    started = time.perf_counter()
+    bar = tqdm(range(settings.epochs), desc=desc, unit="epoch", disable=not progress, leave=False)
+    for epoch in bar:
+        if settings.schedule == "poly":
+            for group in optimizer.param_groups:
+                group["lr"] = poly_lr(settings.lr, epoch, settings.epochs, settings.poly_power)
+        set_train_mode(model)
+        total, count = torch.zeros(()), 0
+        for x, y in loader:
+            loss = train_step(model, optimizer, loss_fn, x.to(device), y.to(device))
+            total += loss.cpu() * len(x)
+            count += len(x)
+        val_loss, val_dsc = _validate(model, loss_fn, val_set, settings.batch_size, device)
+        record = {"epoch": epoch, "train_loss": float(total) / max(count, 1), "val_loss": val_loss,
+                  "val_dsc": val_dsc, "lr": optimizer.param_groups[0]["lr"]}
+        history.append(record)
+        if on_epoch:
+            on_epoch(record)
+        bar.set_postfix(loss=f"{record['train_loss']:.3f}", val_loss=f"{val_loss:.3f}", val_dsc=f"{val_dsc:.3f}")
+        score = val_dsc if settings.select_by == "val_dsc" else -val_loss
+        if score > best_score:
+            best_score, best_epoch = score, epoch
+            best_state = copy.deepcopy(model.state_dict())
+        if val_loss < best_loss - 1e-6:
+            best_loss, stale = val_loss, 0
+        else:
+            stale += 1
+            if settings.patience is not None and stale >= settings.patience:
+                break
+    seconds = (time.perf_counter() - started) / max(len(history), 1)
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return TrainResult(model, best_epoch, len(history), history, seconds)

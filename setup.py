@@ -1,0 +1,37 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="domgen",
+    version="0.1.0",
+    description="Domain-generalisation experiments for COVID-19 lesion segmentation on chest CT",
+    packages=find_packages(include=["domgen", "domgen.*"]),
+    package_data={"domgen": ["suites/*.yaml"]},
+    python_requires=">=3.11",
+    install_requires=[
+        "torch==2.14.1",
+        "torchvision==0.29.1",
+        "segmentation-models-pytorch>=0.4",
+        "albumentations>=1.4",
+        "lungmask>=0.2.20",
+        "scikit-learn>=1.4",
+        "scikit-image>=0.22",
+        "mlflow>=2.12",
+        "monai>=1.3",
+        "click>=8.1",
+        "nibabel>=5.0",
+        "SimpleITK>=2.3",
+        "pydicom>=2.4",
+        "tqdm>=4.66",
+        "matplotlib>=3.8",
+        "pyyaml>=6.0",
+        "scipy>=1.11",
+        "pandas>=2.0",
+        "pillow>=10.0",
+    ],
+    extras_require={
+        "ray": ["ray[default]>=2.9"],
+        "export": ["onnx>=1.15"],
+        "test": ["pytest>=8"],
+    },
+    entry_points={"console_scripts": ["domgen=domgen.cli:main"]},
+)
