@@ -170,6 +170,40 @@ def leave_one_out(source, targets, folds, ci_min, min_pixels, top_k, top_fractio
     click.echo(to_markdown(tables["table3"]))
 
 
+@main.command("pseudolabel")
+@click.option("--target", required=True, help="Unseen dataset to pseudo-label (a suite dataset name).")
+@click.option("--run-id", default=None, help="A finished leave-one-out fold run (its model/checkpoint.pt is used).")
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None, help="Or a checkpoint file written by domgen.")
+@click.option("--ci-min", type=float, default=None, help="Keep slices with Certainty Index >= this (default: the run's, 0.8).")
+@click.option("--min-pixels", type=int, default=None, help="Drop slices with fewer pixels above the cut-off.")
+@click.option("--top-k", type=int, default=None)
+@click.option("--top-fraction", type=float, default=None)
+@click.option("--mix", type=click.Choice(["source+pseudo", "pseudo-only"]), default=None)
+@click.option("--rounds", type=int, default=None)
+@click.option("--suite", default=None, help="Suite to read the data from (default: the run's).")
+@click.option("--device", type=DEVICE, default=None)
+@click.option("--tracking-uri", default=None)
+@click.option("--quiet", is_flag=True)
+def pseudolabel(target, run_id, checkpoint, ci_min, min_pixels, top_k, top_fraction, mix, rounds, suite, device, tracking_uri, quiet):
+    """Rank TARGET's slices by Certainty Index, retrain on the most certain, evaluate before and after."""
+    from domgen.families.leave_one_out import checkpoint_of_run, run_pseudolabel
+    from domgen.tracking import mlflow_store as store
+
+    if (run_id is None) == (checkpoint is None):
+        raise DomgenError("give exactly one of --run-id and --checkpoint")
+    store.configure(tracking_uri)
+    _threads(device or "cpu")
+    with store.artifact_dir() as tmp:
+        path = checkpoint if checkpoint else checkpoint_of_run(run_id, tmp)
+        result = run_pseudolabel(path, target, {"ci_min": ci_min, "min_pixels": min_pixels, "top_k": top_k,
+                                                "top_fraction": top_fraction, "mix": mix, "rounds": rounds},
+                                 suite=suite, device=device, progress=not quiet)
+    click.echo(f"{'':10s}{'DSC':>8s}{'SEN':>8s}{'SPC':>8s}  run")
+    for phase, m in result.items():
+        click.echo(f"{phase:10s}{m.get('dsc', float('nan')):8.3f}{m.get('sen', float('nan')):8.3f}{m.get('spc', float('nan')):8.3f}  {m['run_id']}")
+    click.echo(f"pseudo-labelled slices: {int(result['enhanced'].get('n_pseudo_labels', 0))}")
+
+
 # ---------------------------------------------------------------- reports and UI
 @main.command("report")
 @click.option("--experiment", default="domgen-leave-one-out", show_default=True, help="MLflow experiment name.")

@@ -129,41 +129,30 @@ def _pair_masks(
 
 def _find_nifti(spec: DatasetSpec) -> dict[str, PatientFiles]:
     _require_folder(spec, spec.images_dir, "images", "images")
-    images = _files_by_stem(spec.images_dir, NIFTI_SUFFIXES)
+    return _pair_volumes(spec, _files_by_stem(spec.images_dir, NIFTI_SUFFIXES), "one NIfTI file")
+
+
+def _find_dicom(spec: DatasetSpec) -> dict[str, PatientFiles]:
+    _require_folder(spec, spec.images_dir, "images", "images")
+    return _pair_volumes(spec, {p.name: p for p in _listed(spec.images_dir) if p.is_dir()}, "one series folder")
+
+
+def _pair_volumes(spec: DatasetSpec, images: dict[str, Path], unit: str) -> dict[str, PatientFiles]:
+    """Pair each image volume (file or series folder, by name) with its NIfTI masks, one per patient."""
     _require_some(spec, images)
     lesions = _pair_masks(spec, images, spec.lesions_dir, "lesions", NIFTI_SUFFIXES, "lesion mask")
     lungs = None
     if spec.lungs_dir is not None:
         lungs = _pair_masks(spec, images, spec.lungs_dir, "lungs", NIFTI_SUFFIXES, "lung mask")
     patients: dict[str, PatientFiles] = {}
-    for stem, image in images.items():
-        pid = _match_patient(spec, stem, image).group("patient")
+    for name, image in images.items():
+        pid = _match_patient(spec, name, image).group("patient")
         if pid in patients:
             raise DomgenError(
-                f"{image} and {patients[pid].image} both give patient id '{pid}'; one NIfTI file per "
+                f"{image} and {patients[pid].image} both give patient id '{pid}'; {unit} per "
                 f"patient, or fix 'patient_id' in {spec.where}"
             )
-        patients[pid] = PatientFiles(pid, image, lesions[stem], None if lungs is None else lungs[stem])
-    return patients
-
-
-def _find_dicom(spec: DatasetSpec) -> dict[str, PatientFiles]:
-    _require_folder(spec, spec.images_dir, "images", "images")
-    folders = {p.name: p for p in _listed(spec.images_dir) if p.is_dir()}
-    _require_some(spec, folders)
-    lesions = _pair_masks(spec, folders, spec.lesions_dir, "lesions", NIFTI_SUFFIXES, "lesion mask")
-    lungs = None
-    if spec.lungs_dir is not None:
-        lungs = _pair_masks(spec, folders, spec.lungs_dir, "lungs", NIFTI_SUFFIXES, "lung mask")
-    patients: dict[str, PatientFiles] = {}
-    for name, folder in folders.items():
-        pid = _match_patient(spec, name, folder).group("patient")
-        if pid in patients:
-            raise DomgenError(
-                f"{folder} and {patients[pid].image} both give patient id '{pid}'; one series folder per "
-                f"patient, or fix 'patient_id' in {spec.where}"
-            )
-        patients[pid] = PatientFiles(pid, folder, lesions[name], None if lungs is None else lungs[name])
+        patients[pid] = PatientFiles(pid, image, lesions[name], None if lungs is None else lungs[name])
     return patients
 
 

@@ -9,7 +9,7 @@ by the hash of its config, so an interrupted round resumes where it stopped.
 """
 from __future__ import annotations
 
-import json
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +28,7 @@ from domgen.preprocessing.slices import SlicePreprocessing, SliceSet, prepare_sl
 from domgen.preprocessing.splits import read_splits, train_val_test_split, write_splits
 from domgen.tracking import mlflow_store as store
 from domgen.tracking.artifacts import load_checkpoint, overlay_figure, save_checkpoint, write_prediction_niftis
+from domgen.tracking.report import leave_one_out_tables, log_tables
 from domgen.training.trainer import TrainSettings, predict_model_size, seed_everything, to_original_size, train
 
 FAMILY = "leave-one-out"
@@ -87,22 +88,15 @@ def child_hash(cfg: dict, **identity) -> str:
 
 
 def _start_or_resume_parent(exp_id: str, cfg: dict, h: str) -> tuple[str, bool]:
-    """(run id, already finished). An unfinished parent with the same hash is reopened, not duplicated."""
-    done = store.find_run(exp_id, h)
-    if done is not None:
-        return done.info.run_id, True
+    """(run id, reopened). An unfinished parent with the same hash is reopened, not duplicated."""
     old = store.find_run(exp_id, h, status=None)
     client = MlflowClient()
     if old is not None:
         client.update_run(old.info.run_id, status="RUNNING")
-        return old.info.run_id, False
+        return old.info.run_id, True
     run = client.create_run(exp_id, run_name=f"{FAMILY} {cfg['source']}",
                             tags=store.tags(family=FAMILY, source=cfg["source"], config_hash=h, role="round"))
-    from domgen.config import flatten
-
-    params = [__import__("mlflow").entities.Param(k, v[:6000]) for k, v in flatten(cfg).items()]
-    for start in range(0, len(params), 100):
-        client.log_batch(run.info.run_id, params=params[start:start + 100])
+    store.log_params(run.info.run_id, cfg)
     return run.info.run_id, False
 
 
@@ -110,7 +104,8 @@ def _evaluation_artifacts(run_id: str, probs: list[np.ndarray], slices: SliceSet
                           ranking: pd.DataFrame | None, tmp: Path) -> None:
     per_slice.to_csv(tmp / "per_slice_metrics.csv", index=False)
     store.log_artifact_file(run_id, tmp / "per_slice_metrics.csv")
-    store.MlflowClient().log_artifacts(run_id, str(write_prediction_niftis(tmp / "predictions", probs, slices, cutoff)[0].parent), "predictions")
+    write_prediction_niftis(tmp / "predictions", probs, slices, cutoff)
+    MlflowClient().log_artifacts(run_id, str(tmp / "predictions"), "predictions")
     if ranking is not None:
         ranking.to_csv(tmp / "ci_ranking.csv", index=False)
         store.log_artifact_file(run_id, tmp / "ci_ranking.csv")
@@ -133,7 +128,11 @@ def _model_of(run_id: str, tmp: Path):
 
 
 def initial_model(cfg: dict):
-    """A fresh model, or the weights of ``init_checkpoint`` (a pretrained or transferred domgen model)."""
+    """A fresh model, or the weights of ``init_run`` / ``init_checkpoint`` (a pretrained or transferred domgen model)."""
+    if cfg.get("init_run"):
+        # the config holds only the run id (a stable hash); its checkpoint is fetched when needed
+        with store.artifact_dir() as tmp:
+            return load_checkpoint(checkpoint_of_run(cfg["init_run"], tmp))[0]
     if cfg.get("init_checkpoint"):
         model, _ = load_checkpoint(Path(cfg["init_checkpoint"]))
         return model
@@ -168,7 +167,7 @@ def train_fold(r: Round, fold: dict):
             store.log_metrics(run.info.run_id, {"ci_dsc_spearman": ci_dice_spearman(ranking, r.pl_settings.min_pixels)})
             _evaluation_artifacts(run.info.run_id, probs, test, cutoff, per_slice, ranking, tmp)
             store.log_artifact_file(run.info.run_id, save_checkpoint(tmp / "checkpoint.pt", result.model, r.cfg["model"], cutoff=cutoff,
-                                                                     preprocessing=r.cfg["preprocessing"], source=r.cfg["source"]), "model")
+                                                                     config=r.cfg, fold=fold), "model")
         return result.model, cutoff
 
 
@@ -199,8 +198,6 @@ def enhance_target(r: Round, fold: dict, name: str, model, cutoff: float) -> Non
     tags = store.tags(family=FAMILY, source=r.cfg["source"], target=name, fold=k, phase="enhanced", config_hash=h, role="unseen")
     settings = TrainSettings.from_config(r.cfg["train"], seed=r.cfg["seed"] + k, device=r.cfg["device"])
     with store.tracked_run(r.exp_id, f"fold {k} | {name} enhanced", r.cfg, tags, r.parent_id) as run, store.artifact_dir() as tmp:
-        import copy
-
         model, rankings = enhance(copy.deepcopy(model), r.source.of_patients(fold["train"]), r.source.of_patients(fold["val"]),
                                   slices, cutoff, r.pl_settings, settings, progress=r.progress, on_epoch=_epoch_logger(run.info.run_id))
         probs = to_original_size(predict_model_size(model, slices, device=settings.device), slices)
@@ -213,25 +210,28 @@ def enhance_target(r: Round, fold: dict, name: str, model, cutoff: float) -> Non
         ranking = pd.concat(rankings) if rankings else None
         _evaluation_artifacts(run.info.run_id, probs, slices, cutoff, per_slice, ranking, tmp)
         store.log_artifact_file(run.info.run_id, save_checkpoint(tmp / "checkpoint.pt", model, r.cfg["model"], cutoff=cutoff,
-                                                                 preprocessing=r.cfg["preprocessing"], source=r.cfg["source"]), "model")
+                                                                 config=r.cfg, fold=fold), "model")
 
 
 def run_leave_one_out(cfg: dict, progress: bool = True) -> str:
     """Run (or resume) one round; returns the parent run id. Tables come from ``domgen.tracking.report``."""
     exp_id = store.experiment_id(EXPERIMENT)
     h = config_hash(cfg)
-    parent_id, finished = _start_or_resume_parent(exp_id, cfg, h)
-    if finished:
-        return parent_id
+    done = store.find_run(exp_id, h)
+    if done is not None:
+        return done.info.run_id
+    # every input is read and checked before any run exists, so a bad file leaves nothing behind
+    suite = load_suite(cfg["suite"])
+    suite.get(cfg["source"])
+    names = target_names(suite, cfg)
+    pre = SlicePreprocessing.from_config(cfg["preprocessing"])
+    source = prepare_dataset(suite, cfg["source"], pre, progress)
+    targets = {n: prepare_dataset(suite, n, pre, progress) for n in names}
+    splits = fold_splits(cfg, source.patients())
+    initial_model(cfg)  # fails early on missing weights / a bad init checkpoint
+    parent_id, _ = _start_or_resume_parent(exp_id, cfg, h)
     client = MlflowClient()
     try:
-        suite = load_suite(cfg["suite"])
-        suite.get(cfg["source"])
-        names = target_names(suite, cfg)
-        pre = SlicePreprocessing.from_config(cfg["preprocessing"])
-        source = prepare_dataset(suite, cfg["source"], pre, progress)
-        targets = {n: prepare_dataset(suite, n, pre, progress) for n in names}
-        splits = fold_splits(cfg, source.patients())
         r = Round(cfg, exp_id, parent_id, source, targets, splits, pre,
                   TrainSettings.from_config(cfg["train"], seed=cfg["seed"], device=cfg["device"]),
                   EvaluationSettings.from_config(cfg["evaluation"]), PseudoLabelSettings.from_config(cfg["pseudolabel"]), progress)
@@ -244,8 +244,6 @@ def run_leave_one_out(cfg: dict, progress: bool = True) -> str:
             for name in names:
                 evaluate_target(r, fold, name, model, cutoff)
                 enhance_target(r, fold, name, model, cutoff)
-        from domgen.tracking.report import leave_one_out_tables, log_tables
-
         log_tables(parent_id, leave_one_out_tables(parent_id))
     except BaseException as exc:
         client.set_tag(parent_id, "domgen.error", f"{type(exc).__name__}: {exc}"[:5000])
@@ -253,3 +251,40 @@ def run_leave_one_out(cfg: dict, progress: bool = True) -> str:
         raise
     client.set_terminated(parent_id, "FINISHED")
     return parent_id
+
+
+def checkpoint_of_run(run_id: str, dest: Path) -> Path:
+    """The checkpoint artifact of a domgen run (a fold's source model or an enhanced model)."""
+    try:
+        return store.download_artifact(run_id, CHECKPOINT, dest)
+    except Exception as exc:  # MLflow raises several types for unknown runs / missing artifacts
+        raise DomgenError(f"run {run_id} has no {CHECKPOINT} artifact ({type(exc).__name__}); pass the run id of a finished "
+                          "leave-one-out fold run (see the MLflow UI) or --checkpoint PATH") from None
+
+
+def run_pseudolabel(checkpoint: Path, target: str, pseudolabel: dict, suite: str | None = None, device: str | None = None,
+                    progress: bool = True) -> dict[str, dict[str, float]]:
+    """The select-retrain-evaluate step on its own, from a fold checkpoint; returns before/after metrics."""
+    _, ckpt = load_checkpoint(checkpoint)
+    if "config" not in ckpt or "fold" not in ckpt:
+        raise DomgenError(f"checkpoint {checkpoint} does not record its config and fold; use a checkpoint written by `domgen leave-one-out`")
+    cfg = dict(ckpt["config"])
+    cfg["pseudolabel"] = {**cfg["pseudolabel"], **{k: v for k, v in pseudolabel.items() if v is not None}}
+    cfg["suite"] = suite or cfg["suite"]
+    cfg["device"] = device or cfg["device"]
+    fold = ckpt["fold"]
+    exp_id = store.experiment_id(EXPERIMENT)
+    loaded = load_suite(cfg["suite"])
+    pre = SlicePreprocessing.from_config(cfg["preprocessing"])
+    r = Round(cfg, exp_id, None, prepare_dataset(loaded, cfg["source"], pre, progress), {target: prepare_dataset(loaded, target, pre, progress)},
+              [fold], pre, TrainSettings.from_config(cfg["train"], seed=cfg["seed"], device=cfg["device"]),
+              EvaluationSettings.from_config(cfg["evaluation"]), PseudoLabelSettings.from_config(cfg["pseudolabel"]), progress)
+    model, _ = load_checkpoint(checkpoint)
+    cutoff = float(ckpt["cutoff"])
+    evaluate_target(r, fold, target, model, cutoff)
+    enhance_target(r, fold, target, model, cutoff)
+    out = {}
+    for phase in ("baseline", "enhanced"):
+        run = store.find_run(exp_id, child_hash(cfg, fold=fold["fold"], phase=phase, target=target))
+        out[phase] = dict(run.data.metrics, run_id=run.info.run_id)
+    return out

@@ -21,6 +21,8 @@ from domgen.preprocessing.slices import SliceSet  # noqa: E402
 def save_checkpoint(path: Path, model, model_cfg: dict, **extra) -> Path:
     """A self-describing checkpoint: the model config beside the state dict (atomic write)."""
     tmp = path.with_suffix(".part")
+    # a model loaded from a checkpoint (or a Multi-encoder) knows its own config better than the caller's profile
+    model_cfg = getattr(model, "domgen_model_config", None) or model_cfg
     torch.save({"model": dict(model_cfg), "state_dict": model.state_dict(), **extra}, tmp)
     os.replace(tmp, path)
     return path
@@ -38,11 +40,15 @@ def load_checkpoint(path: Path) -> tuple[torch.nn.Module, dict]:
         raise DomgenError(f"{path} is not a domgen checkpoint (no 'model'/'state_dict'); use model/checkpoint.pt from a domgen run")
     cfg = dict(ckpt["model"])
     cfg["encoder_weights"] = "none"  # the state dict holds every weight
-    model = build_model(**{k: cfg[k] for k in ("arch", "encoder", "encoder_weights", "in_channels") if k in cfg})
+    build = build_model
+    if cfg.get("multi_encoder"):
+        from domgen.models.multi_encoder import MultiEncoderModel as build
+    model = build(**{k: cfg[k] for k in ("arch", "encoder", "encoder_weights", "in_channels") if k in cfg})
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as exc:
         raise DomgenError(f"checkpoint {path} does not match its model config ({str(exc).splitlines()[0]})") from None
+    model.domgen_model_config = cfg
     return model, ckpt
 
 

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -89,10 +91,7 @@ def tracked_run(exp_id: str, name: str, cfg: dict, run_tags: dict[str, str], par
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(exp_id, run_name=name, tags=all_tags)
-    params = flatten(cfg)
-    items = [mlflow.entities.Param(k, v[:6000]) for k, v in params.items()]
-    for start in range(0, len(items), 100):
-        client.log_batch(run.info.run_id, params=items[start:start + 100])
+    log_config(run.info.run_id, cfg)
     try:
         yield run
     except BaseException as exc:
@@ -103,10 +102,42 @@ def tracked_run(exp_id: str, name: str, cfg: dict, run_tags: dict[str, str], par
         client.set_terminated(run.info.run_id, "FINISHED")
 
 
-def log_metrics(run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
-    import math
+def log_config(run_id: str, cfg: dict) -> None:
+    """The whole resolved config as params (MLflow takes at most 100 a call and 6000 characters a value)."""
+    items = [mlflow.entities.Param(k, v[:6000]) for k, v in flatten(cfg).items()]
+    for start in range(0, len(items), 100):
+        MlflowClient().log_batch(run_id, params=items[start:start + 100])
 
-    items = [mlflow.entities.Metric(k, float(v), int(__import__("time").time() * 1000), step or 0)
+
+def start_or_resume_run(exp_id: str, name: str, cfg: dict, run_tags: dict[str, str]) -> tuple[str, bool]:
+    """(run id, already finished) of the run tagged ``run_tags['domgen.config_hash']``.
+
+    A finished one is returned as is; an unfinished one (crash, ``kill -9``) is reopened, not duplicated.
+    """
+    h = run_tags[f"{TAG}config_hash"]
+    done = find_run(exp_id, h)
+    if done is not None:
+        return done.info.run_id, True
+    old = find_run(exp_id, h, status=None)
+    client = MlflowClient()
+    if old is not None:
+        client.update_run(old.info.run_id, status="RUNNING")
+        return old.info.run_id, False
+    run = client.create_run(exp_id, run_name=name, tags=run_tags)
+    log_config(run.info.run_id, cfg)
+    return run.info.run_id, False
+
+
+def log_params(run_id: str, cfg: dict) -> None:
+    """The whole resolved config as flat params (``train.lr`` ...)."""
+    items = [mlflow.entities.Param(k, v[:6000]) for k, v in flatten(cfg).items()]
+    for start in range(0, len(items), 100):
+        MlflowClient().log_batch(run_id, params=items[start:start + 100])
+
+
+def log_metrics(run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
+    """Finite values only (NaN means 'undefined' and is left out)."""
+    items = [mlflow.entities.Metric(k, float(v), int(time.time() * 1000), step or 0)
              for k, v in metrics.items() if v is not None and math.isfinite(float(v))]
     for start in range(0, len(items), 500):
         MlflowClient().log_batch(run_id, metrics=items[start:start + 500])

@@ -186,14 +186,18 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = poly_lr(settings.lr, epoch, settings.epochs, settings.poly_power)
         set_train_mode(model)
+        epoch_started = time.perf_counter()
         total, count = torch.zeros(()), 0
         for x, y in loader:
             loss = train_step(model, optimizer, loss_fn, x.to(device), y.to(device))
             total += loss.cpu() * len(x)
             count += len(x)
+        val_started = time.perf_counter()
         val_loss, val_dsc = _validate(model, loss_fn, val_set, settings.batch_size, device)
+        # training and validation seconds apart: Bizopoulos et al. Table II reports both
         record = {"epoch": epoch, "train_loss": float(total) / max(count, 1), "val_loss": val_loss,
-                  "val_dsc": val_dsc, "lr": optimizer.param_groups[0]["lr"]}
+                  "val_dsc": val_dsc, "lr": optimizer.param_groups[0]["lr"],
+                  "train_seconds": val_started - epoch_started, "val_seconds": time.perf_counter() - val_started}
         history.append(record)
         if on_epoch:
             on_epoch(record)

@@ -1,0 +1,349 @@
+"""The 600-model benchmark (Bizopoulos et al., "Comprehensive Comparison of Deep Learning Models for Lung
+and COVID-19 Lesion Segmentation in CT scans") as one experiment family.
+
+The grid is experiment (lung | lesion-a | lesion-b) x architecture x encoder x encoder weights. Every
+configuration is one MLflow run, a child of the sweep's parent run, found again by the hash of its
+resolved config: re-running the same command (after a crash or ``kill -9``) does only what is missing.
+A configuration that fails (an encoder smp cannot build, ImageNet weights that cannot be downloaded,
+out of memory) is recorded as FAILED with its reason and the sweep goes on; ``retry_failed`` reruns them.
+The configurations are handed to an executor (``domgen.executors``): in-process, local worker
+processes, or Ray tasks logging to a shared MLflow server.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import os
+import time
+from dataclasses import dataclass, replace
+from itertools import product
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.tracking import MlflowClient
+
+from domgen.config import config_hash
+from domgen.data.registry import load_cases, load_suite
+from domgen.errors import DomgenError
+from domgen.evaluation.evaluate import EvaluationSettings, evaluate
+from domgen.models import ARCHITECTURES, build_model, count_parameters, encoder_names
+from domgen.preprocessing.slices import SlicePreprocessing, SliceSet, prepare_slices
+from domgen.preprocessing.splits import train_val_test_split
+from domgen.tracking import mlflow_store as store
+from domgen.tracking.artifacts import save_checkpoint
+from domgen.training.trainer import TrainSettings, predict_model_size, seed_everything, to_original_size, train
+
+FAMILY = "benchmark"
+EXPERIMENT = "domgen-benchmark"
+CHECKPOINT = "model/checkpoint.pt"
+SAMPLES = "predictions/samples.npz"
+
+# experiment -> what it segments and whether the input is multiplied by the lung mask (Bizopoulos et al.)
+EXPERIMENTS: dict[str, dict] = {
+    "lung": {"target": "lung", "mask_to_lung": False},
+    "lesion-a": {"target": "lesion", "mask_to_lung": False},
+    "lesion-b": {"target": "lesion", "mask_to_lung": True},
+}
+# grid value -> build_model's encoder_weights
+WEIGHTS = {"random": "none", "imagenet": "imagenet"}
+# settings that choose how the sweep runs, not what a configuration computes: left out of every hash
+RUN_ONLY_KEYS = ("grid", "threads", "profile")
+
+
+@dataclass(frozen=True)
+class Configuration:
+    """One cell of the grid."""
+
+    experiment: str
+    arch: str
+    encoder: str
+    weights: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.experiment} | {self.arch} | {self.encoder} | {self.weights}"
+
+    def identity(self) -> dict:
+        return {"experiment": self.experiment, "arch": self.arch, "encoder": self.encoder, "weights": self.weights}
+
+
+def _names(value, flag: str, known) -> list[str]:
+    names = [v.strip() for v in (value.split(",") if isinstance(value, str) else value) if str(v).strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise DomgenError(f"{flag} {unknown[0]} is not one of {', '.join(known)}; fix {flag} or the profile's grid")
+    if not names:
+        raise DomgenError(f"{flag} is empty; name at least one of {', '.join(known)}")
+    return names
+
+
+def expand_grid(cfg: dict) -> list[Configuration]:
+    """Every configuration of ``cfg['grid']``, in the paper's order (experiment, arch, encoder, weights)."""
+    grid = cfg["grid"]
+    axes = (_names(grid["experiments"], "--experiments", list(EXPERIMENTS)),
+            _names(grid["archs"], "--archs", list(ARCHITECTURES)),
+            _names(grid["encoders"], "--encoders", encoder_names()),
+            _names(grid["weights"], "--weights", list(WEIGHTS)))
+    return [Configuration(*cell) for cell in product(*axes)]
+
+
+def base_config(cfg: dict) -> dict:
+    """What every configuration of the sweep shares: the config without the grid and run-only keys."""
+    return {k: v for k, v in cfg.items() if k not in RUN_ONLY_KEYS}
+
+
+def configuration_hash(cfg: dict, configuration: Configuration) -> str:
+    """The run's identity: the shared config plus its grid cell (not which sweep, executor or grid subset ran it)."""
+    return config_hash({"config": base_config(cfg), **configuration.identity()})
+
+
+def preprocessing_of(cfg: dict, experiment: str) -> SlicePreprocessing:
+    return SlicePreprocessing.from_config({**cfg["preprocessing"], **EXPERIMENTS[experiment]})
+
+
+def train_val_patients(patients: list[str], split: dict, seed: int) -> tuple[list[str], list[str]]:
+    """80/20 by patient: ``ordered`` keeps the sorted order (the paper's slices 0-79 / 80-99), ``random`` draws with ``seed``."""
+    fraction = float(split["val_fraction"])
+    if split["method"] == "ordered":
+        n_val = max(1, int(round(fraction * len(patients)))) if len(patients) > 1 else 0
+        ordered = sorted(patients)
+        return ordered[:len(ordered) - n_val], ordered[len(ordered) - n_val:]
+    if split["method"] != "random":
+        raise DomgenError(f"split.method {split['method']!r} is not 'ordered' or 'random'; fix the profile or --set split.method=...")
+    parts = train_val_test_split(patients, (1.0 - fraction, fraction, 0.0), seed=seed)
+    return parts["train"], parts["val"]
+
+
+@functools.lru_cache(maxsize=8)
+def _prepared(suite_name: str, dataset: str, pre: SlicePreprocessing) -> SliceSet:
+    # each worker process reads a dataset once per experiment, not once per configuration
+    suite = load_suite(suite_name)
+    cases = load_cases(suite.get(dataset))
+    if not cases:
+        raise DomgenError(f"dataset {dataset} of suite {suite.path} has no cases; run `domgen data check {dataset} --suite {suite.path}`")
+    return prepare_slices(cases, pre)
+
+
+def datasets_of(cfg: dict, experiment: str) -> tuple[SliceSet, SliceSet, SliceSet]:
+    """(train, validation, test) slices of one experiment."""
+    pre = preprocessing_of(cfg, experiment)
+    source = _prepared(str(cfg["suite"]), cfg["train_dataset"], pre)
+    test = _prepared(str(cfg["suite"]), cfg["test_dataset"], pre)
+    train_ids, val_ids = train_val_patients(source.patients(), cfg["split"], cfg["seed"])
+    return source.of_patients(train_ids), source.of_patients(val_ids), test
+
+
+def check_data(cfg: dict) -> None:
+    """Fail early, in the driver, on a missing suite or dataset (not as 600 failed configurations)."""
+    if not cfg.get("suite"):
+        raise DomgenError(f"profile '{cfg.get('profile')}' names no suite; pass --suite path/to/suite.yaml (see experiments/benchmark/paper.yaml)")
+    suite = load_suite(cfg["suite"])
+    for key in ("train_dataset", "test_dataset"):
+        suite.get(cfg[key])
+
+
+def sample_index(test: SliceSet, n: int) -> np.ndarray:
+    """The ``n`` test slices with the largest targets: the same slices for every configuration of an experiment."""
+    areas = test.targets.reshape(len(test), -1).sum(1)
+    return np.sort(np.argsort(-areas, kind="stable")[:n])
+
+
+def score(model, test: SliceSet, cfg: dict) -> tuple[dict[str, float], np.ndarray]:
+    """The paper's test metrics (per-slice Sens/Spec/Dice, averaged over slices) and the model-size probabilities."""
+    ev = cfg["evaluation"]
+    probs = predict_model_size(model, test, device=cfg["device"])
+    if ev["resolution"] == "model":
+        # the paper scores the 512x512 resized masks
+        scored, prob_list = replace(test, truths=list(test.targets)), list(probs)
+    else:
+        scored, prob_list = test, to_original_size(probs, test)
+    settings = EvaluationSettings(empty=ev["empty"], dice_eps=float(ev["dice_eps"]), surface=False)
+    summary, _ = evaluate(prob_list, scored, float(ev["threshold"]), settings)
+    paper = {"sens": summary["slice_sen"], "spec": summary["slice_spc"], "dice": summary["slice_dsc"],
+             "sens_std": summary["slice_sen_std"], "spec_std": summary["slice_spc_std"], "dice_std": summary["slice_dsc_std"]}
+    return paper, probs
+
+
+def _log_samples(run_id: str, test: SliceSet, probs: np.ndarray, cfg: dict, tmp) -> None:
+    idx = sample_index(test, int(cfg["evaluation"]["sample_slices"]))
+    path = tmp / "samples.npz"
+    np.savez_compressed(path, image=test.inputs[idx, 0].astype(np.float16), truth=test.targets[idx],
+                        prediction=(probs[idx] > float(cfg["evaluation"]["threshold"])).astype(np.uint8),
+                        slice_id=np.asarray([test.slice_ids[i] for i in idx]))
+    store.log_artifact_file(run_id, path, "predictions")
+
+
+def train_configuration(cfg: dict, configuration: Configuration, run_id: str) -> dict[str, float]:
+    """Build, train and test one configuration inside its MLflow run; returns the logged summary."""
+    train_set, val_set, test = datasets_of(cfg, configuration.experiment)
+    seed_everything(cfg["seed"])
+    model = build_model(configuration.arch, configuration.encoder, WEIGHTS[configuration.weights], 1)
+    settings = TrainSettings.from_config(cfg["train"], seed=cfg["seed"], device=cfg["device"])
+    logger = lambda record: store.log_metrics(run_id, {k: v for k, v in record.items() if k != "epoch"}, step=record["epoch"])  # noqa: E731
+    result = train(model, train_set, val_set, settings, on_epoch=logger, progress=False, desc=configuration.name)
+    metrics, probs = score(result.model, test, cfg)
+    history = result.history
+    summary = {**metrics,
+               "params_m": count_parameters(result.model)[1] / 1e6,
+               "train_seconds_per_epoch": float(np.mean([h["train_seconds"] for h in history])),
+               "val_seconds": float(np.mean([h["val_seconds"] for h in history])),
+               "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+               "best_val_loss": float(min(h["val_loss"] for h in history)),
+               "n_train": len(train_set), "n_val": len(val_set), "n_test": len(test)}
+    store.log_metrics(run_id, summary)
+    with store.artifact_dir() as tmp:
+        _log_samples(run_id, test, probs, cfg, tmp)
+        if cfg.get("save_checkpoint", True):
+            model_cfg = {"arch": configuration.arch, "encoder": configuration.encoder, "encoder_weights": WEIGHTS[configuration.weights],
+                         "in_channels": 1}
+            save_checkpoint(tmp / "checkpoint.pt", result.model, model_cfg, preprocessing=cfg["preprocessing"],
+                            experiment=configuration.experiment, threshold=float(cfg["evaluation"]["threshold"]))
+            store.log_artifact_file(run_id, tmp / "checkpoint.pt", "model")
+    return summary
+
+
+def _run_tags(cfg: dict, configuration: Configuration, h: str) -> dict[str, str]:
+    return store.tags(family=FAMILY, role="configuration", config_hash=h, sweep_hash=config_hash(base_config(cfg)),
+                      experiment=configuration.experiment, arch=configuration.arch, encoder=configuration.encoder,
+                      weights=configuration.weights, profile=cfg.get("profile"))
+
+
+def _close_stale(exp_id: str, h: str) -> None:
+    """A run of this configuration left RUNNING by a killed sweep is marked KILLED, so only one attempt looks live."""
+    client = MlflowClient()
+    for run in store.runs_of(exp_id, f"tags.`domgen.config_hash` = '{h}'", status="RUNNING"):
+        client.set_tag(run.info.run_id, "domgen.error", "interrupted: the sweep stopped while this configuration ran")
+        client.set_terminated(run.info.run_id, "KILLED")
+
+
+def run_job(job: dict) -> dict:
+    """One configuration, start to end, in whatever process the executor chose. Never raises for the
+    configuration's own failure: it is recorded in MLflow and returned as ``{"status": "failed", "reason": ...}``."""
+    store.configure(job["tracking_uri"])
+    if job.get("threads"):
+        torch.set_num_threads(int(job["threads"]))
+    cfg, configuration = job["cfg"], Configuration(**job["configuration"])
+    h = configuration_hash(cfg, configuration)
+    exp_id = job["exp_id"]
+    if store.find_run(exp_id, h) is not None:
+        return {"status": "done", "hash": h}
+    _close_stale(exp_id, h)
+    run_tags = _run_tags(cfg, configuration, h)
+    started = time.perf_counter()
+    try:
+        with store.tracked_run(exp_id, configuration.name, {**base_config(cfg), **configuration.identity()}, run_tags,
+                               job["parent_id"]) as run:
+            summary = train_configuration(cfg, configuration, run.info.run_id)
+    except Exception as exc:  # one configuration's failure (build, weights, OOM) must not stop the sweep
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return {"status": "failed", "hash": h, "reason": f"{type(exc).__name__}: {exc}"[:500], "seconds": time.perf_counter() - started}
+    return {"status": "finished", "hash": h, "run_id": run.info.run_id, "seconds": time.perf_counter() - started,
+            **{k: summary[k] for k in ("dice", "sens", "spec", "params_m")}}
+
+
+def record_failure(job: dict, reason: str) -> dict:
+    """Record a configuration whose worker died (no chance to record itself) as FAILED with ``reason``."""
+    store.configure(job["tracking_uri"])
+    cfg, configuration = job["cfg"], Configuration(**job["configuration"])
+    h = configuration_hash(cfg, configuration)
+    client = MlflowClient()
+    live = store.runs_of(job["exp_id"], f"tags.`domgen.config_hash` = '{h}'", status="RUNNING")
+    if live:
+        run_id = live[0].info.run_id
+    else:
+        run_id = client.create_run(job["exp_id"], run_name=configuration.name,
+                                   tags={**_run_tags(cfg, configuration, h), "mlflow.parentRunId": job["parent_id"]}).info.run_id
+    client.set_tag(run_id, "domgen.error", reason[:5000])
+    client.set_terminated(run_id, "FAILED")
+    return {"status": "failed", "hash": h, "reason": reason}
+
+
+def status_of(exp_id: str, cfg: dict, configurations: list[Configuration]) -> dict[Configuration, str]:
+    """done | failed | todo per configuration, from MLflow (one query, not one per configuration)."""
+    sweep = config_hash(base_config(cfg))
+    latest: dict[str, str] = {}
+    runs = store.runs_of(exp_id, f"tags.`domgen.sweep_hash` = '{sweep}' and tags.`domgen.role` = 'configuration'", status=None)
+    for run in sorted(runs, key=lambda r: r.info.start_time or 0):
+        h = run.data.tags.get("domgen.config_hash")
+        if latest.get(h) != "FINISHED":
+            latest[h] = run.info.status
+    out = {}
+    for c in configurations:
+        state = latest.get(configuration_hash(cfg, c))
+        out[c] = "done" if state == "FINISHED" else "failed" if state in ("FAILED", "KILLED") else "todo"
+    return out
+
+
+@dataclass
+class SweepResult:
+    parent_id: str
+    finished: int
+    failed: dict[str, str]  # configuration name -> reason
+    skipped: int  # already finished before this sweep
+    seconds: float
+
+
+def run_benchmark(cfg: dict, executor: str = "local", workers: int = 1, address: str | None = None,
+                  retry_failed: bool = False, progress: bool = True) -> SweepResult:
+    """Run (or resume) the sweep of ``cfg['grid']``; returns the parent run id and what happened."""
+    from domgen.executors import get_executor
+
+    started = time.perf_counter()
+    check_data(cfg)
+    configurations = expand_grid(cfg)
+    tracking_uri = mlflow.get_tracking_uri()
+    # created through the configured store first, so a local SQLite store keeps file artifacts even behind a server
+    exp_id = store.experiment_id(EXPERIMENT)
+    runner = get_executor(executor, workers=workers, address=address, device=cfg["device"], threads=cfg.get("threads"))
+    with runner.tracking(tracking_uri) as shared_uri:
+        store.configure(shared_uri)
+        h = config_hash(cfg)
+        parent_tags = store.tags(family=FAMILY, role="sweep", config_hash=h, sweep_hash=config_hash(base_config(cfg)),
+                                 profile=cfg.get("profile"), n_configurations=len(configurations))
+        parent_id, _ = store.start_or_resume_run(exp_id, f"benchmark sweep ({len(configurations)} configurations)", cfg, parent_tags)
+        client = MlflowClient()
+        client.update_run(parent_id, status="RUNNING")
+        state = status_of(exp_id, cfg, configurations)
+        todo = [c for c in configurations if state[c] == "todo" or (retry_failed and state[c] == "failed")]
+        skipped = sum(state[c] == "done" for c in configurations)
+        failed = {c.name: "failed before; use --retry-failed" for c in configurations if state[c] == "failed" and not retry_failed}
+        jobs = [{"cfg": cfg, "configuration": c.identity(), "exp_id": exp_id, "parent_id": parent_id, "tracking_uri": shared_uri,
+                 "threads": runner.threads} for c in todo]
+        finished = 0
+        try:
+            for job, result, error in runner.map(run_job, jobs, progress=progress):
+                name = Configuration(**job["configuration"]).name
+                if error is not None:
+                    result = record_failure(job, error)
+                if result["status"] == "failed":
+                    failed[name] = result["reason"]
+                else:
+                    finished += 1
+        except BaseException as exc:
+            client.set_tag(parent_id, "domgen.error", f"{type(exc).__name__}: {exc}"[:5000])
+            client.set_terminated(parent_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            raise
+        store.log_metrics(parent_id, {"n_finished": skipped + finished, "n_failed": len(failed), "sweep_seconds": time.perf_counter() - started})
+        client.set_terminated(parent_id, "FINISHED")
+    return SweepResult(parent_id, finished, failed, skipped, time.perf_counter() - started)
+
+
+def dry_run(cfg: dict) -> list[tuple[Configuration, str, str]]:
+    """(configuration, hash, done | failed | todo) for every configuration of the grid; trains nothing."""
+    configurations = expand_grid(cfg)
+    client_exp = MlflowClient().get_experiment_by_name(EXPERIMENT)
+    state = status_of(client_exp.experiment_id, cfg, configurations) if client_exp else {c: "todo" for c in configurations}
+    return [(c, configuration_hash(cfg, c), state[c]) for c in configurations]
+
+
+def resolve(cfg: dict, **grid) -> dict:
+    """``cfg`` with the grid axes given on the command line (comma-separated) replacing the profile's."""
+    out = copy.deepcopy(cfg)
+    for axis, value in grid.items():
+        if value:
+            out["grid"][axis] = [v.strip() for v in value.split(",") if v.strip()]
+    if out.get("threads") is None and os.environ.get("DOMGEN_THREADS"):
+        out["threads"] = int(os.environ["DOMGEN_THREADS"])
+    return out

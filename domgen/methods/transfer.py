@@ -1,0 +1,62 @@
+"""Wang et al.'s transfer strategies from a non-COVID lesion model to the COVID target.
+
+Each strategy turns (the pretrained model or None, the model config) into a model ready to train and the
+TrainSettings fields it changes; ``train`` optimises only the parameters that require grad.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Callable
+
+from torch import nn
+
+from domgen.errors import DomgenError
+from domgen.models import build_model
+from domgen.models.multi_encoder import MultiEncoderModel
+
+
+@dataclass(frozen=True)
+class Strategy:
+    prepare: Callable[[nn.Module | None, dict], nn.Module]
+    settings: dict = field(default_factory=dict)  # TrainSettings overrides
+    needs_pretrained: bool = True
+    description: str = ""
+
+
+def _fresh(pretrained: nn.Module | None, model_cfg: dict) -> nn.Module:
+    return build_model(model_cfg["arch"], model_cfg["encoder"], model_cfg["encoder_weights"], model_cfg.get("in_channels", 1))
+
+
+def _copy(pretrained: nn.Module, model_cfg: dict) -> nn.Module:
+    return copy.deepcopy(pretrained)
+
+
+def _frozen_encoder(pretrained: nn.Module, model_cfg: dict) -> nn.Module:
+    model = copy.deepcopy(pretrained)
+    model.encoder.requires_grad_(False)
+    return model
+
+
+def _multi_encoder(pretrained: nn.Module, model_cfg: dict) -> nn.Module:
+    return MultiEncoderModel.from_pretrained(pretrained, model_cfg["arch"], model_cfg["encoder"], model_cfg.get("in_channels", 1))
+
+
+STRATEGIES: dict[str, Strategy] = {
+    "scratch": Strategy(_fresh, needs_pretrained=False, description="train from scratch (baseline)"),
+    # lr 0.01 with lr * (1 - epoch/max_epochs)^0.9 (Wang et al., Continual Learning)
+    "continual": Strategy(_copy, {"lr": 0.01, "schedule": "poly"}, description="continual learning from the pretrained weights"),
+    "body": Strategy(_copy, {"lr": 1e-3, "schedule": "constant"}, description="body fine-tuning: all weights from the pretrained model"),
+    "frozen": Strategy(_frozen_encoder, description="pre-trained lesion representations: encoder frozen, decoder trained"),
+    "multi-encoder": Strategy(_multi_encoder, description="trainable self-encoder + frozen adapted-encoder, shared decoder"),
+}
+
+
+def prepare_strategy(name: str, pretrained: nn.Module | None, model_cfg: dict) -> tuple[nn.Module, dict]:
+    """(model ready to train, TrainSettings overrides) for strategy ``name``."""
+    if name not in STRATEGIES:
+        raise DomgenError(f"unknown transfer strategy '{name}'; choose from {', '.join(STRATEGIES)}")
+    strategy = STRATEGIES[name]
+    if strategy.needs_pretrained and pretrained is None:
+        raise DomgenError(f"strategy '{name}' starts from a pretrained model; pass --pretrain with at least one model")
+    return strategy.prepare(pretrained, model_cfg), dict(strategy.settings)

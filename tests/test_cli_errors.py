@@ -1,0 +1,141 @@
+"""Bad input reaches the user as one sentence naming the file, exit code 2, no traceback."""
+from __future__ import annotations
+
+import gzip
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from domgen.cli import main
+
+SUITE = """
+name: bad
+datasets:
+  X:
+    format: nifti
+    root: X
+    images: imagesTr
+    lesions: labelsTr
+    intensity: hu
+    lesion_labels: {1: lesion}
+"""
+
+
+def _nifti(path: Path, data: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data, np.eye(4)), path)
+
+
+def _dataset(tmp_path: Path, image=None, mask=None) -> Path:
+    image = np.full((16, 16, 3), -800, np.float32) if image is None else image
+    mask = np.zeros((16, 16, 3), np.uint8) if mask is None else mask
+    _nifti(tmp_path / "X" / "imagesTr" / "p1.nii.gz", image)
+    _nifti(tmp_path / "X" / "labelsTr" / "p1.nii.gz", mask)
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(SUITE)
+    return suite
+
+
+def _check(suite: Path, name: str = "X"):
+    return CliRunner().invoke(main, ["data", "check", name, "--suite", str(suite)])
+
+
+def _assert_clean_error(result, *needles: str) -> None:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.strip().splitlines() if line]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    for needle in needles:
+        assert needle in result.output
+
+
+def test_good_dataset_checks(tmp_path):
+    result = _check(_dataset(tmp_path))
+    assert result.exit_code == 0 and "patients" in result.output and "1" in result.output
+
+
+def test_truncated_nifti(tmp_path):
+    suite = _dataset(tmp_path)
+    path = tmp_path / "X" / "imagesTr" / "p1.nii.gz"
+    blob = path.read_bytes()
+    path.write_bytes(blob[: len(blob) // 2])
+    _assert_clean_error(_check(suite), "p1.nii.gz")
+
+
+def test_corrupt_nifti(tmp_path):
+    suite = _dataset(tmp_path)
+    (tmp_path / "X" / "labelsTr" / "p1.nii.gz").write_bytes(gzip.compress(b"not a nifti at all" * 20))
+    _assert_clean_error(_check(suite), "p1.nii.gz")
+
+
+def test_shape_mismatch(tmp_path):
+    _assert_clean_error(_check(_dataset(tmp_path, mask=np.zeros((16, 15, 3), np.uint8))), "p1.nii.gz")
+
+
+def test_mask_values_outside_labels(tmp_path):
+    mask = np.zeros((16, 16, 3), np.uint8)
+    mask[2, 2, 1] = 7
+    _assert_clean_error(_check(_dataset(tmp_path, mask=mask)), "p1.nii.gz", "7")
+
+
+def test_nan_voxels(tmp_path):
+    image = np.full((16, 16, 3), -800, np.float32)
+    image[3, 3, 0] = np.nan
+    _assert_clean_error(_check(_dataset(tmp_path, image=image)), "p1.nii.gz")
+
+
+def test_empty_folder(tmp_path):
+    suite = _dataset(tmp_path)
+    for f in (tmp_path / "X").rglob("*.nii.gz"):
+        f.unlink()
+    _assert_clean_error(_check(suite), "imagesTr")
+
+
+def test_unknown_dataset_and_missing_suite_key(tmp_path):
+    suite = _dataset(tmp_path)
+    _assert_clean_error(_check(suite, "Nope"), "Nope", "X")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(SUITE.replace("    format: nifti\n", ""))
+    _assert_clean_error(_check(broken), "broken.yaml", "format")
+    _assert_clean_error(_check(tmp_path / "missing.yaml"), "missing.yaml")
+
+
+def test_run_flags_and_profiles(tmp_path, tiny_suite):
+    runner = CliRunner()
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    result = runner.invoke(main, ["leave-one-out", "--source", "Nope", "--suite", str(tiny_suite), "--tracking-uri", uri, "--quiet"])
+    _assert_clean_error(result, "Nope")
+    result = runner.invoke(main, ["leave-one-out", "--source", "A", "--profile", "nope", "--tracking-uri", uri])
+    _assert_clean_error(result, "nope")
+    result = runner.invoke(main, ["leave-one-out", "--source", "A", "--set", "train.epoch=3", "--tracking-uri", uri])
+    _assert_clean_error(result, "epoch")
+    result = runner.invoke(main, ["pseudolabel", "--target", "B", "--checkpoint", str(tmp_path / "none.pt"), "--tracking-uri", uri])
+    _assert_clean_error(result, "none.pt")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"\x00garbage")
+    result = runner.invoke(main, ["pseudolabel", "--target", "B", "--checkpoint", str(junk), "--tracking-uri", uri])
+    _assert_clean_error(result, "junk.pt")
+
+
+def test_offline_imagenet_weights_say_what_to_do(tmp_path, monkeypatch):
+    """No network: asking for ImageNet weights fails in one sentence naming the alternatives."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    from domgen.errors import DomgenError
+    from domgen.models import build_model
+
+    with pytest.raises(DomgenError, match="--encoder-weights none"):
+        build_model("linknet", "resnet18", "imagenet")
+
+
+def test_exit_code_through_the_console_script(tmp_path):
+    """The installed entry point itself: exit status 2 and a single line on stderr."""
+    proc = subprocess.run([sys.executable, "-m", "domgen.cli", "data", "check", "A", "--suite", str(tmp_path / "nope.yaml")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error:") and "nope.yaml" in proc.stderr and "Traceback" not in proc.stderr
