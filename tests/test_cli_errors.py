@@ -139,3 +139,26 @@ def test_exit_code_through_the_console_script(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error:") and "nope.yaml" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_ignore_labels_turn_medseg_effusion_into_background(tmp_path):
+    """MedSeg stores pleural effusion as 3; `ignore_labels: [3]` reads it as background, not as a lesion."""
+    from domgen.data.registry import load_cases, load_suite
+
+    mask = np.zeros((16, 16, 3), np.uint8)
+    mask[2, 2, 0], mask[5, 5, 1], mask[6, 6, 2] = 1, 2, 3
+    suite = _dataset(tmp_path, mask=mask)
+    _assert_clean_error(_check(suite), "3")  # not declared: refused, naming the value
+    suite.write_text(SUITE.replace("lesion_labels: {1: lesion}", "lesion_labels: {1: ground_glass, 2: consolidation}\n    ignore_labels: [3]"))
+    case = load_cases(load_suite(str(suite)).get("X"))[0]
+    assert sorted(np.unique(case.lesion).tolist()) == [0, 1, 2]
+    assert int((case.lesion > 0).sum()) == 2
+
+
+def test_data_list_names_every_public_dataset(tmp_path):
+    from domgen.data.fetch import PUBLIC_DATASETS
+
+    result = CliRunner().invoke(main, ["data", "list"])
+    assert result.exit_code == 0, result.output
+    for key in PUBLIC_DATASETS:
+        assert key in result.output

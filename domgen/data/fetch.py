@@ -155,17 +155,18 @@ PUBLIC_DATASETS: dict[str, PublicDataset] = {
     ),
     "covid-ct-rate": PublicDataset(
         key="covid-ct-rate",
-        title="CT-RATE chest CT volumes with radiology reports (Hamamci et al.), COVID-19 findings subset",
-        homepage="https://huggingface.co/datasets/ibrahimhamamci/CT-RATE",
-        access="hosted on Hugging Face behind a data-use agreement that needs a login",
+        title="COVID-CT-Rate (Enshaei et al. 'Dataset B'): 433 slices / 82 patients, DICOM",
+        homepage="https://figshare.com/articles/dataset/COVID-CT-Rate_zip/18339416",
+        access="published on figshare as COVID-CT-Rate.zip without a stable direct file link",
         suite_snippet=_snippet("""
             covid-ct-rate:
-              format: nifti
-              root: <where you put it>
-              images: images
-              lesions: masks              # no lesion masks are published: create empty masks or pseudo-labels
+              format: dicom
+              root: <where you unpacked COVID-CT-Rate.zip>
+              images: images              # one DICOM folder per patient
+              lesions: masks              # <patient folder>.nii.gz lesion masks aligned with the sorted series
               intensity: hu
               patient_id: '^(?P<patient>.+)$'
+              lesion_labels: {1: lesion}
               lesion_kind: covid
         """),
     ),

@@ -280,10 +280,13 @@ def _integer_values(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def lesion_mask(data: np.ndarray, path: Path, spec: DatasetSpec) -> np.ndarray:
-    """A lesion mask as uint8 class values, checked against ``{0} | lesion_labels``."""
+    """A lesion mask as uint8 class values, checked against ``{0} | lesion_labels``; ``ignore_labels`` become 0."""
     if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
         raise DomgenError(f"lesion mask {path} contains NaN or infinite values; fix or re-export the mask")
     values, rounded = _integer_values(data)
+    if spec.ignore_labels:
+        rounded = np.where(np.isin(rounded, spec.ignore_labels), 0, rounded)
+        values = np.setdiff1d(values, spec.ignore_labels)
     allowed = {0, *spec.lesion_labels}
     bad = [v for v in values.tolist() if float(v) != round(float(v)) or int(round(float(v))) not in allowed]
     if bad:

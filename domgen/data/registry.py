@@ -23,7 +23,7 @@ BUILTIN_SUITES = Path(__file__).resolve().parent.parent / "suites"
 _REQUIRED_KEYS = ("format", "root")
 _KNOWN_KEYS = {
     "format", "root", "images", "lesions", "lungs", "intensity", "patient_id", "lesion_labels",
-    "lesion_kind", "spacing", "mask_scale", "description",
+    "lesion_kind", "spacing", "mask_scale", "description", "ignore_labels",
 }
 
 
@@ -40,6 +40,7 @@ class DatasetSpec:
     intensity: IntensitySpace = HU
     patient_id: str = DEFAULT_PATIENT_ID
     lesion_labels: dict[int, str] = field(default_factory=lambda: {1: "lesion"})
+    ignore_labels: tuple[int, ...] = ()  # mask values read as background (e.g. MedSeg's 3 = pleural effusion)
     lesion_kind: str = "covid"
     spacing: tuple[float, float] | None = None
     mask_scale: str = "auto"
@@ -182,6 +183,7 @@ def _parse_dataset(name: str, entry: object, suite_file: Path) -> DatasetSpec:
         intensity=_parse_intensity(entry.get("intensity", "hu"), where),
         patient_id=patient_id,
         lesion_labels=_parse_lesion_labels(entry.get("lesion_labels"), where),
+        ignore_labels=_parse_ignore_labels(entry.get("ignore_labels"), where),
         lesion_kind=lesion_kind,
         spacing=_parse_spacing(entry.get("spacing"), where),
         mask_scale=mask_scale,
@@ -229,6 +231,14 @@ def _parse_lesion_labels(value: object, where: str) -> dict[int, str]:
             raise DomgenError(f"{where}: 'lesion_labels' key {key!r} must be an integer mask value 1..255")
         labels[number] = str(label)
     return labels
+
+
+def _parse_ignore_labels(value: object, where: str) -> tuple[int, ...]:
+    if value in (None, []):
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 255 for v in value):
+        raise DomgenError(f"{where}: 'ignore_labels' must be a list of mask values 1..255, e.g. [3]")
+    return tuple(value)
 
 
 def _parse_spacing(value: object, where: str) -> tuple[float, float] | None:

@@ -30,7 +30,7 @@ from domgen.data.case import CONSOLIDATION, GROUND_GLASS, HU, Case, IntensitySpa
 from domgen.errors import DomgenError
 
 # Bump when the generator's output changes, so ensure_synthetic_suite regenerates stale suites.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 # MedSeg's display window, in which sites C and D are stored (Radiopaedia cases come pre-windowed).
 MEDSEG_WINDOW = IntensitySpace("windowed", level=-600.0, width=1500.0)
@@ -293,7 +293,10 @@ def build_anatomy(site: SiteSpec, rng: np.random.Generator, n_slices: int, matri
     lung_sides[heart | liver] = 0
     # The mediastinum keeps the lungs apart.
     lung_sides[:, :, np.abs(coords) < 14.0] = 0
-    lung_sides[~body] = 0
+    # Real chest walls (fat, muscle, ribs) are >= ~15 mm thick: keep the lungs inside that wall.
+    wall_mm = fat_mm + 12.0
+    inside_wall = ellipse_radius(x, y, 0.0, body_cy, body_ax - wall_mm, body_ay - wall_mm) * (1.0 + 0.015 * wobble) < 1.0
+    lung_sides[~inside_wall] = 0
     lung_region = lung_sides > 0
 
     hu[heart] = BLOOD_HU

@@ -180,7 +180,8 @@ def evaluate_target(r: Round, fold: dict, name: str, model, cutoff: float) -> No
     slices = r.targets[name]
     tags = store.tags(family=FAMILY, source=r.cfg["source"], target=name, fold=k, phase="baseline", config_hash=h, role="unseen")
     with store.tracked_run(r.exp_id, f"fold {k} | {name} baseline", r.cfg, tags, r.parent_id) as run, store.artifact_dir() as tmp:
-        probs = to_original_size(predict_model_size(model, slices, device=r.cfg["device"]), slices)
+        probs = to_original_size(predict_model_size(model, slices, device=r.cfg["device"], progress=r.progress,
+                                                    desc=f"fold {k} predict {name}"), slices)
         summary, per_slice = evaluate(probs, slices, cutoff, r.eval_settings)
         ranking = ci_ranking(probs, slices, cutoff, r.pl_settings.selection)
         store.log_metrics(run.info.run_id, {**summary, "cutoff": cutoff, "ci_dsc_spearman": ci_dice_spearman(ranking, r.pl_settings.min_pixels),

@@ -86,15 +86,19 @@ def load_encoder_weights(model: nn.Module, path: Path) -> None:
         if key in own and value.ndim == 4 and own[key].ndim == 4 and value.shape[1] != own[key].shape[1]:
             if own[key].shape[1] == 1:
                 state[key] = value.sum(1, keepdim=True)  # smp's patch_first_conv rule for 1 channel
-    try:
-        missing, unexpected = model.encoder.load_state_dict(state, strict=False)
-    except RuntimeError as exc:
-        raise DomgenError(f"encoder weights {path} do not fit this encoder ({str(exc).splitlines()[0]}); check --encoder") from None
+    # smp encoders drop their classifier keys (fc, classifier) themselves; compare the rest by name
+    ignored = ("fc.", "classifier.", "last_linear.")
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own and not k.startswith(ignored)]
     if missing or unexpected:
         raise DomgenError(
             f"encoder weights {path} do not fit this encoder ({len(missing)} missing, {len(unexpected)} unexpected keys, "
-            f"e.g. {(list(missing) + list(unexpected))[0]}); check --encoder"
+            f"e.g. {(missing + unexpected)[0]}); check --encoder"
         )
+    try:
+        model.encoder.load_state_dict({k: v for k, v in state.items() if k in own})
+    except RuntimeError as exc:
+        raise DomgenError(f"encoder weights {path} do not fit this encoder ({str(exc).splitlines()[0]}); check --encoder") from None
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

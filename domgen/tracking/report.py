@@ -41,7 +41,8 @@ def leave_one_out_records(parent_id: str) -> pd.DataFrame:
 
 
 def leave_one_out_tables(parent_id: str) -> dict[str, pd.DataFrame]:
-    """Table II (per test set, DSC/SPC/SEN before and after, mean ± std over folds) and Table III (averages)."""
+    """Table II (per test set, DSC/SPC/SEN before and after, mean ± std over folds), Table III (averages over
+    unseen sets) and an extended Table II (IoU, NSD, HD95 in mm, per-slice means, cut-off) per phase."""
     rec = leave_one_out_records(parent_id)
     if rec.empty:
         raise DomgenError(f"run {parent_id} has no finished child runs; run `domgen leave-one-out` to completion first")
@@ -62,12 +63,22 @@ def leave_one_out_tables(parent_id: str) -> dict[str, pd.DataFrame]:
             row["CI-DSC Spearman"] = "-"
         rows.append(row)
     table2 = pd.DataFrame(rows)
+    extended = []
+    for target in order:
+        for phase in ("baseline", "enhanced"):
+            part = rec[(rec.target == target) & (rec.phase == phase)]
+            if part.empty:
+                continue
+            row = {"source": source, "test set": target, "phase": phase, "folds": len(part)}
+            for m in ("dsc", "iou", "nsd", "hd95", "slice_dsc", "slice_sen", "slice_spc", "cutoff"):
+                row[m.upper()] = _fmt(part.get(m, pd.Series(dtype=float)).tolist())
+            extended.append(row)
     t3 = {"source": source, "unseen sets": len(averages)}
     for m in METRICS:
         b = _mean([a[m][0] for a in averages])
         a = _mean([a[m][1] for a in averages])
         t3.update({f"{m.upper()} before": f"{b:.3f}", f"{m.upper()} after": f"{a:.3f}", f"{m.upper()} change": f"{a - b:+.3f}"})
-    return {"table2": table2, "table3": pd.DataFrame([t3])}
+    return {"table2": table2, "table3": pd.DataFrame([t3]), "table2_extended": pd.DataFrame(extended)}
 
 
 def to_markdown(df: pd.DataFrame) -> str:

@@ -122,12 +122,16 @@ def _padded_batches(inputs: np.ndarray, batch_size: int):
 
 
 @torch.no_grad()
-def predict_model_size(model: nn.Module, slices: SliceSet, batch_size: int = 32, device: str = "cpu") -> np.ndarray:
+def predict_model_size(model: nn.Module, slices: SliceSet, batch_size: int = 32, device: str = "cpu",
+                       progress: bool = False, desc: str = "predict") -> np.ndarray:
     """Lesion probabilities at model size, (N, S, S) float32."""
     model.eval()
     out = np.empty(slices.targets.shape, dtype=np.float32)
+    bar = tqdm(total=len(slices), desc=desc, unit="slice", disable=not progress, leave=False)
     for start, x in _padded_batches(slices.inputs, batch_size):
         out[start:start + len(x)] = torch.sigmoid(model(x.to(device)))[:, 0].cpu().numpy()
+        bar.update(len(x))
+    bar.close()
     return out
 
 
