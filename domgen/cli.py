@@ -61,8 +61,8 @@ def data_list(suite):
 
     click.echo("Public datasets (cards in data_cards/):")
     for key, info in PUBLIC_DATASETS.items():
-        how = "domgen data fetch" if info.get("urls") else "manual download"
-        click.echo(f"  {key:28s} {info['title'][:60]:60s} [{how}]")
+        how = "domgen data fetch" if info.urls else "manual download"
+        click.echo(f"  {key:26s} {info.title[:70]:70s} [{how}]")
     if suite:
         from domgen.data.registry import load_suite
 
@@ -142,8 +142,9 @@ def _resolve(family: str, profile: str, overrides, **flat) -> dict:
 @click.option("--mix", type=click.Choice(["source+pseudo", "pseudo-only"]), default=None)
 @click.option("--rounds", type=int, default=None, help="Select-and-retrain rounds.")
 @click.option("--init-checkpoint", type=click.Path(), default=None, help="Start from this domgen checkpoint instead of a fresh model.")
+@click.option("--init-run", default=None, help="Start from the model of this MLflow run (a pretrain or transfer run's model/checkpoint.pt).")
 @_common_run_options
-def leave_one_out(source, targets, folds, ci_min, min_pixels, top_k, top_fraction, mix, rounds, init_checkpoint,
+def leave_one_out(source, targets, folds, ci_min, min_pixels, top_k, top_fraction, mix, rounds, init_checkpoint, init_run,
                   suite, profile, seed, device, encoder_weights, lung_mask, lungmask_weights, tracking_uri, overrides, quiet):
     """Train on SOURCE, test in-domain and on unseen datasets, retrain on Certainty-Index pseudo-labels.
 
@@ -160,6 +161,11 @@ def leave_one_out(source, targets, folds, ci_min, min_pixels, top_k, top_fractio
         "preprocessing.lungmask_weights": lungmask_weights, "pseudolabel.ci_min": ci_min,
         "pseudolabel.min_pixels": min_pixels, "pseudolabel.top_k": top_k, "pseudolabel.top_fraction": top_fraction,
         "pseudolabel.mix": mix, "pseudolabel.rounds": rounds, "init_checkpoint": init_checkpoint})
+    if init_run:
+        if cfg.get("init_checkpoint"):
+            raise DomgenError("give at most one of --init-run and --init-checkpoint")
+        # only the run id enters the config (and its hash); the checkpoint is downloaded when training starts
+        cfg["init_run"] = init_run
     _threads(cfg["device"])
     uri = store.configure(tracking_uri)
     parent = run_leave_one_out(cfg, progress=not quiet)
@@ -168,6 +174,9 @@ def leave_one_out(source, targets, folds, ci_min, min_pixels, top_k, top_fractio
     click.echo(to_markdown(tables["table2"]))
     click.echo("\nTable III - averages over unseen test sets\n")
     click.echo(to_markdown(tables["table3"]))
+    click.echo("\nIoU, NSD (3 mm), HD95 (mm), per-slice means and cut-off, mean ± std over folds\n")
+    click.echo(to_markdown(tables["table2_extended"]))
+    click.echo(f"\nAll tables: `domgen report --experiment {EXPERIMENT} --run-id {parent}`; browse: `domgen ui`")
 
 
 @main.command("pseudolabel")
@@ -204,13 +213,54 @@ def pseudolabel(target, run_id, checkpoint, ci_min, min_pixels, top_k, top_fract
     click.echo(f"pseudo-labelled slices: {int(result['enhanced'].get('n_pseudo_labels', 0))}")
 
 
+# ---------------------------------------------------------------- transfer
+TRANSFER_CAPTIONS = {"table1": "Table I - DSC and NSD per fold (mean ± std over test patients) and overall (over folds)",
+                     "table2": "Table II - sensitivity, F1 (pooled DSC) and accuracy, mean ± std over folds",
+                     "table3": "Table III - multi-lesion model: strategies, parameters and seconds per epoch"}
+
+
+@main.command("transfer")
+@click.option("--target", default=None, help="COVID target dataset in the suite (profile default: A).")
+@click.option("--pretrain", default=None, help="Comma-separated pretrained models: msd,structseg,nsclc,multi.")
+@click.option("--strategy", default=None, help="Comma-separated strategies: scratch,continual,body,frozen,multi-encoder.")
+@click.option("--folds", type=int, default=None, help="Inverse k-fold by patient: train on 1/k, test on the rest (5: 20 %/80 %).")
+@click.option("--arch", default=None, help="smp architecture: linknet | unet | fpn | pspnet.")
+@click.option("--encoder", default=None, help="smp encoder name, e.g. resnet34.")
+@_common_run_options
+def transfer(target, pretrain, strategy, folds, arch, encoder, suite, profile, seed, device, encoder_weights, lung_mask,
+             lungmask_weights, tracking_uri, overrides, quiet):
+    """Pretrain on non-COVID lung lesions, then train the COVID target with each transfer strategy (Wang et al.).
+
+    Prints Table I (DSC, NSD per fold), Table II (SEN, F1, ACC) and Table III (the multi-lesion model's
+    strategies with parameters and seconds per epoch). Re-running the same command resumes.
+    """
+    from domgen.families.transfer import EXPERIMENT, names_of, run_transfer
+    from domgen.tracking import mlflow_store as store
+    from domgen.tracking.report import to_markdown
+    from domgen.tracking.transfer_report import transfer_tables
+
+    cfg = _resolve("transfer", profile, overrides, **{
+        "target": target, "pretrain": None if pretrain is None else names_of(pretrain),
+        "strategies": None if strategy is None else names_of(strategy), "folds": folds, "suite": suite, "seed": seed,
+        "device": device, "model.arch": arch, "model.encoder": encoder, "model.encoder_weights": encoder_weights,
+        "preprocessing.lung_mask": lung_mask, "preprocessing.lungmask_weights": lungmask_weights})
+    _threads(cfg["device"])
+    uri = store.configure(tracking_uri)
+    parent = run_transfer(cfg, progress=not quiet)
+    click.echo(f"\n{EXPERIMENT}, parent run {parent} ({uri})")
+    for name, df in transfer_tables(parent).items():
+        click.echo(f"\n{TRANSFER_CAPTIONS[name]}\n\n{to_markdown(df)}")
+
+
 # ---------------------------------------------------------------- reports and UI
 @main.command("report")
 @click.option("--experiment", default="domgen-leave-one-out", show_default=True, help="MLflow experiment name.")
 @click.option("--run-id", default=None, help="Parent run (default: the newest finished one).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("reports"), show_default=True)
 @click.option("--tracking-uri", default=None)
-def report(experiment, run_id, out, tracking_uri):
+@click.option("--compare", is_flag=True, help="Unseen DSC/SEN/SPC: baseline, + CI pseudo-labels, Multi-encoder transfer, + both "
+              "(leave-one-out rounds without and with --init-run; --run-id picks the latter).")
+def report(experiment, run_id, out, tracking_uri, compare):
     """Rebuild the paper's tables from MLflow alone; writes Markdown, CSV and LaTeX."""
     from mlflow.tracking import MlflowClient
 
@@ -218,6 +268,22 @@ def report(experiment, run_id, out, tracking_uri):
     from domgen.tracking.report import leave_one_out_tables, to_markdown, write_tables
 
     store.configure(tracking_uri)
+    if compare:
+        from domgen.tracking.transfer_report import comparison_table
+
+        table = comparison_table(run_id)
+        paths = write_tables({"comparison": table}, out / "comparison")
+        click.echo(f"\nUnseen targets: (a) baseline, (b) + CI pseudo-labels, (c) Multi-encoder transfer, (d) (c) + CI pseudo-labels\n\n"
+                   f"{to_markdown(table)}\n\nwrote {len(paths)} files to {out / 'comparison'}")
+        return
+    if experiment == "domgen-benchmark":
+        from domgen.tracking.benchmark_report import build_benchmark_report
+
+        built = build_benchmark_report(out, run_id)
+        for name, df in built["tables"].items():
+            click.echo(f"\n{name}\n\n{to_markdown(df)}")
+        click.echo(f"\nwrote {len(built['files'])} files to {built['folder']} (also MLflow artifacts report/ of run {built['parent_id']})")
+        return
     exp = MlflowClient().get_experiment_by_name(experiment)
     if exp is None:
         raise DomgenError(f"MLflow experiment '{experiment}' does not exist at {store.configure(tracking_uri)}; run the experiment first or pass --tracking-uri")
@@ -226,7 +292,12 @@ def report(experiment, run_id, out, tracking_uri):
         if not parents:
             raise DomgenError(f"experiment '{experiment}' has no finished round; run it to completion first")
         run_id = max(parents, key=lambda r: r.info.end_time or 0).info.run_id
-    tables = leave_one_out_tables(run_id)
+    if experiment == "domgen-transfer":
+        from domgen.tracking.transfer_report import transfer_tables
+
+        tables = transfer_tables(run_id)
+    else:
+        tables = leave_one_out_tables(run_id)
     paths = write_tables(tables, out / experiment / run_id)
     for name, df in tables.items():
         click.echo(f"\n{name}\n\n{to_markdown(df)}")
@@ -245,6 +316,66 @@ def ui(tracking_uri, port):
     uri = store.configure(tracking_uri)
     click.echo(f"MLflow UI for {uri} at http://127.0.0.1:{port}")
     subprocess.run([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)], check=False)
+
+
+# ---------------------------------------------------------------- benchmark (Bizopoulos et al.)
+@main.command("benchmark")
+@click.option("--experiments", default=None, help="Comma-separated: lung, lesion-a, lesion-b (default: the profile's grid, all three).")
+@click.option("--archs", default=None, help="Comma-separated: unet, linknet, fpn, pspnet.")
+@click.option("--encoders", default=None, help="Comma-separated smp encoders (default: the paper's 25).")
+@click.option("--weights", default=None, help="Comma-separated: random, imagenet.")
+@click.option("--profile", default="quick", show_default=True, help="quick (CPU size) | paper (GPU, --suite with medseg100/medseg9) | a YAML path.")
+@click.option("--suite", default=None, help="'synthetic' or a suite YAML (the paper profile needs one, see experiments/benchmark/paper.yaml).")
+@click.option("--device", type=DEVICE, default=None, help="cpu or cuda (ray: one GPU per trial).")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True)
+@click.option("--workers", type=int, default=1, show_default=True, help="Trials in parallel (local: worker processes; ray: local Ray CPUs/GPUs).")
+@click.option("--address", default=None, help="Ray cluster address (e.g. auto or ray://head:10001); needs an http --tracking-uri.")
+@click.option("--retry-failed", is_flag=True, help="Run the configurations recorded as failed again.")
+@click.option("--dry-run", is_flag=True, help="List the configurations and which are already done; train nothing.")
+@click.option("--tracking-uri", default=None, help="MLflow tracking URI (ray: an `mlflow server` URL; none: one is started on 127.0.0.1).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override any profile field, e.g. train.epochs=1.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def benchmark(experiments, archs, encoders, weights, profile, suite, device, executor, workers, address, retry_failed, dry_run,
+              tracking_uri, overrides, quiet):
+    """Bizopoulos et al.'s grid: experiment x architecture x encoder x weights, one MLflow run each.
+
+    Re-running the same command resumes (finished configurations are found by their config hash);
+    failed ones are recorded with their reason and skipped until --retry-failed. Tables and figures:
+    `domgen report --experiment domgen-benchmark`.
+    """
+    from domgen.families.benchmark import EXPERIMENT, dry_run as list_configurations, resolve, run_benchmark
+    from domgen.tracking import mlflow_store as store
+
+    cfg = resolve(_resolve("benchmark", profile, overrides, suite=suite, device=device),
+                  experiments=experiments, archs=archs, encoders=encoders, weights=weights)
+    uri = store.configure(tracking_uri)
+    if dry_run:
+        rows = list_configurations(cfg)
+        for configuration, h, state in rows:
+            click.echo(f"{h}  {state:6s}  {configuration.name}")
+        counts = {s: sum(r[2] == s for r in rows) for s in ("done", "failed", "todo")}
+        click.echo(f"\n{len(rows)} configurations: {counts['done']} done, {counts['failed']} failed, {counts['todo']} to run ({EXPERIMENT} at {uri})")
+        return
+    _threads(cfg["device"])
+    result = run_benchmark(cfg, executor=executor, workers=workers, address=address, retry_failed=retry_failed, progress=not quiet)
+    for name, reason in result.failed.items():
+        click.echo(f"failed: {name}: {reason}", err=True)
+    click.echo(f"sweep {result.parent_id}: {result.finished} finished now, {result.skipped} already done, {len(result.failed)} failed "
+               f"({result.seconds:.0f} s). Report: domgen report --experiment {EXPERIMENT}" + (f" --tracking-uri {tracking_uri}" if tracking_uri else ""))
+
+
+@main.command("export")
+@click.argument("run_id")
+@click.option("--format", "fmt", type=click.Choice(["state-dict", "torchscript", "onnx"]), default="state-dict", show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Output file (default exports/<run>-<arch>-<encoder>.<ext>).")
+@click.option("--tracking-uri", default=None)
+def export(run_id, fmt, out, tracking_uri):
+    """Export RUN_ID's trained model (a benchmark configuration); load it with domgen.models.export.load_exported."""
+    from domgen.models.export import export_run
+    from domgen.tracking import mlflow_store as store
+
+    store.configure(tracking_uri)
+    click.echo(f"wrote {export_run(run_id, fmt, out)}")
 
 
 if __name__ == "__main__":

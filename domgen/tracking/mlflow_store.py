@@ -92,14 +92,21 @@ def tracked_run(exp_id: str, name: str, cfg: dict, run_tags: dict[str, str], par
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(exp_id, run_name=name, tags=all_tags)
     log_config(run.info.run_id, cfg)
-    try:
+    with finishing(run.info.run_id):
         yield run
+
+
+@contextlib.contextmanager
+def finishing(run_id: str) -> Iterator[str]:
+    """Mark ``run_id`` FINISHED when the block ends; FAILED (KILLED on Ctrl-C), with the error as a tag, when it raises."""
+    client = MlflowClient()
+    try:
+        yield run_id
     except BaseException as exc:
-        client.set_tag(run.info.run_id, f"{TAG}error", f"{type(exc).__name__}: {exc}"[:5000])
-        client.set_terminated(run.info.run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        client.set_tag(run_id, f"{TAG}error", f"{type(exc).__name__}: {exc}"[:5000])
+        client.set_terminated(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
-    else:
-        client.set_terminated(run.info.run_id, "FINISHED")
+    client.set_terminated(run_id, "FINISHED")
 
 
 def log_config(run_id: str, cfg: dict) -> None:

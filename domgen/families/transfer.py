@@ -1,0 +1,223 @@
+"""Transfer from non-COVID lung lesions (Wang et al., "Does Non-COVID19 Lung Lesion Help?").
+
+Pretrain one model per non-COVID lesion dataset (MSD lung tumour, StructSeg lung GTV, NSCLC pleural
+effusion) and a multi-lesion model on all of them jointly; then, on the COVID target, compare training
+from scratch with four ways of reusing a pretrained model (``domgen.methods.transfer.STRATEGIES``) under
+Wang et al.'s inverse 5-fold protocol: each fold trains on 20 % of the patients and tests on the other 80 %.
+
+MLflow (experiment ``domgen-transfer``): pretraining runs stand alone (phase ``pretrain``), found again by
+the hash of what they depend on, so every round and ``domgen leave-one-out --init-run`` can reference
+them by run id; a parent run per round holds one child per fold x strategy x pretrained model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pandas as pd
+from mlflow.tracking import MlflowClient
+from torch import nn
+
+from domgen.config import config_hash
+from domgen.data.registry import load_suite
+from domgen.errors import DomgenError
+from domgen.evaluation.evaluate import EvaluationSettings, evaluate
+from domgen.evaluation.metrics import overlap_metrics
+from domgen.families.leave_one_out import (_epoch_logger, _evaluation_artifacts, checkpoint_of_run, child_hash,
+                                           prepare_dataset)
+from domgen.methods.transfer import STRATEGIES, prepare_strategy
+from domgen.models import build_model, count_parameters
+from domgen.preprocessing.slices import SlicePreprocessing, SliceSet
+from domgen.preprocessing.splits import inverse_kfold_splits, train_val_test_split, write_splits
+from domgen.tracking import mlflow_store as store
+from domgen.tracking.artifacts import load_checkpoint, save_checkpoint
+from domgen.training.trainer import TrainSettings, predict_model_size, seed_everything, to_original_size, train
+
+FAMILY = "transfer"
+EXPERIMENT = "domgen-transfer"
+MULTI = "multi"  # the multi-lesion model: every pretraining dataset jointly
+NO_PRETRAIN = "none"  # the pretrain tag of the scratch baseline
+
+
+def names_of(value) -> list[str]:
+    """A comma-separated string or a list, as a list of stripped names."""
+    items = value.split(",") if isinstance(value, str) else list(value or [])
+    return [str(v).strip() for v in items if str(v).strip()]
+
+
+def pretrain_names(cfg: dict) -> list[str]:
+    names = names_of(cfg["pretrain"])
+    known = [*cfg["pretrain_datasets"], MULTI]
+    for name in names:
+        if name not in known:
+            raise DomgenError(f"--pretrain {name}: unknown pretrained model; choose from {', '.join(known)} "
+                              "(or add it to pretrain_datasets in the transfer profile)")
+    return names
+
+
+def strategy_names(cfg: dict) -> list[str]:
+    names = names_of(cfg["strategies"])
+    for name in names:
+        if name not in STRATEGIES:
+            raise DomgenError(f"--strategy {name}: unknown transfer strategy; choose from {', '.join(STRATEGIES)}")
+    if not names:
+        raise DomgenError(f"--strategy is empty; choose from {', '.join(STRATEGIES)}")
+    return names
+
+
+def pretrain_datasets(suite, cfg: dict, name: str) -> list[str]:
+    """The suite datasets a pretrained model learns from: a dataset named like the model, else the
+    profile's ``pretrain_datasets`` entry; ``multi`` takes all of them (each once)."""
+    if name == MULTI:
+        out = [d for other in cfg["pretrain_datasets"] for d in pretrain_datasets(suite, cfg, other)]
+        return list(dict.fromkeys(out))
+    dataset = name if name in suite.datasets else cfg["pretrain_datasets"][name]
+    suite.get(dataset)
+    return [dataset]
+
+
+def pretraining_identity(cfg: dict, datasets: list[str]) -> dict:
+    """Everything a pretrained model depends on; not the target, the folds or the strategies, so rounds share it."""
+    return {"family": FAMILY, "phase": "pretrain", "datasets": datasets, "suite": cfg["suite"], "seed": cfg["seed"],
+            "device": cfg["device"], "model": cfg["model"], "preprocessing": cfg["preprocessing"],
+            "pretraining": cfg["pretraining"], "train": cfg["train"]}
+
+
+def pretrain(exp_id: str, suite, cfg: dict, name: str, progress: bool = True) -> str:
+    """Run id of the pretrained model ``name`` (trained now unless a finished run has the same identity)."""
+    datasets = pretrain_datasets(suite, cfg, name)
+    identity = pretraining_identity(cfg, datasets)
+    h = config_hash(identity)
+    done = store.find_run(exp_id, h)
+    if done is not None:
+        return done.info.run_id
+    pre = SlicePreprocessing.from_config(cfg["preprocessing"])
+    fraction = float(cfg["pretraining"].get("val_fraction", 0.2))
+    train_parts, val_parts, splits = [], [], []
+    for dataset in datasets:  # split each dataset by patient on its own: patient ids may repeat across datasets
+        slices = prepare_dataset(suite, dataset, pre, progress)
+        split = train_val_test_split(slices.patients(), (1.0 - fraction, fraction, 0.0), seed=cfg["seed"])
+        train_parts.append(slices.of_patients(split["train"]))
+        val_parts.append(slices.of_patients(split["val"]))
+        splits.append({"fold": len(splits), **split})
+    train_set, val_set = SliceSet.concat(train_parts), SliceSet.concat(val_parts) if any(len(v) for v in val_parts) else None
+    settings = TrainSettings.from_config({**cfg["train"], **cfg["pretraining"].get("train", {})}, seed=cfg["seed"], device=cfg["device"])
+    tags = store.tags(family=FAMILY, phase="pretrain", pretrain=name, datasets="+".join(datasets), config_hash=h, role="pretrain")
+    with store.tracked_run(exp_id, f"pretrain {name} ({'+'.join(datasets)})", identity, tags) as run, store.artifact_dir() as tmp:
+        seed_everything(cfg["seed"])
+        model = build_model(cfg["model"]["arch"], cfg["model"]["encoder"], cfg["model"]["encoder_weights"], cfg["model"].get("in_channels", 1))
+        trainable, total = count_parameters(model)
+        result = train(model, train_set, val_set or train_set, settings, on_epoch=_epoch_logger(run.info.run_id),
+                       progress=progress, desc=f"pretrain {name}")
+        store.log_metrics(run.info.run_id, {"best_val_dsc": result.history[result.best_epoch]["val_dsc"], "best_epoch": result.best_epoch,
+                                            "epochs_run": result.epochs_run, "seconds_per_epoch": result.seconds_per_epoch,
+                                            "trainable_params": trainable, "total_params": total, "n_train_slices": len(train_set)})
+        # one "fold" per dataset: its train/val patients (test empty: the whole dataset serves pretraining)
+        write_splits(tmp / "splits.json", splits, {"datasets": datasets, "suite": str(suite.path), "seed": cfg["seed"],
+                                                   "protocol": "patient-wise train/val per pretraining dataset"})
+        store.log_artifact_file(run.info.run_id, tmp / "splits.json")
+        store.log_artifact_file(run.info.run_id, save_checkpoint(tmp / "checkpoint.pt", result.model, cfg["model"],
+                                                                 pretrain=name, datasets=datasets), "model")
+    return run.info.run_id
+
+
+def pooled_metrics(per_slice: pd.DataFrame) -> dict[str, float]:
+    """F1 and accuracy from the confusion counts pooled over all test slices (pixel-wise F1 = pooled DSC)."""
+    counts = per_slice[["tp", "fp", "fn", "tn"]].sum().to_numpy()
+    return {"f1": overlap_metrics(counts, "nan")["dsc"], "acc": float(counts[0] + counts[3]) / max(float(counts.sum()), 1.0)}
+
+
+@dataclass
+class TransferRound:
+    """Everything one round needs, resolved from the config once."""
+
+    cfg: dict
+    exp_id: str
+    parent_id: str
+    target: SliceSet
+    eval_settings: EvaluationSettings
+    pretrain_runs: dict[str, str]
+    progress: bool
+    pretrained: dict[str, nn.Module] = field(default_factory=dict)
+
+    def pretrained_model(self, name: str) -> nn.Module | None:
+        if name == NO_PRETRAIN:
+            return None
+        if name not in self.pretrained:
+            with store.artifact_dir() as tmp:
+                self.pretrained[name] = load_checkpoint(checkpoint_of_run(self.pretrain_runs[name], tmp))[0]
+        return self.pretrained[name]
+
+
+def run_strategy(r: TransferRound, fold: dict, strategy: str, pretrain_name: str) -> None:
+    """Train one strategy from one pretrained model on the fold's 20 %, evaluate on its 80 %."""
+    k, cfg = fold["fold"], r.cfg
+    h = child_hash(cfg, fold=k, strategy=strategy, pretrain=pretrain_name)
+    if store.find_run(r.exp_id, h) is not None:
+        return
+    tags = store.tags(family=FAMILY, source=cfg["target"], target=cfg["target"], fold=k, phase="transfer", strategy=strategy,
+                      pretrain=pretrain_name, init_run=r.pretrain_runs.get(pretrain_name), config_hash=h, role="strategy")
+    with store.tracked_run(r.exp_id, f"fold {k} | {strategy} | {pretrain_name}", cfg, tags, r.parent_id) as run, store.artifact_dir() as tmp:
+        seed_everything(cfg["seed"] + k)
+        model, overrides = prepare_strategy(strategy, r.pretrained_model(pretrain_name), cfg["model"])
+        settings = TrainSettings.from_config(cfg["train"], seed=cfg["seed"] + k, device=cfg["device"], **overrides)
+        store.log_config(run.info.run_id, {"strategy_train": overrides})
+        trainable, total = count_parameters(model)
+        train_set = r.target.of_patients(fold["train"])
+        # val_fraction 0: early stopping and best-epoch choice on the train part itself (no patient to spare)
+        val_set = r.target.of_patients(fold["val"]) if fold["val"] else train_set
+        result = train(model, train_set, val_set, settings, on_epoch=_epoch_logger(run.info.run_id), progress=r.progress,
+                       desc=f"fold {k} {strategy} {pretrain_name}")
+        test = r.target.of_patients(fold["test"])
+        probs = to_original_size(predict_model_size(result.model, test, device=settings.device), test)
+        cutoff = float(cfg["evaluation"].get("cutoff", 0.5))
+        summary, per_slice = evaluate(probs, test, cutoff, r.eval_settings)
+        train_seconds = [e["train_seconds"] for e in result.history if "train_seconds" in e]
+        store.log_metrics(run.info.run_id, {
+            **summary, **pooled_metrics(per_slice), "cutoff": cutoff, "trainable_params": trainable, "total_params": total,
+            "seconds_per_epoch": result.seconds_per_epoch, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+            "train_seconds_per_epoch": sum(train_seconds) / len(train_seconds) if train_seconds else None})
+        _evaluation_artifacts(run.info.run_id, probs, test, cutoff, per_slice, None, tmp)
+        if strategy in names_of(cfg.get("keep_checkpoints") or []):
+            store.log_artifact_file(run.info.run_id, save_checkpoint(
+                tmp / "checkpoint.pt", result.model, cfg["model"], cutoff=cutoff, strategy=strategy, pretrain=pretrain_name,
+                fold=fold, preprocessing=cfg["preprocessing"]), "model")
+
+
+def run_transfer(cfg: dict, progress: bool = True) -> str:
+    """Run (or resume) one round; returns the parent run id. Tables come from ``domgen.tracking.transfer_report``."""
+    exp_id = store.experiment_id(EXPERIMENT)
+    h = config_hash(cfg)
+    done = store.find_run(exp_id, h)
+    if done is not None:
+        return done.info.run_id
+    # every input is read and checked before any run exists, so a bad flag leaves nothing behind
+    suite = load_suite(cfg["suite"])
+    suite.get(cfg["target"])
+    strategies = strategy_names(cfg)
+    pretrains = pretrain_names(cfg) if any(STRATEGIES[s].needs_pretrained for s in strategies) else []
+    if not pretrains and any(STRATEGIES[s].needs_pretrained for s in strategies):
+        raise DomgenError("the strategies other than scratch start from a pretrained model; pass --pretrain, e.g. --pretrain multi")
+    for name in pretrains:
+        pretrain_datasets(suite, cfg, name)
+    target = prepare_dataset(suite, cfg["target"], SlicePreprocessing.from_config(cfg["preprocessing"]), progress)
+    folds = inverse_kfold_splits(target.patients(), k=cfg["folds"], seed=cfg["seed"], val_fraction=cfg["val_fraction"])
+    parent_id, _ = store.start_or_resume_run(exp_id, f"{FAMILY} {cfg['target']}", cfg,
+                                             store.tags(family=FAMILY, source=cfg["target"], target=cfg["target"], config_hash=h, role="round"))
+    with store.finishing(parent_id):
+        runs = {name: pretrain(exp_id, suite, cfg, name, progress) for name in pretrains}
+        for name, run_id in runs.items():
+            MlflowClient().set_tag(parent_id, f"domgen.pretrain_run.{name}", run_id)
+        with store.artifact_dir() as tmp:
+            write_splits(tmp / "splits.json", folds, {"dataset": cfg["target"], "suite": str(suite.path), "seed": cfg["seed"],
+                                                      "protocol": "inverse k-fold by patient: train 1/k, test the rest (Wang et al.)"})
+            store.log_artifact_file(parent_id, tmp / "splits.json")
+        r = TransferRound(cfg, exp_id, parent_id, target, EvaluationSettings.from_config(cfg["evaluation"]), runs, progress)
+        for fold in folds:
+            for strategy in strategies:
+                for name in (pretrains if STRATEGIES[strategy].needs_pretrained else [NO_PRETRAIN]):
+                    run_strategy(r, fold, strategy, name)
+        from domgen.tracking.report import log_tables
+        from domgen.tracking.transfer_report import transfer_tables
+
+        log_tables(parent_id, transfer_tables(parent_id))
+    return parent_id

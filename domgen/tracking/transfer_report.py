@@ -1,0 +1,124 @@
+"""Wang et al.'s tables and the four-way comparison, rebuilt from MLflow alone.
+
+Table I: DSC and NSD per strategy x pretrained model x fold (mean ± std over the fold's test patients)
+and overall (mean ± std over folds). Table II: sensitivity, F1 and accuracy overall. Table III: the
+multi-lesion model's strategies with parameters and seconds per epoch. ``comparison_table``: unseen
+DSC/SEN/SPC of a leave-one-out round started from scratch and one started from a Multi-encoder transfer
+model, each before and after Certainty-Index pseudo-labels.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+from domgen.errors import DomgenError
+from domgen.tracking import mlflow_store as store
+from domgen.tracking.report import _fmt, _mean, children, leave_one_out_records
+
+TRANSFER_EXPERIMENT = "domgen-transfer"
+LEAVE_ONE_OUT_EXPERIMENT = "domgen-leave-one-out"
+STRATEGY_ORDER = ("scratch", "continual", "body", "frozen", "multi-encoder")
+PRETRAIN_ORDER = ("none", "msd", "structseg", "nsclc", "multi")
+
+
+def transfer_records(parent_id: str) -> pd.DataFrame:
+    """One row per strategy run: strategy, pretrained model, fold and its metrics."""
+    tags = ("strategy", "pretrain", "target", "init_run")
+    rec = pd.DataFrame([{**{t: run.data.tags.get(f"domgen.{t}") for t in tags}, "fold": int(run.data.tags.get("domgen.fold", -1)),
+                         "run_id": run.info.run_id, **run.data.metrics} for run in children(parent_id)])
+    if rec.empty:
+        raise DomgenError(f"run {parent_id} has no finished strategy runs; run `domgen transfer` to completion first")
+    rank = lambda order: (lambda v: order.index(v) if v in order else len(order))  # noqa: E731
+    key = rec.strategy.map(rank(STRATEGY_ORDER)) * 100 + rec.pretrain.map(rank(PRETRAIN_ORDER))
+    return rec.assign(_key=key).sort_values(["_key", "pretrain", "fold"]).drop(columns="_key").reset_index(drop=True)
+
+
+def _column(part: pd.DataFrame, metric: str) -> list[float]:
+    return part[metric].tolist() if metric in part else []
+
+
+def _fold_cell(row: pd.Series, metric: str) -> str:
+    mean, std = row.get(metric, np.nan), row.get(f"{metric}_std", np.nan)
+    if mean is None or not np.isfinite(mean):
+        return "-"
+    return f"{mean:.3f} ± {std:.3f}" if std is not None and np.isfinite(std) else f"{mean:.3f}"
+
+
+def transfer_tables(parent_id: str) -> dict[str, pd.DataFrame]:
+    rec = transfer_records(parent_id)
+    folds = sorted(rec.fold.unique())
+    groups = list(rec.groupby(["strategy", "pretrain"], sort=False))
+    table1, table2 = [], []
+    for (strategy, pretrain), part in groups:
+        row = {"strategy": strategy, "pretrained model": pretrain}
+        for metric in ("dsc", "nsd"):
+            for k in folds:
+                fold_rows = part[part.fold == k]
+                row[f"{metric.upper()} fold {k}"] = _fold_cell(fold_rows.iloc[0], metric) if len(fold_rows) else "-"
+            row[f"{metric.upper()} overall"] = _fmt(_column(part, metric))
+        table1.append(row)
+        table2.append({"strategy": strategy, "pretrained model": pretrain, "SEN": _fmt(_column(part, "sen")),
+                       "F1": _fmt(_column(part, "f1")), "ACC": _fmt(_column(part, "acc"))})
+    # Table III: the multi-lesion model (else the first pretrained model of the round), with scratch for reference
+    pretrained = [p for p in PRETRAIN_ORDER if p in set(rec.pretrain) and p != "none"] or sorted(set(rec.pretrain) - {"none"})
+    chosen = "multi" if "multi" in pretrained else (pretrained[0] if pretrained else "none")
+    table3 = []
+    for (strategy, pretrain), part in groups:
+        if pretrain in (chosen, "none"):
+            table3.append({"strategy": strategy, "pretrained model": pretrain, "DSC": _fmt(_column(part, "dsc")),
+                           "NSD": _fmt(_column(part, "nsd")), "trainable params": f"{_mean(_column(part, 'trainable_params')):,.0f}",
+                           "total params": f"{_mean(_column(part, 'total_params')):,.0f}",
+                           "s / epoch": f"{_mean(_column(part, 'seconds_per_epoch')):.2f}"})
+    return {"table1": pd.DataFrame(table1), "table2": pd.DataFrame(table2), "table3": pd.DataFrame(table3)}
+
+
+def _round_params(run) -> dict[str, str]:
+    return {k: v for k, v in run.data.params.items() if k not in ("init_run", "init_checkpoint")}
+
+
+def _is_fresh(run) -> bool:
+    return run.data.params.get("init_run", "None") == "None" and run.data.params.get("init_checkpoint", "None") == "None"
+
+
+def comparison_rounds(round_id: str | None = None) -> tuple[object, object]:
+    """(a round from a fresh model, the newest round from a Multi-encoder transfer model) with the same config otherwise."""
+    client = MlflowClient()
+    loo, transfer = (client.get_experiment_by_name(n) for n in (LEAVE_ONE_OUT_EXPERIMENT, TRANSFER_EXPERIMENT))
+    how = ("run `domgen transfer --target A --pretrain multi --strategy multi-encoder`, then `domgen leave-one-out --source A` "
+           "and `domgen leave-one-out --source A --init-run RUN_ID` with the id of a multi-encoder fold run")
+    if loo is None or transfer is None:
+        raise DomgenError(f"--compare needs the experiments {LEAVE_ONE_OUT_EXPERIMENT} and {TRANSFER_EXPERIMENT} in this store; {how}")
+    multi = {r.info.run_id for r in store.runs_of(transfer.experiment_id, "tags.`domgen.strategy` = 'multi-encoder'")}
+    rounds = store.runs_of(loo.experiment_id, "tags.`domgen.role` = 'round'")
+    if round_id is not None:
+        started = [r for r in rounds if r.info.run_id == round_id]
+    else:
+        started = [r for r in rounds if r.data.params.get("init_run") in multi]
+    if not started:
+        raise DomgenError(f"no finished leave-one-out round started from a Multi-encoder transfer model{' with id ' + round_id if round_id else ''}; {how}")
+    transferred = max(started, key=lambda r: r.info.end_time or 0)
+    twins = [r for r in rounds if _is_fresh(r) and _round_params(r) == _round_params(transferred)]
+    if not twins:
+        raise DomgenError(f"no finished leave-one-out round with the same settings as {transferred.info.run_id} but no --init-run; "
+                          "run the same `domgen leave-one-out` command without --init-run")
+    return max(twins, key=lambda r: r.info.end_time or 0), transferred
+
+
+def comparison_table(round_id: str | None = None) -> pd.DataFrame:
+    """Unseen DSC/SEN/SPC (mean ± std over every unseen target and fold) for (a)-(d), and in-domain DSC."""
+    fresh, transferred = comparison_rounds(round_id)
+    rows = []
+    for label, run, phase in (("(a) baseline", fresh, "baseline"), ("(b) baseline + CI pseudo-labels", fresh, "enhanced"),
+                              ("(c) Multi-encoder transfer", transferred, "baseline"),
+                              ("(d) Multi-encoder + CI pseudo-labels", transferred, "enhanced")):
+        rec = leave_one_out_records(run.info.run_id)
+        unseen = rec[(rec.role == "unseen") & (rec.phase == phase)]
+        indomain = rec[(rec.role == "in-domain") & (rec.phase == "baseline")]
+        row = {"setting": label, "source": run.data.params.get("source"), "unseen targets": ", ".join(sorted(unseen.target.unique()))}
+        for metric in ("dsc", "sen", "spc"):
+            row[f"unseen {metric.upper()}"] = _fmt(_column(unseen, metric))
+        row["in-domain DSC"] = _fmt(_column(indomain, "dsc") if phase == "baseline" else _column(unseen, "indomain_dsc"))
+        row["round"] = run.info.run_id
+        rows.append(row)
+    return pd.DataFrame(rows)
