@@ -13,9 +13,7 @@ import copy
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
-from mlflow.tracking import MlflowClient
 
 from domgen.config import config_hash
 from domgen.data.registry import load_cases, load_suite
@@ -27,7 +25,7 @@ from domgen.models import build_model
 from domgen.preprocessing.slices import SlicePreprocessing, SliceSet, prepare_slices
 from domgen.preprocessing.splits import read_splits, train_val_test_split, write_splits
 from domgen.tracking import mlflow_store as store
-from domgen.tracking.artifacts import load_checkpoint, overlay_figure, save_checkpoint, write_prediction_niftis
+from domgen.tracking.artifacts import load_checkpoint, log_evaluation_artifacts, save_checkpoint
 from domgen.tracking.report import leave_one_out_tables, log_tables
 from domgen.training.trainer import TrainSettings, predict_model_size, seed_everything, to_original_size, train
 
@@ -87,41 +85,6 @@ def child_hash(cfg: dict, **identity) -> str:
     return config_hash({"config": cfg, **identity})
 
 
-def _start_or_resume_parent(exp_id: str, cfg: dict, h: str) -> tuple[str, bool]:
-    """(run id, reopened). An unfinished parent with the same hash is reopened, not duplicated."""
-    old = store.find_run(exp_id, h, status=None)
-    client = MlflowClient()
-    if old is not None:
-        client.update_run(old.info.run_id, status="RUNNING")
-        return old.info.run_id, True
-    run = client.create_run(exp_id, run_name=f"{FAMILY} {cfg['source']}",
-                            tags=store.tags(family=FAMILY, source=cfg["source"], config_hash=h, role="round"))
-    store.log_params(run.info.run_id, cfg)
-    return run.info.run_id, False
-
-
-def _evaluation_artifacts(run_id: str, probs: list[np.ndarray], slices: SliceSet, cutoff: float, per_slice: pd.DataFrame,
-                          ranking: pd.DataFrame | None, tmp: Path) -> None:
-    per_slice.to_csv(tmp / "per_slice_metrics.csv", index=False)
-    store.log_artifact_file(run_id, tmp / "per_slice_metrics.csv")
-    write_prediction_niftis(tmp / "predictions", probs, slices, cutoff)
-    MlflowClient().log_artifacts(run_id, str(tmp / "predictions"), "predictions")
-    if ranking is not None:
-        ranking.to_csv(tmp / "ci_ranking.csv", index=False)
-        store.log_artifact_file(run_id, tmp / "ci_ranking.csv")
-        position = {sid: i for i, sid in enumerate(slices.slice_ids)}
-        ranked = ranking[ranking.n_pixels > 0]
-        for label, part in (("most_certain", ranked.head(5)), ("least_certain", ranked.tail(5))):
-            if len(part):
-                idx = [position[s] for s in part.slice_id]
-                titles = [f"{s.split('/', 1)[1]}\nCI={c:.3f} N={n}" for s, c, n in zip(part.slice_id, part.ci, part.n_pixels)]
-                store.log_artifact_file(run_id, overlay_figure(tmp / f"overlay_{label}.png", slices, probs, idx, cutoff, titles), "overlays")
-
-
-def _epoch_logger(run_id: str):
-    return lambda record: store.log_metrics(run_id, {k: v for k, v in record.items() if k != "epoch"}, step=record["epoch"])
-
-
 def _model_of(run_id: str, tmp: Path):
     model, ckpt = load_checkpoint(store.download_artifact(run_id, CHECKPOINT, tmp))
     return model, ckpt
@@ -156,7 +119,7 @@ def train_fold(r: Round, fold: dict):
             model = initial_model(r.cfg)
             settings = TrainSettings.from_config(r.cfg["train"], seed=r.cfg["seed"] + k, device=r.cfg["device"])
             result = train(model, r.source.of_patients(fold["train"]), r.source.of_patients(fold["val"]), settings,
-                           on_epoch=_epoch_logger(run.info.run_id), progress=r.progress, desc=f"fold {k} train {r.cfg['source']}")
+                           on_epoch=store.epoch_logger(run.info.run_id), progress=r.progress, desc=f"fold {k} train {r.cfg['source']}")
             test = r.source.of_patients(fold["test"])
             probs = to_original_size(predict_model_size(result.model, test, device=settings.device), test)
             cutoff = best_cutoff(probs, test.truths, r.cfg["evaluation"].get("cutoff_candidates") or DEFAULT_CANDIDATES)
@@ -165,7 +128,7 @@ def train_fold(r: Round, fold: dict):
                                                 "epochs_run": result.epochs_run, "seconds_per_epoch": result.seconds_per_epoch})
             ranking = ci_ranking(probs, test, cutoff, r.pl_settings.selection)
             store.log_metrics(run.info.run_id, {"ci_dsc_spearman": ci_dice_spearman(ranking, r.pl_settings.min_pixels)})
-            _evaluation_artifacts(run.info.run_id, probs, test, cutoff, per_slice, ranking, tmp)
+            log_evaluation_artifacts(run.info.run_id, probs, test, cutoff, per_slice, ranking, tmp)
             store.log_artifact_file(run.info.run_id, save_checkpoint(tmp / "checkpoint.pt", result.model, r.cfg["model"], cutoff=cutoff,
                                                                      config=r.cfg, fold=fold), "model")
         return result.model, cutoff
@@ -186,7 +149,7 @@ def evaluate_target(r: Round, fold: dict, name: str, model, cutoff: float) -> No
         ranking = ci_ranking(probs, slices, cutoff, r.pl_settings.selection)
         store.log_metrics(run.info.run_id, {**summary, "cutoff": cutoff, "ci_dsc_spearman": ci_dice_spearman(ranking, r.pl_settings.min_pixels),
                                             "n_selected": float(ranking.selected.sum())})
-        _evaluation_artifacts(run.info.run_id, probs, slices, cutoff, per_slice, ranking, tmp)
+        log_evaluation_artifacts(run.info.run_id, probs, slices, cutoff, per_slice, ranking, tmp)
 
 
 def enhance_target(r: Round, fold: dict, name: str, model, cutoff: float) -> None:
@@ -200,7 +163,7 @@ def enhance_target(r: Round, fold: dict, name: str, model, cutoff: float) -> Non
     settings = TrainSettings.from_config(r.cfg["train"], seed=r.cfg["seed"] + k, device=r.cfg["device"])
     with store.tracked_run(r.exp_id, f"fold {k} | {name} enhanced", r.cfg, tags, r.parent_id) as run, store.artifact_dir() as tmp:
         model, rankings = enhance(copy.deepcopy(model), r.source.of_patients(fold["train"]), r.source.of_patients(fold["val"]),
-                                  slices, cutoff, r.pl_settings, settings, progress=r.progress, on_epoch=_epoch_logger(run.info.run_id))
+                                  slices, cutoff, r.pl_settings, settings, progress=r.progress, on_epoch=store.epoch_logger(run.info.run_id))
         probs = to_original_size(predict_model_size(model, slices, device=settings.device), slices)
         summary, per_slice = evaluate(probs, slices, cutoff, r.eval_settings)
         test = r.source.of_patients(fold["test"])
@@ -209,7 +172,7 @@ def enhance_target(r: Round, fold: dict, name: str, model, cutoff: float) -> Non
         store.log_metrics(run.info.run_id, {**summary, "cutoff": cutoff, "n_pseudo_labels": float(sum(x.selected.sum() for x in rankings)),
                                             **{f"indomain_{m}": indomain[m] for m in ("dsc", "sen", "spc")}})
         ranking = pd.concat(rankings) if rankings else None
-        _evaluation_artifacts(run.info.run_id, probs, slices, cutoff, per_slice, ranking, tmp)
+        log_evaluation_artifacts(run.info.run_id, probs, slices, cutoff, per_slice, ranking, tmp)
         store.log_artifact_file(run.info.run_id, save_checkpoint(tmp / "checkpoint.pt", model, r.cfg["model"], cutoff=cutoff,
                                                                  config=r.cfg, fold=fold), "model")
 
@@ -230,9 +193,9 @@ def run_leave_one_out(cfg: dict, progress: bool = True) -> str:
     targets = {n: prepare_dataset(suite, n, pre, progress) for n in names}
     splits = fold_splits(cfg, source.patients())
     initial_model(cfg)  # fails early on missing weights / a bad init checkpoint
-    parent_id, _ = _start_or_resume_parent(exp_id, cfg, h)
-    client = MlflowClient()
-    try:
+    parent_id, _ = store.start_or_resume_run(exp_id, f"{FAMILY} {cfg['source']}", cfg,
+                                             store.tags(family=FAMILY, source=cfg["source"], config_hash=h, role="round"))
+    with store.finishing(parent_id):
         r = Round(cfg, exp_id, parent_id, source, targets, splits, pre,
                   TrainSettings.from_config(cfg["train"], seed=cfg["seed"], device=cfg["device"]),
                   EvaluationSettings.from_config(cfg["evaluation"]), PseudoLabelSettings.from_config(cfg["pseudolabel"]), progress)
@@ -246,11 +209,6 @@ def run_leave_one_out(cfg: dict, progress: bool = True) -> str:
                 evaluate_target(r, fold, name, model, cutoff)
                 enhance_target(r, fold, name, model, cutoff)
         log_tables(parent_id, leave_one_out_tables(parent_id))
-    except BaseException as exc:
-        client.set_tag(parent_id, "domgen.error", f"{type(exc).__name__}: {exc}"[:5000])
-        client.set_terminated(parent_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
-        raise
-    client.set_terminated(parent_id, "FINISHED")
     return parent_id
 
 

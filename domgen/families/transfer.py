@@ -22,14 +22,15 @@ from domgen.data.registry import load_suite
 from domgen.errors import DomgenError
 from domgen.evaluation.evaluate import EvaluationSettings, evaluate
 from domgen.evaluation.metrics import overlap_metrics
-from domgen.families.leave_one_out import (_epoch_logger, _evaluation_artifacts, checkpoint_of_run, child_hash,
-                                           prepare_dataset)
+from domgen.families.leave_one_out import checkpoint_of_run, child_hash, prepare_dataset
 from domgen.methods.transfer import STRATEGIES, prepare_strategy
 from domgen.models import build_model, count_parameters
 from domgen.preprocessing.slices import SlicePreprocessing, SliceSet
 from domgen.preprocessing.splits import inverse_kfold_splits, train_val_test_split, write_splits
 from domgen.tracking import mlflow_store as store
-from domgen.tracking.artifacts import load_checkpoint, save_checkpoint
+from domgen.tracking.artifacts import load_checkpoint, log_evaluation_artifacts, save_checkpoint
+from domgen.tracking.report import log_tables
+from domgen.tracking.transfer_report import transfer_tables
 from domgen.training.trainer import TrainSettings, predict_model_size, seed_everything, to_original_size, train
 
 FAMILY = "transfer"
@@ -106,7 +107,7 @@ def pretrain(exp_id: str, suite, cfg: dict, name: str, progress: bool = True) ->
         seed_everything(cfg["seed"])
         model = build_model(cfg["model"]["arch"], cfg["model"]["encoder"], cfg["model"]["encoder_weights"], cfg["model"].get("in_channels", 1))
         trainable, total = count_parameters(model)
-        result = train(model, train_set, val_set or train_set, settings, on_epoch=_epoch_logger(run.info.run_id),
+        result = train(model, train_set, val_set or train_set, settings, on_epoch=store.epoch_logger(run.info.run_id),
                        progress=progress, desc=f"pretrain {name}")
         store.log_metrics(run.info.run_id, {"best_val_dsc": result.history[result.best_epoch]["val_dsc"], "best_epoch": result.best_epoch,
                                             "epochs_run": result.epochs_run, "seconds_per_epoch": result.seconds_per_epoch,
@@ -165,7 +166,7 @@ def run_strategy(r: TransferRound, fold: dict, strategy: str, pretrain_name: str
         train_set = r.target.of_patients(fold["train"])
         # val_fraction 0: early stopping and best-epoch choice on the train part itself (no patient to spare)
         val_set = r.target.of_patients(fold["val"]) if fold["val"] else train_set
-        result = train(model, train_set, val_set, settings, on_epoch=_epoch_logger(run.info.run_id), progress=r.progress,
+        result = train(model, train_set, val_set, settings, on_epoch=store.epoch_logger(run.info.run_id), progress=r.progress,
                        desc=f"fold {k} {strategy} {pretrain_name}")
         test = r.target.of_patients(fold["test"])
         probs = to_original_size(predict_model_size(result.model, test, device=settings.device), test)
@@ -176,7 +177,7 @@ def run_strategy(r: TransferRound, fold: dict, strategy: str, pretrain_name: str
             **summary, **pooled_metrics(per_slice), "cutoff": cutoff, "trainable_params": trainable, "total_params": total,
             "seconds_per_epoch": result.seconds_per_epoch, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
             "train_seconds_per_epoch": sum(train_seconds) / len(train_seconds) if train_seconds else None})
-        _evaluation_artifacts(run.info.run_id, probs, test, cutoff, per_slice, None, tmp)
+        log_evaluation_artifacts(run.info.run_id, probs, test, cutoff, per_slice, None, tmp)
         if strategy in names_of(cfg.get("keep_checkpoints") or []):
             store.log_artifact_file(run.info.run_id, save_checkpoint(
                 tmp / "checkpoint.pt", result.model, cfg["model"], cutoff=cutoff, strategy=strategy, pretrain=pretrain_name,
@@ -216,8 +217,5 @@ def run_transfer(cfg: dict, progress: bool = True) -> str:
             for strategy in strategies:
                 for name in (pretrains if STRATEGIES[strategy].needs_pretrained else [NO_PRETRAIN]):
                     run_strategy(r, fold, strategy, name)
-        from domgen.tracking.report import log_tables
-        from domgen.tracking.transfer_report import transfer_tables
-
         log_tables(parent_id, transfer_tables(parent_id))
     return parent_id

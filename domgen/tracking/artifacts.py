@@ -13,9 +13,13 @@ import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+import pandas as pd  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
 from domgen.errors import DomgenError  # noqa: E402
 from domgen.models import build_model  # noqa: E402
 from domgen.preprocessing.slices import SliceSet  # noqa: E402
+from domgen.tracking import mlflow_store as store  # noqa: E402
 
 
 def save_checkpoint(path: Path, model, model_cfg: dict, **extra) -> Path:
@@ -96,3 +100,22 @@ def overlay_figure(path: Path, slices: SliceSet, probabilities: list[np.ndarray]
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def log_evaluation_artifacts(run_id: str, probs: list[np.ndarray], slices: SliceSet, cutoff: float, per_slice: pd.DataFrame,
+                             ranking: pd.DataFrame | None, tmp: Path) -> None:
+    """Per-slice metrics CSV, predicted masks (NIfTI), and with a CI ranking: ci_ranking.csv and overlays."""
+    per_slice.to_csv(tmp / "per_slice_metrics.csv", index=False)
+    store.log_artifact_file(run_id, tmp / "per_slice_metrics.csv")
+    write_prediction_niftis(tmp / "predictions", probs, slices, cutoff)
+    MlflowClient().log_artifacts(run_id, str(tmp / "predictions"), "predictions")
+    if ranking is not None:
+        ranking.to_csv(tmp / "ci_ranking.csv", index=False)
+        store.log_artifact_file(run_id, tmp / "ci_ranking.csv")
+        position = {sid: i for i, sid in enumerate(slices.slice_ids)}
+        ranked = ranking[ranking.n_pixels > 0]
+        for label, part in (("most_certain", ranked.head(5)), ("least_certain", ranked.tail(5))):
+            if len(part):
+                idx = [position[s] for s in part.slice_id]
+                titles = [f"{s.split('/', 1)[1]}\nCI={c:.3f} N={n}" for s, c, n in zip(part.slice_id, part.ci, part.n_pixels)]
+                store.log_artifact_file(run_id, overlay_figure(tmp / f"overlay_{label}.png", slices, probs, idx, cutoff, titles), "overlays")

@@ -135,13 +135,6 @@ def start_or_resume_run(exp_id: str, name: str, cfg: dict, run_tags: dict[str, s
     return run.info.run_id, False
 
 
-def log_params(run_id: str, cfg: dict) -> None:
-    """The whole resolved config as flat params (``train.lr`` ...)."""
-    items = [mlflow.entities.Param(k, v[:6000]) for k, v in flatten(cfg).items()]
-    for start in range(0, len(items), 100):
-        MlflowClient().log_batch(run_id, params=items[start:start + 100])
-
-
 def log_metrics(run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
     """Finite values only (NaN means 'undefined' and is left out)."""
     items = [mlflow.entities.Metric(k, float(v), int(time.time() * 1000), step or 0)
@@ -162,3 +155,8 @@ def artifact_dir() -> Iterator[Path]:
 
 def download_artifact(run_id: str, path: str, dest: Path) -> Path:
     return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(dest)))
+
+
+def epoch_logger(run_id: str):
+    """A ``train(on_epoch=...)`` callback logging each epoch's record as metrics at step = epoch."""
+    return lambda record: log_metrics(run_id, {k: v for k, v in record.items() if k != "epoch"}, step=record["epoch"])

@@ -18,14 +18,14 @@ def children(parent_id: str) -> list:
     return store.runs_of(run.info.experiment_id, f"tags.`mlflow.parentRunId` = '{parent_id}'")
 
 
-def _fmt(values: list[float]) -> str:
+def mean_std_text(values: list[float]) -> str:
     arr = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=float)
     if arr.size == 0:
         return "-"
     return f"{arr.mean():.3f} ± {arr.std():.3f}" if arr.size > 1 else f"{arr.mean():.3f}"
 
 
-def _mean(values) -> float:
+def finite_mean(values) -> float:
     arr = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=float)
     return float(arr.mean()) if arr.size else float("nan")
 
@@ -54,11 +54,11 @@ def leave_one_out_tables(parent_id: str) -> dict[str, pd.DataFrame]:
         after = rec[(rec.target == target) & (rec.phase == "enhanced")]
         row = {"source": source, "test set": f"{target} (in-domain)" if target == source else target}
         for m in METRICS:
-            row[f"{m.upper()} before"] = _fmt(before.get(m, pd.Series(dtype=float)).tolist())
-            row[f"{m.upper()} after"] = _fmt(after.get(m, pd.Series(dtype=float)).tolist()) if target != source else "-"
+            row[f"{m.upper()} before"] = mean_std_text(before.get(m, pd.Series(dtype=float)).tolist())
+            row[f"{m.upper()} after"] = mean_std_text(after.get(m, pd.Series(dtype=float)).tolist()) if target != source else "-"
         if target != source:
-            row["CI-DSC Spearman"] = _fmt(before.get("ci_dsc_spearman", pd.Series(dtype=float)).tolist())
-            averages.append({m: (_mean(before.get(m, [])), _mean(after.get(m, []))) for m in METRICS})
+            row["CI-DSC Spearman"] = mean_std_text(before.get("ci_dsc_spearman", pd.Series(dtype=float)).tolist())
+            averages.append({m: (finite_mean(before.get(m, [])), finite_mean(after.get(m, []))) for m in METRICS})
         else:
             row["CI-DSC Spearman"] = "-"
         rows.append(row)
@@ -71,12 +71,12 @@ def leave_one_out_tables(parent_id: str) -> dict[str, pd.DataFrame]:
                 continue
             row = {"source": source, "test set": target, "phase": phase, "folds": len(part)}
             for m in ("dsc", "iou", "nsd", "hd95", "slice_dsc", "slice_sen", "slice_spc", "cutoff"):
-                row[m.upper()] = _fmt(part.get(m, pd.Series(dtype=float)).tolist())
+                row[m.upper()] = mean_std_text(part.get(m, pd.Series(dtype=float)).tolist())
             extended.append(row)
     t3 = {"source": source, "unseen sets": len(averages)}
     for m in METRICS:
-        b = _mean([a[m][0] for a in averages])
-        a = _mean([a[m][1] for a in averages])
+        b = finite_mean([a[m][0] for a in averages])
+        a = finite_mean([a[m][1] for a in averages])
         t3.update({f"{m.upper()} before": f"{b:.3f}", f"{m.upper()} after": f"{a:.3f}", f"{m.upper()} change": f"{a - b:+.3f}"})
     return {"table2": table2, "table3": pd.DataFrame([t3]), "table2_extended": pd.DataFrame(extended)}
 

@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from domgen.errors import DomgenError
 from domgen.tracking import mlflow_store as store
-from domgen.tracking.report import _fmt, _mean, children, leave_one_out_records
+from domgen.tracking.report import finite_mean, mean_std_text, children, leave_one_out_records
 
 TRANSFER_EXPERIMENT = "domgen-transfer"
 LEAVE_ONE_OUT_EXPERIMENT = "domgen-leave-one-out"
@@ -56,20 +56,20 @@ def transfer_tables(parent_id: str) -> dict[str, pd.DataFrame]:
             for k in folds:
                 fold_rows = part[part.fold == k]
                 row[f"{metric.upper()} fold {k}"] = _fold_cell(fold_rows.iloc[0], metric) if len(fold_rows) else "-"
-            row[f"{metric.upper()} overall"] = _fmt(_column(part, metric))
+            row[f"{metric.upper()} overall"] = mean_std_text(_column(part, metric))
         table1.append(row)
-        table2.append({"strategy": strategy, "pretrained model": pretrain, "SEN": _fmt(_column(part, "sen")),
-                       "F1": _fmt(_column(part, "f1")), "ACC": _fmt(_column(part, "acc"))})
+        table2.append({"strategy": strategy, "pretrained model": pretrain, "SEN": mean_std_text(_column(part, "sen")),
+                       "F1": mean_std_text(_column(part, "f1")), "ACC": mean_std_text(_column(part, "acc"))})
     # Table III: the multi-lesion model (else the first pretrained model of the round), with scratch for reference
     pretrained = [p for p in PRETRAIN_ORDER if p in set(rec.pretrain) and p != "none"] or sorted(set(rec.pretrain) - {"none"})
     chosen = "multi" if "multi" in pretrained else (pretrained[0] if pretrained else "none")
     table3 = []
     for (strategy, pretrain), part in groups:
         if pretrain in (chosen, "none"):
-            table3.append({"strategy": strategy, "pretrained model": pretrain, "DSC": _fmt(_column(part, "dsc")),
-                           "NSD": _fmt(_column(part, "nsd")), "trainable params": f"{_mean(_column(part, 'trainable_params')):,.0f}",
-                           "total params": f"{_mean(_column(part, 'total_params')):,.0f}",
-                           "s / epoch": f"{_mean(_column(part, 'seconds_per_epoch')):.2f}"})
+            table3.append({"strategy": strategy, "pretrained model": pretrain, "DSC": mean_std_text(_column(part, "dsc")),
+                           "NSD": mean_std_text(_column(part, "nsd")), "trainable params": f"{finite_mean(_column(part, 'trainable_params')):,.0f}",
+                           "total params": f"{finite_mean(_column(part, 'total_params')):,.0f}",
+                           "s / epoch": f"{finite_mean(_column(part, 'seconds_per_epoch')):.2f}"})
     return {"table1": pd.DataFrame(table1), "table2": pd.DataFrame(table2), "table3": pd.DataFrame(table3)}
 
 
@@ -117,8 +117,8 @@ def comparison_table(round_id: str | None = None) -> pd.DataFrame:
         indomain = rec[(rec.role == "in-domain") & (rec.phase == "baseline")]
         row = {"setting": label, "source": run.data.params.get("source"), "unseen targets": ", ".join(sorted(unseen.target.unique()))}
         for metric in ("dsc", "sen", "spc"):
-            row[f"unseen {metric.upper()}"] = _fmt(_column(unseen, metric))
-        row["in-domain DSC"] = _fmt(_column(indomain, "dsc") if phase == "baseline" else _column(unseen, "indomain_dsc"))
+            row[f"unseen {metric.upper()}"] = mean_std_text(_column(unseen, metric))
+        row["in-domain DSC"] = mean_std_text(_column(indomain, "dsc") if phase == "baseline" else _column(unseen, "indomain_dsc"))
         row["round"] = run.info.run_id
         rows.append(row)
     return pd.DataFrame(rows)
