@@ -297,37 +297,43 @@ def run_benchmark(cfg: dict, executor: str = "local", workers: int = 1, address:
     # created through the configured store first, so a local SQLite store keeps file artifacts even behind a server
     exp_id = store.experiment_id(EXPERIMENT)
     runner = get_executor(executor, workers=workers, address=address, device=cfg["device"], threads=cfg.get("threads"))
-    with runner.tracking(tracking_uri) as shared_uri:
-        store.configure(shared_uri)
-        h = config_hash(cfg)
-        parent_tags = store.tags(family=FAMILY, role="sweep", config_hash=h, sweep_hash=config_hash(base_config(cfg)),
-                                 profile=cfg.get("profile"), n_configurations=len(configurations))
-        parent_id, _ = store.start_or_resume_run(exp_id, f"benchmark sweep ({len(configurations)} configurations)", cfg, parent_tags)
-        client = MlflowClient()
-        client.update_run(parent_id, status="RUNNING")
-        state = status_of(exp_id, cfg, configurations)
-        todo = [c for c in configurations if state[c] == "todo" or (retry_failed and state[c] == "failed")]
-        skipped = sum(state[c] == "done" for c in configurations)
-        failed = {c.name: "failed before; use --retry-failed" for c in configurations if state[c] == "failed" and not retry_failed}
-        jobs = [{"cfg": cfg, "configuration": c.identity(), "exp_id": exp_id, "parent_id": parent_id, "tracking_uri": shared_uri,
-                 "threads": runner.threads} for c in todo]
-        finished = 0
-        try:
-            for job, result, error in runner.map(run_job, jobs, progress=progress):
-                name = Configuration(**job["configuration"]).name
-                if error is not None:
-                    result = record_failure(job, error)
-                if result["status"] == "failed":
-                    failed[name] = result["reason"]
-                else:
-                    finished += 1
-        except BaseException as exc:
-            client.set_tag(parent_id, "domgen.error", f"{type(exc).__name__}: {exc}"[:5000])
-            client.set_terminated(parent_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
-            raise
-        store.log_metrics(parent_id, {"n_finished": skipped + finished, "n_failed": len(failed), "sweep_seconds": time.perf_counter() - started})
-        client.set_terminated(parent_id, "FINISHED")
-    return SweepResult(parent_id, finished, failed, skipped, time.perf_counter() - started)
+    try:
+        with runner.tracking(tracking_uri) as shared_uri:
+            store.configure(shared_uri)
+            return _sweep(cfg, configurations, exp_id, shared_uri, runner, retry_failed, progress, started)
+    finally:
+        store.configure(tracking_uri)
+
+
+def _sweep(cfg, configurations, exp_id, shared_uri, runner, retry_failed, progress, started) -> SweepResult:
+    parent_tags = store.tags(family=FAMILY, role="sweep", config_hash=config_hash(cfg), sweep_hash=config_hash(base_config(cfg)),
+                             profile=cfg.get("profile"), n_configurations=len(configurations))
+    parent_id, _ = store.start_or_resume_run(exp_id, f"benchmark sweep ({len(configurations)} configurations)", cfg, parent_tags)
+    client = MlflowClient()
+    client.update_run(parent_id, status="RUNNING")
+    state = status_of(exp_id, cfg, configurations)
+    todo = [c for c in configurations if state[c] == "todo" or (retry_failed and state[c] == "failed")]
+    skipped = sum(state[c] == "done" for c in configurations)
+    failed = {c.name: "failed before; use --retry-failed" for c in configurations if state[c] == "failed" and not retry_failed}
+    jobs = [{"cfg": cfg, "configuration": c.identity(), "exp_id": exp_id, "parent_id": parent_id, "tracking_uri": shared_uri,
+             "threads": runner.threads} for c in todo]
+    finished = 0
+    try:
+        for job, result, error in runner.map(run_job, jobs, progress=progress):
+            if error is not None:
+                result = record_failure(job, error)
+            if result["status"] == "failed":
+                failed[Configuration(**job["configuration"]).name] = result["reason"]
+            else:
+                finished += 1
+    except BaseException as exc:
+        client.set_tag(parent_id, "domgen.error", f"{type(exc).__name__}: {exc}"[:5000])
+        client.set_terminated(parent_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    seconds = time.perf_counter() - started
+    store.log_metrics(parent_id, {"n_finished": skipped + finished, "n_failed": len(failed), "sweep_seconds": seconds})
+    client.set_terminated(parent_id, "FINISHED")
+    return SweepResult(parent_id, finished, failed, skipped, seconds)
 
 
 def dry_run(cfg: dict) -> list[tuple[Configuration, str, str]]:

@@ -1,0 +1,64 @@
+"""The local executor: in this process (``workers=1``) or in N spawned worker processes."""
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from typing import Callable, Iterator
+
+from tqdm.auto import tqdm
+
+from domgen.errors import DomgenError
+
+
+class LocalExecutor:
+    def __init__(self, workers: int = 1, address: str | None = None, device: str = "cpu", threads: int | None = None) -> None:
+        if address:
+            raise DomgenError("--address is for --executor ray; the local executor runs on this machine")
+        self.workers = workers
+        # the cores shared out between the trials, so N workers do not oversubscribe the CPU
+        self.threads = threads or max(1, (os.cpu_count() or 1) // workers)
+
+    @contextlib.contextmanager
+    def tracking(self, uri: str) -> Iterator[str]:
+        yield uri
+
+    def map(self, fn: Callable[[dict], dict], jobs: list[dict], progress: bool = True) -> Iterator[tuple[dict, dict | None, str | None]]:
+        bar = tqdm(total=len(jobs), desc="configurations", unit="run", disable=not progress)
+        try:
+            if self.workers == 1:
+                for job in jobs:
+                    yield job, fn(job), None
+                    bar.update()
+            else:
+                yield from self._pool(fn, jobs, bar)
+        finally:
+            bar.close()
+
+    def _pool(self, fn, jobs: list[dict], bar) -> Iterator[tuple[dict, dict | None, str | None]]:
+        queue = list(jobs)
+        while queue:
+            # spawn, not fork: torch and MLflow clients do not survive a fork
+            with ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                running = {}
+                broken = False
+                while (queue or running) and not broken:
+                    while queue and len(running) < self.workers:
+                        job = queue.pop(0)
+                        running[pool.submit(fn, job)] = job
+                    done, _ = wait(running, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        job = running.pop(future)
+                        try:
+                            yield job, future.result(), None
+                        except BrokenProcessPool:
+                            broken = True
+                            yield job, None, ("a worker process died while this configuration ran (out of memory or a crash); "
+                                              "re-run with --retry-failed")
+                        bar.update()
+                # a dead worker breaks the whole pool: the others in flight are reported, the rest go to a new pool
+                for future, job in running.items():
+                    yield job, None, "its worker pool broke while it ran (another configuration crashed); re-run with --retry-failed"
+                    bar.update()
