@@ -33,6 +33,8 @@ def main():
 
     \b
     Families:  leave-one-out / pseudolabel   (Enshaei et al., Certainty-Index pseudo-labels)
+               transfer                     (Wang et al., non-COVID lesions, Multi-encoder)
+               benchmark / export           (Bizopoulos et al., the 600-model grid)
     Tracking:  MLflow, by default ./mlflow.db; browse with `domgen ui`.
     Data:      `domgen data list`; the default suite `synthetic` is generated on first use.
     """

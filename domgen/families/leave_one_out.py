@@ -179,11 +179,9 @@ def enhance_target(r: Round, fold: dict, name: str, model, cutoff: float) -> Non
 
 def run_leave_one_out(cfg: dict, progress: bool = True) -> str:
     """Run (or resume) one round; returns the parent run id. Tables come from ``domgen.tracking.report``."""
-    exp_id = store.experiment_id(EXPERIMENT)
-    h = config_hash(cfg)
-    done = store.find_run(exp_id, h)
-    if done is not None:
-        return done.info.run_id
+    exp_id, h, finished = store.round_lookup(EXPERIMENT, cfg)
+    if finished:
+        return finished
     # every input is read and checked before any run exists, so a bad file leaves nothing behind
     suite = load_suite(cfg["suite"])
     suite.get(cfg["source"])

@@ -186,11 +186,9 @@ def run_strategy(r: TransferRound, fold: dict, strategy: str, pretrain_name: str
 
 def run_transfer(cfg: dict, progress: bool = True) -> str:
     """Run (or resume) one round; returns the parent run id. Tables come from ``domgen.tracking.transfer_report``."""
-    exp_id = store.experiment_id(EXPERIMENT)
-    h = config_hash(cfg)
-    done = store.find_run(exp_id, h)
-    if done is not None:
-        return done.info.run_id
+    exp_id, h, finished = store.round_lookup(EXPERIMENT, cfg)
+    if finished:
+        return finished
     # every input is read and checked before any run exists, so a bad flag leaves nothing behind
     suite = load_suite(cfg["suite"])
     suite.get(cfg["target"])

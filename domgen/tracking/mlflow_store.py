@@ -18,7 +18,7 @@ import mlflow
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from domgen.config import flatten
+from domgen.config import config_hash, flatten
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 TAG = "domgen."
@@ -59,6 +59,14 @@ def find_run(exp_id: str, config_hash: str, status: str | None = "FINISHED") -> 
         query += f" and attributes.status = '{status}'"
     runs = MlflowClient().search_runs([exp_id], query, order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0] if runs else None
+
+
+def round_lookup(experiment: str, cfg: dict) -> tuple[str, str, str | None]:
+    """(experiment id, config hash, id of the finished round with this config or None): the start of every family."""
+    exp_id = experiment_id(experiment)
+    h = config_hash(cfg)
+    done = find_run(exp_id, h)
+    return exp_id, h, done.info.run_id if done is not None else None
 
 
 def runs_of(exp_id: str, query: str = "", status: str | None = "FINISHED") -> list[Run]:
