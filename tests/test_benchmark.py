@@ -88,6 +88,8 @@ def test_paper_metrics_match_hand_computed_values():
     assert metrics["dice"] == pytest.approx((dice0 + 1 + 1) / 3, abs=1e-12)
     assert metrics["sens"] == pytest.approx((2 / 4 + 1 + 1) / 3, abs=1e-12)
     assert metrics["spec"] == pytest.approx((59 / 60 + 1 + 1) / 3, abs=1e-12)
+    # without the rule, one patient pooled over its slices: TP 2, FP 1, FN 2 + 3 (the missed slice)
+    assert metrics["dice_pooled"] == pytest.approx((2 * 2 + eps) / (2 * 2 + 1 + 5 + eps), abs=1e-12)
     assert probs.shape == (3, s, s)
 
 

@@ -96,7 +96,7 @@ def overlay_figure(path: Path, slices: SliceSet, probabilities: list[np.ndarray]
     for ax in axes[0][len(index):]:
         ax.axis("off")
     fig.suptitle("green: ground truth, red: prediction", fontsize=8)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

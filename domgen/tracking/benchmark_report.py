@@ -105,7 +105,9 @@ def best_models(rec: pd.DataFrame) -> pd.DataFrame:
     for experiment, group in ok.groupby("experiment", sort=True):
         top = group.loc[group.dice.astype(float).idxmax()]
         rows.append({"experiment": experiment, "architecture": top.arch, "encoder": top.encoder, "weights": top.weights,
-                     **{label: _cell(top[key]) for key, label in PAPER_METRICS}, "params (M)": _cell(top.params_m, 2), "run": top.run_id})
+                     **{label: _cell(top[key]) for key, label in PAPER_METRICS},
+                     "Dice without the empty rule": _cell(top["dice_pooled"]) if "dice_pooled" in top else "-",
+                     "params (M)": _cell(top.params_m, 2), "run": top.run_id})
     return pd.DataFrame(rows)
 
 
