@@ -162,3 +162,43 @@ def test_data_list_names_every_public_dataset(tmp_path):
     assert result.exit_code == 0, result.output
     for key in PUBLIC_DATASETS:
         assert key in result.output
+
+
+def test_device_cuda_without_a_gpu_is_one_sentence(tmp_path, tiny_suite):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    result = CliRunner().invoke(main, ["leave-one-out", "--source", "A", "--suite", str(tiny_suite), "--device", "cuda",
+                                       "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"])
+    _assert_clean_error(result, "--device cuda", "--device cpu")
+    assert not (tmp_path / "mlflow.db").exists()  # nothing was started
+
+
+def test_ui_serves_the_store_on_loopback(tmp_path):
+    """`domgen ui` starts the MLflow UI on 127.0.0.1 for the given store; its health endpoint answers."""
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "domgen.cli", "ui", "--port", str(port),
+                             "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True)
+    try:
+        deadline, body = time.monotonic() + 120, b""
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read()
+                break
+            except OSError:
+                time.sleep(1)
+        assert body.strip() == b"OK", proc.stdout.read1() if proc.poll() is not None else "no answer in 120 s"
+    finally:
+        import os
+        import signal
+
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
