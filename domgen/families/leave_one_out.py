@@ -49,6 +49,7 @@ class Round:
     eval_settings: EvaluationSettings
     pl_settings: PseudoLabelSettings
     progress: bool
+    pretrained: object = None  # the init_run / init_checkpoint model, loaded once; None: a fresh model per fold
 
 
 def target_names(suite, cfg: dict) -> list[str]:
@@ -116,7 +117,7 @@ def train_fold(r: Round, fold: dict):
                           config_hash=h, role="in-domain")
         with store.tracked_run(r.exp_id, f"fold {k} | {r.cfg['source']} in-domain", r.cfg, tags, r.parent_id) as run:
             seed_everything(r.train_settings.seed + k)
-            model = initial_model(r.cfg)
+            model = copy.deepcopy(r.pretrained) if r.pretrained is not None else initial_model(r.cfg)
             settings = TrainSettings.from_config(r.cfg["train"], seed=r.cfg["seed"] + k, device=r.cfg["device"])
             result = train(model, r.source.of_patients(fold["train"]), r.source.of_patients(fold["val"]), settings,
                            on_epoch=store.epoch_logger(run.info.run_id), progress=r.progress, desc=f"fold {k} train {r.cfg['source']}")
@@ -190,13 +191,15 @@ def run_leave_one_out(cfg: dict, progress: bool = True) -> str:
     source = prepare_dataset(suite, cfg["source"], pre, progress)
     targets = {n: prepare_dataset(suite, n, pre, progress) for n in names}
     splits = fold_splits(cfg, source.patients())
-    initial_model(cfg)  # fails early on missing weights / a bad init checkpoint
+    first = initial_model(cfg)  # fails early on missing weights / a bad init checkpoint
+    pretrained = first if cfg.get("init_run") or cfg.get("init_checkpoint") else None
     parent_id, _ = store.start_or_resume_run(exp_id, f"{FAMILY} {cfg['source']}", cfg,
                                              store.tags(family=FAMILY, source=cfg["source"], config_hash=h, role="round"))
     with store.finishing(parent_id):
         r = Round(cfg, exp_id, parent_id, source, targets, splits, pre,
                   TrainSettings.from_config(cfg["train"], seed=cfg["seed"], device=cfg["device"]),
-                  EvaluationSettings.from_config(cfg["evaluation"]), PseudoLabelSettings.from_config(cfg["pseudolabel"]), progress)
+                  EvaluationSettings.from_config(cfg["evaluation"]), PseudoLabelSettings.from_config(cfg["pseudolabel"]), progress,
+                  pretrained)
         with store.artifact_dir() as tmp:
             write_splits(tmp / "splits.json", splits, {"dataset": cfg["source"], "suite": str(suite.path), "seed": cfg["seed"],
                                                        "protocol": "patient-wise train/val/test per fold, seed + fold"})

@@ -47,7 +47,8 @@ def ci_ranking(probabilities: list[np.ndarray], slices: SliceSet, cutoff: float,
             for p, t in zip(probabilities, slices.truths)]
     table = pd.DataFrame({"slice_id": slices.slice_ids, "patient_id": slices.patient_ids, "ci": ci,
                           "n_pixels": n, "selected": selected, "dice": dice})
-    rest = [i for i in range(len(table)) if i not in set(order.tolist())]
+    ranked = set(order.tolist())
+    rest = [i for i in range(len(table)) if i not in ranked]
     return table.iloc[list(order) + rest].reset_index(drop=True)
 
 

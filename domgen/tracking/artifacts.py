@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from skimage.transform import resize  # noqa: E402
 
 import pandas as pd  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
@@ -86,7 +87,7 @@ def overlay_figure(path: Path, slices: SliceSet, probabilities: list[np.ndarray]
     for ax, i, title in zip(axes[0], index, titles):
         image = slices.inputs[i, 0]
         truth, prob = slices.truths[i], probabilities[i]
-        ax.imshow(np.asarray(__import__("skimage.transform", fromlist=["resize"]).resize(image, truth.shape, order=1)), cmap="gray")
+        ax.imshow(resize(image, truth.shape, order=1), cmap="gray")
         if truth.any():
             ax.contour(truth, levels=[0.5], colors="lime", linewidths=0.8)
         if (prob > cutoff).any():
