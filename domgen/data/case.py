@@ -45,7 +45,8 @@ class Case:
 
     image: float32 (Z, H, W) in ``intensity`` space; lesion: uint8 (Z, H, W) with 0 background and
     class values from ``lesion_classes``; lung: uint8 (Z, H, W) binary or None; spacing: in-plane pixel
-    spacing (row_mm, col_mm); slice_index: the original index of each of the Z slices.
+    spacing (row_mm, col_mm); slice_spacing: distance between slice centres in mm (None: unknown, e.g.
+    unrelated 2D slices); slice_index: the original index of each of the Z slices.
     """
 
     patient_id: str
@@ -53,6 +54,7 @@ class Case:
     image: np.ndarray
     lesion: np.ndarray
     spacing: tuple[float, float] = (1.0, 1.0)
+    slice_spacing: float | None = None
     intensity: IntensitySpace = HU
     lung: np.ndarray | None = None
     slice_index: np.ndarray | None = None
