@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import click
+import numpy as np
 
 from domgen.errors import DomgenError
 
@@ -77,12 +78,33 @@ def data_list(suite):
 @data.command("check")
 @click.argument("name")
 @click.option("--suite", default="synthetic", show_default=True, help="'synthetic' or a path to a suite YAML.")
-def data_check(name, suite):
-    """Read every file of dataset NAME and report patients, slices, infected slices, sizes, intensities."""
+@click.option("--profile", default="quick", show_default=True, help="leave-one-out profile whose keep_slices rule and lung-mask "
+              "provider count the kept and dropped slices.")
+@click.option("--lung-mask", default=None, help="Lung-mask provider for the count (default: the profile's).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a profile field, e.g. preprocessing.keep_slices=all.")
+@click.option("--no-count", is_flag=True, help="Skip the lung masks and the kept/dropped count (faster).")
+def data_check(name, suite, profile, lung_mask, overrides, no_count):
+    """Read every file of dataset NAME and report patients, slices, sizes, masks, intensities, which steps need a
+    window, the lung-mask providers it can use, and the slices the profile's keep_slices rule keeps and drops."""
     from domgen.data.check import check_dataset, format_check
     from domgen.data.registry import load_suite
+    from domgen.preprocessing.lung_mask import get_lung_mask_provider, lung_mask_of, usable_providers
+    from domgen.preprocessing.slices import SlicePreprocessing, kept_slices
 
-    click.echo(format_check(check_dataset(load_suite(suite).get(name))))
+    spec = load_suite(suite).get(name)
+    keep, rule = None, None
+    if not no_count:
+        cfg = _resolve("leave_one_out", profile, overrides, **{"preprocessing.lung_mask": lung_mask})
+        pre = SlicePreprocessing.from_config(cfg["preprocessing"])
+        provider = get_lung_mask_provider(pre.lung_mask, **({"weights": pre.lungmask_weights} if pre.lungmask_weights else {}))
+        rule = f"{pre.keep_slices} (lung mask: {pre.lung_mask})"
+
+        def keep(case):
+            lung = [np.asarray(m, dtype=bool) for m in lung_mask_of(case, provider)]
+            return len(kept_slices(case, pre, lung)), case.n_slices
+
+    summary = check_dataset(spec, keep)
+    click.echo(format_check(summary, usable_providers(spec.intensity, spec.lungs is not None), rule))
 
 
 @data.command("fetch")
@@ -108,6 +130,15 @@ def generate(out, seed, scale):
 
 
 # ---------------------------------------------------------------- leave-one-out
+LEAVE_ONE_OUT_CAPTIONS = {
+    "table2": "Table II - {experiment}, run {run} ({uri}): DSC/SPC/SEN before and after CI pseudo-labels, mean ± std over folds",
+    "table3": "Table III - in-domain, unseen before and unseen after, mean ± std over rounds (a round: mean over folds and unseen sets)",
+    "selection": "Pseudo-label selection per target (mean over folds): slices each label-free rule selects",
+    "slices": "Slices kept and dropped per dataset (preprocessing.keep_slices)",
+    "table2_extended": "IoU, NSD (3 mm), HD95 (mm), per-slice means, cut-off and slices evaluated, mean ± std over folds",
+}
+
+
 def _common_run_options(f):
     options = [
         click.option("--suite", default=None, help="'synthetic' (default) or a suite YAML describing your copies."),
@@ -134,11 +165,19 @@ def _resolve(family: str, profile: str, overrides, **flat) -> dict:
 
 
 @main.command("leave-one-out")
-@click.option("--source", required=True, help="Source dataset name in the suite (e.g. A).")
+@click.option("--source", required=True, help="Source dataset(s): A, a comma list A,B,C (one round each, Table III over "
+              "rounds, as the paper), or all (every COVID dataset of the suite).")
 @click.option("--targets", default=None, help="Comma-separated unseen datasets (default: every other COVID dataset).")
-@click.option("--folds", type=int, default=None, help="Number of folds (quick: 2, paper: 5).")
-@click.option("--ci-min", type=float, default=None, help="Keep pseudo-labels with Certainty Index >= this.")
-@click.option("--min-pixels", type=int, default=None, help="Drop slices with fewer pixels above the cut-off (original resolution).")
+@click.option("--folds", type=int, default=None, help="Number of folds k: each source patient is tested once, in 1/k (quick: 2, paper: 3).")
+@click.option("--ci-min", type=float, default=None, help="Keep pseudo-labels with Certainty Index >= this (--ci-rule fixed).")
+@click.option("--ci-rule", type=click.Choice(["fixed", "indomain-quantile"]), default=None,
+              help="CI limit: --ci-min, or the --ci-quantile of the in-domain test slices' CI (no target labels needed).")
+@click.option("--ci-quantile", type=float, default=None, help="Quantile for --ci-rule indomain-quantile (0.5: the median).")
+@click.option("--min-pixels", type=int, default=None, help="Drop slices with fewer pixels above the cut-off (at --min-pixels-at).")
+@click.option("--min-pixels-at", type=int, default=None, help="Matrix size at which --min-pixels is defined (paper: 50 at 512); "
+              "scaled by area for other slice sizes.")
+@click.option("--keep-slices", type=click.Choice(["all", "lung", "lesion"]), default=None,
+              help="Which slices become samples: every slice, slices with lung, slices with lesion.")
 @click.option("--top-k", type=int, default=None, help="At most this many pseudo-labelled slices per target.")
 @click.option("--top-fraction", type=float, default=None, help="At most this fraction of the ranked slices.")
 @click.option("--mix", type=click.Choice(["source+pseudo", "pseudo-only"]), default=None)
@@ -146,12 +185,15 @@ def _resolve(family: str, profile: str, overrides, **flat) -> dict:
 @click.option("--init-checkpoint", type=click.Path(), default=None, help="Start from this domgen checkpoint instead of a fresh model.")
 @click.option("--init-run", default=None, help="Start from the model of this MLflow run (a pretrain or transfer run's model/checkpoint.pt).")
 @_common_run_options
-def leave_one_out(source, targets, folds, ci_min, min_pixels, top_k, top_fraction, mix, rounds, init_checkpoint, init_run,
-                  suite, profile, seed, device, encoder_weights, lung_mask, lungmask_weights, tracking_uri, overrides, quiet):
+def leave_one_out(source, targets, folds, ci_min, ci_rule, ci_quantile, min_pixels, min_pixels_at, keep_slices, top_k, top_fraction,
+                  mix, rounds, init_checkpoint, init_run, suite, profile, seed, device, encoder_weights, lung_mask, lungmask_weights,
+                  tracking_uri, overrides, quiet):
     """Train on SOURCE, test in-domain and on unseen datasets, retrain on Certainty-Index pseudo-labels.
 
-    Prints the paper's Table II (per test set, DSC/SPC/SEN before and after) and Table III (averages).
-    Re-running the same command resumes: finished runs are found by their config hash.
+    Prints the paper's Table II (per round and test set, DSC/SPC/SEN before and after) and Table III
+    (in-domain, unseen before and after, mean ± std over rounds), the slices each selection rule picks,
+    and the slices kept and dropped per dataset. Re-running the same command resumes: finished runs are
+    found by their config hash.
     """
     from domgen.families.leave_one_out import EXPERIMENT, run_leave_one_out
     from domgen.tracking import mlflow_store as store
@@ -162,7 +204,9 @@ def leave_one_out(source, targets, folds, ci_min, min_pixels, top_k, top_fractio
         "model.encoder_weights": encoder_weights, "preprocessing.lung_mask": lung_mask,
         "preprocessing.lungmask_weights": lungmask_weights, "pseudolabel.ci_min": ci_min,
         "pseudolabel.min_pixels": min_pixels, "pseudolabel.top_k": top_k, "pseudolabel.top_fraction": top_fraction,
-        "pseudolabel.mix": mix, "pseudolabel.rounds": rounds, "init_checkpoint": init_checkpoint})
+        "pseudolabel.mix": mix, "pseudolabel.rounds": rounds, "init_checkpoint": init_checkpoint,
+        "pseudolabel.ci_rule": ci_rule, "pseudolabel.ci_quantile": ci_quantile, "pseudolabel.min_pixels_at": min_pixels_at,
+        "preprocessing.keep_slices": keep_slices})
     if init_run:
         if cfg.get("init_checkpoint"):
             raise DomgenError("give at most one of --init-run and --init-checkpoint")
@@ -172,12 +216,9 @@ def leave_one_out(source, targets, folds, ci_min, min_pixels, top_k, top_fractio
     uri = store.configure(tracking_uri)
     parent = run_leave_one_out(cfg, progress=not quiet)
     tables = leave_one_out_tables(parent)
-    click.echo(f"\nTable II - {EXPERIMENT}, parent run {parent} ({uri})\n")
-    click.echo(to_markdown(tables["table2"]))
-    click.echo("\nTable III - averages over unseen test sets\n")
-    click.echo(to_markdown(tables["table3"]))
-    click.echo("\nIoU, NSD (3 mm), HD95 (mm), per-slice means and cut-off, mean ± std over folds\n")
-    click.echo(to_markdown(tables["table2_extended"]))
+    for name, caption in LEAVE_ONE_OUT_CAPTIONS.items():
+        click.echo(f"\n{caption.format(experiment=EXPERIMENT, run=parent, uri=uri)}\n")
+        click.echo(to_markdown(tables[name]))
     click.echo(f"\nAll tables: `domgen report --experiment {EXPERIMENT} --run-id {parent}`; browse: `domgen ui`")
 
 
@@ -186,7 +227,11 @@ def leave_one_out(source, targets, folds, ci_min, min_pixels, top_k, top_fractio
 @click.option("--run-id", default=None, help="A finished leave-one-out fold run (its model/checkpoint.pt is used).")
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None, help="Or a checkpoint file written by domgen.")
 @click.option("--ci-min", type=float, default=None, help="Keep slices with Certainty Index >= this (default: the run's, 0.8).")
-@click.option("--min-pixels", type=int, default=None, help="Drop slices with fewer pixels above the cut-off.")
+@click.option("--ci-rule", type=click.Choice(["fixed", "indomain-quantile"]), default=None,
+              help="CI limit: --ci-min, or the --ci-quantile of the fold's in-domain test CI.")
+@click.option("--ci-quantile", type=float, default=None)
+@click.option("--min-pixels", type=int, default=None, help="Drop slices with fewer pixels above the cut-off (at --min-pixels-at).")
+@click.option("--min-pixels-at", type=int, default=None, help="Matrix size at which --min-pixels is defined.")
 @click.option("--top-k", type=int, default=None)
 @click.option("--top-fraction", type=float, default=None)
 @click.option("--mix", type=click.Choice(["source+pseudo", "pseudo-only"]), default=None)
@@ -195,7 +240,8 @@ def leave_one_out(source, targets, folds, ci_min, min_pixels, top_k, top_fractio
 @click.option("--device", type=DEVICE, default=None)
 @click.option("--tracking-uri", default=None)
 @click.option("--quiet", is_flag=True)
-def pseudolabel(target, run_id, checkpoint, ci_min, min_pixels, top_k, top_fraction, mix, rounds, suite, device, tracking_uri, quiet):
+def pseudolabel(target, run_id, checkpoint, ci_min, ci_rule, ci_quantile, min_pixels, min_pixels_at, top_k, top_fraction, mix, rounds,
+                suite, device, tracking_uri, quiet):
     """Rank TARGET's slices by Certainty Index, retrain on the most certain, evaluate before and after."""
     from domgen.families.leave_one_out import checkpoint_of_run, run_pseudolabel
     from domgen.tracking import mlflow_store as store
@@ -207,7 +253,8 @@ def pseudolabel(target, run_id, checkpoint, ci_min, min_pixels, top_k, top_fract
     with store.artifact_dir() as tmp:
         path = checkpoint if checkpoint else checkpoint_of_run(run_id, tmp)
         result = run_pseudolabel(path, target, {"ci_min": ci_min, "min_pixels": min_pixels, "top_k": top_k,
-                                                "top_fraction": top_fraction, "mix": mix, "rounds": rounds},
+                                                "top_fraction": top_fraction, "mix": mix, "rounds": rounds, "ci_rule": ci_rule,
+                                                "ci_quantile": ci_quantile, "min_pixels_at": min_pixels_at},
                                  suite=suite, device=device, progress=not quiet)
     click.echo(f"{'':10s}{'DSC':>8s}{'SEN':>8s}{'SPC':>8s}  run")
     for phase, m in result.items():
@@ -290,7 +337,8 @@ def report(experiment, run_id, out, tracking_uri, compare):
     if exp is None:
         raise DomgenError(f"MLflow experiment '{experiment}' does not exist at {store.configure(tracking_uri)}; run the experiment first or pass --tracking-uri")
     if run_id is None:
-        parents = store.runs_of(exp.experiment_id, "tags.`domgen.role` = 'round'")
+        parents = store.runs_of(exp.experiment_id, "tags.`domgen.role` = 'round'") + \
+            store.runs_of(exp.experiment_id, "tags.`domgen.role` = 'experiment'")
         if not parents:
             raise DomgenError(f"experiment '{experiment}' has no finished round; run it to completion first")
         run_id = max(parents, key=lambda r: r.info.end_time or 0).info.run_id

@@ -59,8 +59,30 @@ def test_threshold_on_8bit_windowed_data(level, width):
 
 def test_threshold_refuses_unknown_window():
     image, *_ = chest_phantom(n_slices=2)
-    with pytest.raises(DomgenError, match="level: L, width: W"):
+    with pytest.raises(DomgenError, match="threshold lung mask.*dataset 'A'.*--lung-mask otsu.*level: L, width: W"):
         get_lung_mask_provider("threshold")(make_case(image, IntensitySpace("windowed")))
+
+
+@pytest.mark.parametrize("level, width", [(-600, 1500), (40, 400)])
+def test_otsu_mode_needs_no_window_and_matches_the_hu_mask(level, width):
+    image, lungs, body, lesions = chest_phantom()
+    hu_mask = threshold_lung_mask(image, (2.0, 2.0))
+    stored = to_window_8bit(image, level, width).astype(np.float32)
+    mask = get_lung_mask_provider("otsu")(make_case(stored, IntensitySpace("windowed")))
+    assert mask[lungs].mean() >= 0.95 and mask[lesions].mean() >= 0.95 and mask[~body].sum() == 0
+    assert (mask == hu_mask).mean() >= 0.99
+
+
+def test_ragged_case_is_masked_slice_by_slice():
+    from domgen.preprocessing.lung_mask import lung_mask_of
+
+    image, lungs, *_ = chest_phantom(n_slices=10, size=64)
+    small, *_ = chest_phantom(n_slices=10, size=48)
+    case = Case("P001", "A", [image[4], small[4]], [np.zeros((64, 64), np.uint8), np.zeros((48, 48), np.uint8)],
+                spacing=(2.0, 2.0), intensity=IntensitySpace("hu"))
+    masks = lung_mask_of(case, get_lung_mask_provider("threshold"))
+    assert [m.shape for m in masks] == [(64, 64), (48, 48)]
+    np.testing.assert_array_equal(masks[0], threshold_lung_mask(image[4:5], (2.0, 2.0))[0].astype(bool))
 
 
 @pytest.mark.skipif(not SYNTHETIC.exists(), reason="the synthetic generator is not written yet")
@@ -84,10 +106,10 @@ def test_reference_provider():
 
 
 def test_registry_rejects_unknown_names_and_options():
-    assert set(LUNG_MASK_PROVIDERS) == {"threshold", "reference", "lungmask"}
+    assert set(LUNG_MASK_PROVIDERS) == {"threshold", "otsu", "reference", "lungmask"}
     assert all(get_lung_mask_provider(name).name == name for name in LUNG_MASK_PROVIDERS)
     with pytest.raises(DomgenError, match="--lung-mask"):
-        get_lung_mask_provider("otsu")
+        get_lung_mask_provider("watershed")
     with pytest.raises(DomgenError, match="weights"):
         get_lung_mask_provider("threshold", weights="w.pth")
     assert get_lung_mask_provider("threshold", weights=None).name == "threshold"  # unset CLI flags pass through

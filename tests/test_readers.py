@@ -413,11 +413,50 @@ def slice_pair(tmp_path):
     return s
 
 
-def test_slices_of_different_sizes(slice_pair):
-    save_png(np.zeros((6, 8), np.uint8), slice_pair.images_dir / "p_1.png")
-    save_png(np.zeros((6, 8), np.uint8), slice_pair.lesions_dir / "p_1.png")
-    with pytest.raises(DomgenError, match=r"p_1\.png is 6x8 .*one size"):
+def test_slices_of_different_sizes_keep_their_own_size(slice_pair):
+    lesion = np.zeros((6, 8), np.uint8)
+    lesion[2:4, 3:6] = 255
+    save_png(np.full((6, 8), 90, np.uint8), slice_pair.images_dir / "p_1.png")
+    save_png(lesion, slice_pair.lesions_dir / "p_1.png")
+    [case] = read_all(slice_pair)
+    assert case.ragged and case.slice_shapes() == [(6, 7), (6, 8)]
+    assert case.image[1].shape == (6, 8) and int(case.lesion[1].sum()) == 6
+    one = case.single_slice(1)
+    assert one.image.shape == (1, 6, 8) and one.slice_index.tolist() == [1]
+
+
+def test_resize_to_brings_every_slice_to_the_working_matrix(slice_pair):
+    from domgen.data.registry import load_cases
+
+    save_png(np.zeros((12, 14), np.uint8), slice_pair.images_dir / "p_1.png")
+    lesion = np.zeros((12, 14), np.uint8)
+    lesion[:6] = 1
+    save_png(lesion, slice_pair.lesions_dir / "p_1.png")
+    slice_pair.resize_to = (6, 7)
+    [case] = load_cases(slice_pair)
+    assert not case.ragged and case.image.shape == (2, 6, 7)
+    # nearest-neighbour masks: the top half of the 12x14 slice is the top 3 rows at 6x7
+    assert case.lesion[1].sum() == 21 and case.lesion[1][:3].all()
+    # spacing follows the resize of the first slice (6x7 -> 6x7: unchanged)
+    assert case.spacing == (1.0, 1.0)
+
+
+def test_soft_and_jpeg_masks_need_mask_threshold(slice_pair):
+    soft = np.tile(np.linspace(0, 255, 7).astype(np.uint8), (6, 1))
+    save_png(soft, slice_pair.lesions_dir / "p_1.png")
+    slice_pair.lesion_labels = {1: "lesion"}
+    with pytest.raises(DomgenError, match=r"p_1\.png holds value.*mask_threshold: 127"):
         read_all(slice_pair)
+    slice_pair.mask_threshold = 127.0
+    [case] = read_all(slice_pair)
+    # value > 127 is lesion: 170, 212, 255 (the last three columns)
+    assert case.lesion[1].tolist() == [[0, 0, 0, 0, 1, 1, 1]] * 6
+    assert case.notes["mask_values"] == 7 and case.notes["mask_threshold"] == 127.0
+    # JPEG masks: accepted with the threshold, lossy values binarised
+    (slice_pair.lesions_dir / "p_1.png").unlink()
+    Image.fromarray(np.where(soft > 127, 255, 0).astype(np.uint8)).save(slice_pair.lesions_dir / "p_1.jpg", quality=70)
+    [case] = read_all(slice_pair)
+    assert case.lesion[1][:, :4].sum() <= 2 and case.lesion[1][:, 4:].sum() >= 16
 
 
 def test_truncated_png_names_the_file(slice_pair):
@@ -445,5 +484,5 @@ def test_slice_image_without_mask_and_jpeg_mask(slice_pair):
     with pytest.raises(DomgenError, match=r"p_1\.png has no lesion mask"):
         read_all(slice_pair)
     Image.fromarray(np.zeros((6, 7), np.uint8)).save(slice_pair.lesions_dir / "p_1.jpg")
-    with pytest.raises(DomgenError, match=r"p_1\.jpg is a JPEG"):
+    with pytest.raises(DomgenError, match=r"p_1\.jpg is a JPEG.*mask_threshold"):
         read_all(slice_pair)

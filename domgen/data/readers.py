@@ -1,8 +1,9 @@
-"""Readers and writers for the three on-disk layouts of a suite (see /work/notes/HELPERS.md).
+"""Readers and writers for the three on-disk layouts of a suite (each dataset's entry: ``data_cards/README.md``).
 
 - ``nifti``:  ``root/<images>/<stem>.nii[.gz]`` + ``root/<lesions>/<stem>.nii[.gz]`` (+ lungs).
 - ``dicom``:  ``root/<images>/<patient folder>/*.dcm`` (one CT series) + ``root/<lesions>/<folder>.nii.gz``.
-- ``slices``: ``root/<images>/<stem>.png|jpg`` + ``root/<lesions>/<stem>.png`` (+ lungs), 8-bit.
+- ``slices``: ``root/<images>/<stem>.png|jpg`` + ``root/<lesions>/<stem>.png`` (+ lungs), 8-bit; slices of one
+  patient may differ in size; with ``mask_threshold`` masks may be soft (0..255) or JPEG.
 
 NIfTI arrays are (X, Y, Z); a :class:`Case` holds (Z, Y, X) so a slice's rows are Y and columns X, and
 its in-plane spacing is (zooms[1], zooms[0]). Every problem with the files is a :class:`DomgenError`
@@ -160,12 +161,14 @@ def _find_slices(spec: DatasetSpec) -> dict[str, PatientFiles]:
     _require_folder(spec, spec.images_dir, "images", "images")
     images = _files_by_stem(spec.images_dir, SLICE_IMAGE_SUFFIXES)
     _require_some(spec, images)
+    # lossy (JPEG) masks are read only when a mask_threshold says how to binarise them
+    mask_suffixes = (MASK_SUFFIX,) if spec.mask_threshold is None else SLICE_IMAGE_SUFFIXES
     _require_png_masks(spec, images, spec.lesions_dir)
-    lesions = _pair_masks(spec, images, spec.lesions_dir, "lesions", (MASK_SUFFIX,), "lesion mask")
+    lesions = _pair_masks(spec, images, spec.lesions_dir, "lesions", mask_suffixes, "lesion mask")
     lungs = None
     if spec.lungs_dir is not None:
         _require_png_masks(spec, images, spec.lungs_dir)
-        lungs = _pair_masks(spec, images, spec.lungs_dir, "lungs", (MASK_SUFFIX,), "lung mask")
+        lungs = _pair_masks(spec, images, spec.lungs_dir, "lungs", mask_suffixes, "lung mask")
     patients: dict[str, PatientFiles] = {}
     for stem, image in images.items():
         match = _match_patient(spec, stem, image)
@@ -192,12 +195,13 @@ def _find_slices(spec: DatasetSpec) -> dict[str, PatientFiles]:
 
 
 def _require_png_masks(spec: DatasetSpec, images: dict[str, Path], folder: Path) -> None:
-    if not folder.is_dir():
+    if not folder.is_dir() or spec.mask_threshold is not None:
         return
     lossy = _files_by_stem(folder, (".jpg", ".jpeg"))
     for stem, path in lossy.items():
         if stem in images:
-            raise DomgenError(f"mask {path} is a JPEG; masks must be lossless PNG files, convert it to {stem}.png")
+            raise DomgenError(f"mask {path} is a JPEG; convert it to a lossless {stem}.png, or set `mask_threshold: 127` "
+                              f"(value > 127 is lesion) in {spec.where} to binarise lossy masks")
 
 
 def _require_some(spec: DatasetSpec, found: dict[str, Path]) -> None:
@@ -283,6 +287,9 @@ def lesion_mask(data: np.ndarray, path: Path, spec: DatasetSpec) -> np.ndarray:
     """A lesion mask as uint8 class values, checked against ``{0} | lesion_labels``; ``ignore_labels`` become 0."""
     if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
         raise DomgenError(f"lesion mask {path} contains NaN or infinite values; fix or re-export the mask")
+    if spec.mask_threshold is not None:
+        # a soft or lossy mask: binarise; ignore_labels cannot be told apart from lesion after a threshold
+        return (np.asarray(data) > spec.mask_threshold).astype(np.uint8) * np.uint8(min(spec.lesion_labels))
     values, rounded = _integer_values(data)
     if spec.ignore_labels:
         rounded = np.where(np.isin(rounded, spec.ignore_labels), 0, rounded)
@@ -291,18 +298,25 @@ def lesion_mask(data: np.ndarray, path: Path, spec: DatasetSpec) -> np.ndarray:
     bad = [v for v in values.tolist() if float(v) != round(float(v)) or int(round(float(v))) not in allowed]
     if bad:
         shown = ", ".join(f"{v:g}" for v in bad[:8]) + (" ..." if len(bad) > 8 else "")
+        soft = len(values) > len(allowed) + 2
         raise DomgenError(
             f"lesion mask {path} holds value(s) {shown} outside the allowed {sorted(allowed)}; fix the mask "
             f"or 'lesion_labels' in {spec.where}"
+            + ("; if it is a soft mask (a probability map) set `mask_threshold: 127` there (value > 127 is lesion)" if soft else "")
         )
     return rounded.astype(np.uint8)
 
 
-def lung_mask(data: np.ndarray, path: Path) -> np.ndarray:
-    """A binary lung mask; left/right lung labels (lungmask's 1/2) are merged."""
+def lung_mask(data: np.ndarray, path: Path, threshold: float | None = None) -> np.ndarray:
+    """A binary lung mask; left/right lung labels (lungmask's 1/2) are merged; ``threshold`` binarises soft masks."""
     if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
         raise DomgenError(f"lung mask {path} contains NaN or infinite values; fix or re-export the mask")
-    return (np.asarray(data) > 0).astype(np.uint8)
+    return (np.asarray(data) > (0 if threshold is None else threshold)).astype(np.uint8)
+
+
+def _mask_notes(spec: DatasetSpec, raw_values: set) -> dict:
+    """What `data check` reports about a case's masks: how many distinct raw values, and the threshold applied."""
+    return {"mask_values": len(raw_values), "mask_threshold": spec.mask_threshold}
 
 
 def _same_shape(image: np.ndarray, image_path: Path, mask: np.ndarray, mask_path: Path) -> None:
@@ -319,17 +333,19 @@ def _spacing(spec: DatasetSpec, found: tuple[float, float]) -> tuple[float, floa
 
 def _masks_from_nifti(
     spec: DatasetSpec, files: PatientFiles, image: np.ndarray
-) -> tuple[np.ndarray, np.ndarray | None]:
+) -> tuple[np.ndarray, np.ndarray | None, dict]:
     assert files.lesion is not None
     lesion_data, _ = load_nifti(files.lesion)
+    # distinct raw values, for `data check` (a soft mask has many); a sample keeps this cheap on big volumes
+    raw_values = set(np.unique(np.asarray(lesion_data).ravel()[:: max(1, np.asarray(lesion_data).size // 2_000_000)]).tolist())
     lesion = _to_zyx(lesion_mask(lesion_data, files.lesion, spec))
     _same_shape(image, files.image, lesion, files.lesion)
     lung = None
     if files.lung is not None:
         lung_data, _ = load_nifti(files.lung)
-        lung = _to_zyx(lung_mask(lung_data, files.lung))
+        lung = _to_zyx(lung_mask(lung_data, files.lung, spec.mask_threshold))
         _same_shape(image, files.image, lung, files.lung)
-    return lesion, lung
+    return lesion, lung, _mask_notes(spec, raw_values)
 
 
 def _source_files(files: PatientFiles) -> tuple[str, ...]:
@@ -339,7 +355,7 @@ def _source_files(files: PatientFiles) -> tuple[str, ...]:
 def read_nifti_case(spec: DatasetSpec, files: PatientFiles) -> Case:
     data, zooms = load_nifti(files.image)
     image = _to_zyx(_finite_image(data, files.image))
-    lesion, lung = _masks_from_nifti(spec, files, image)
+    lesion, lung, notes = _masks_from_nifti(spec, files, image)
     return Case(
         patient_id=files.patient_id,
         dataset=spec.name,
@@ -350,6 +366,7 @@ def read_nifti_case(spec: DatasetSpec, files: PatientFiles) -> Case:
         lung=lung,
         lesion_classes=dict(spec.lesion_labels),
         source_files=_source_files(files),
+        notes=notes,
     )
 
 
@@ -449,7 +466,7 @@ def read_dicom_series(folder: Path, spec: DatasetSpec | None = None) -> tuple[np
 
 def read_dicom_case(spec: DatasetSpec, files: PatientFiles) -> Case:
     image, spacing, paths = read_dicom_series(files.image, spec)
-    lesion, lung = _masks_from_nifti(spec, files, image)
+    lesion, lung, notes = _masks_from_nifti(spec, files, image)
     return Case(
         patient_id=files.patient_id,
         dataset=spec.name,
@@ -460,6 +477,7 @@ def read_dicom_case(spec: DatasetSpec, files: PatientFiles) -> Case:
         lung=lung,
         lesion_classes=dict(spec.lesion_labels),
         source_files=tuple(str(p) for p in paths) + _source_files(files)[1:],
+        notes=notes,
     )
 
 
@@ -483,7 +501,7 @@ def _read_picture(path: Path, is_mask: bool) -> np.ndarray:
 
 
 def _slice_lesion(data: np.ndarray, path: Path, spec: DatasetSpec) -> np.ndarray:
-    if spec.mask_scale == "auto":
+    if spec.mask_scale == "auto" and spec.mask_threshold is None:
         values = np.unique(data)
         # A {0, 255} picture is a binary mask saved for viewing, not class 255.
         if values.size and values.max() == 255 and set(values.tolist()) <= {0, 255}:
@@ -492,42 +510,67 @@ def _slice_lesion(data: np.ndarray, path: Path, spec: DatasetSpec) -> np.ndarray
 
 
 def read_slice_case(spec: DatasetSpec, files: PatientFiles) -> Case:
+    """One patient of a ``slices`` dataset. Slices may differ in size (collections cropped slice by slice):
+    then the case keeps a list of slices (``Case.ragged``) instead of one stacked volume."""
     images, lesions, lungs = [], [], []
-    first: SliceFiles | None = None
+    raw_values: set = set()
     for s in files.slices:
         image = _finite_image(_read_picture(s.image, is_mask=False), s.image)
         if image.ndim != 2:
             raise DomgenError(f"{s.image} has shape {image.shape}; expected a single-channel 2-D slice")
-        if first is None:
-            first = s
-        elif image.shape != images[0].shape:
-            raise DomgenError(
-                f"slice {s.image} is {image.shape[0]}x{image.shape[1]} but {first.image.name} of the same patient "
-                f"is {images[0].shape[0]}x{images[0].shape[1]}; all slices of a patient must have one size"
-            )
-        lesion = _slice_lesion(_read_picture(s.lesion, is_mask=True), s.lesion, spec)
+        raw = _read_picture(s.lesion, is_mask=True)
+        raw_values.update(np.unique(raw).tolist())
+        lesion = _slice_lesion(raw, s.lesion, spec)
         _same_shape(image, s.image, lesion, s.lesion)
         images.append(image)
         lesions.append(lesion)
         if s.lung is not None:
-            lung = lung_mask(_read_picture(s.lung, is_mask=True), s.lung)
+            lung = lung_mask(_read_picture(s.lung, is_mask=True), s.lung, spec.mask_threshold)
             _same_shape(image, s.image, lung, s.lung)
             lungs.append(lung)
     numbered = all(s.number is not None for s in files.slices)
     slice_index = np.array([s.number for s in files.slices]) if numbered else np.arange(len(files.slices))
     sources = [str(p) for s in files.slices for p in (s.image, s.lesion, s.lung) if p is not None]
+    one_size = len({a.shape for a in images}) == 1
+    stack = np.stack if one_size else list
     return Case(
         patient_id=files.patient_id,
         dataset=spec.name,
-        image=np.stack(images),
-        lesion=np.stack(lesions),
+        image=stack(images),
+        lesion=stack(lesions),
         spacing=_spacing(spec, (1.0, 1.0)),
         intensity=spec.intensity,
-        lung=np.stack(lungs) if lungs else None,
+        lung=stack(lungs) if lungs else None,
         slice_index=slice_index,
         lesion_classes=dict(spec.lesion_labels),
         source_files=tuple(sources),
+        notes=_mask_notes(spec, raw_values),
     )
+
+
+def resize_case(case: Case, size: tuple[int, int]) -> Case:
+    """The case at the working matrix ``size`` (suite key ``resize_to``): images bilinear with anti-aliasing, masks
+    nearest neighbour, in-plane spacing scaled so physical distances (NSD, HD95) stay true."""
+    from skimage.transform import resize
+
+    rows, cols = int(size[0]), int(size[1])
+
+    def image_slice(a):
+        return resize(np.asarray(a, dtype=np.float32), (rows, cols), order=1, mode="edge", anti_aliasing=True,
+                      preserve_range=True).astype(np.float32)
+
+    def mask_slice(a):
+        return np.rint(resize(a, (rows, cols), order=0, mode="edge", anti_aliasing=False, preserve_range=True)).astype(a.dtype)
+
+    shapes = case.slice_shapes()
+    image = np.stack([image_slice(a) for a in case.image]) if shapes else np.zeros((0, rows, cols), np.float32)
+    lesion = np.stack([mask_slice(np.asarray(a)) for a in case.lesion]) if shapes else np.zeros((0, rows, cols), np.uint8)
+    lung = None if case.lung is None else np.stack([mask_slice(np.asarray(a)) for a in case.lung])
+    # per-slice sizes may differ; the spacing of the first slice is scaled (all slices of a case share one spacing)
+    h, w = shapes[0] if shapes else (rows, cols)
+    spacing = (case.spacing[0] * h / rows, case.spacing[1] * w / cols)
+    return Case(case.patient_id, case.dataset, image, lesion, spacing, case.slice_spacing, case.intensity, lung,
+                case.slice_index, dict(case.lesion_classes), case.source_files, {**case.notes, "resized_from": sorted(set(shapes))})
 
 
 # ---- datasets

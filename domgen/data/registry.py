@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from domgen.data.case import HU, Case, IntensitySpace
@@ -23,7 +24,7 @@ BUILTIN_SUITES = Path(__file__).resolve().parent.parent / "suites"
 _REQUIRED_KEYS = ("format", "root")
 _KNOWN_KEYS = {
     "format", "root", "images", "lesions", "lungs", "intensity", "patient_id", "lesion_labels",
-    "lesion_kind", "spacing", "mask_scale", "description", "ignore_labels",
+    "lesion_kind", "spacing", "mask_scale", "description", "ignore_labels", "mask_threshold", "resize_to",
 }
 
 
@@ -44,6 +45,11 @@ class DatasetSpec:
     lesion_kind: str = "covid"
     spacing: tuple[float, float] | None = None
     mask_scale: str = "auto"
+    # soft or lossy masks (probability maps, JPEG): a value > mask_threshold is lesion / lung; None: masks must be exact labels
+    mask_threshold: float | None = None
+    # the dataset's working matrix (rows, cols): every slice is resized to it when read (Enshaei et al. resized
+    # Dataset C from 630 to 512); None keeps each slice's own size
+    resize_to: tuple[int, int] | None = None
     description: str = ""
     suite_file: Path | None = None
 
@@ -187,6 +193,8 @@ def _parse_dataset(name: str, entry: object, suite_file: Path) -> DatasetSpec:
         lesion_kind=lesion_kind,
         spacing=_parse_spacing(entry.get("spacing"), where),
         mask_scale=mask_scale,
+        mask_threshold=_parse_mask_threshold(entry.get("mask_threshold"), entry, where),
+        resize_to=_parse_resize_to(entry.get("resize_to"), where),
         description=str(entry.get("description") or ""),
         suite_file=suite_file,
     )
@@ -241,6 +249,29 @@ def _parse_ignore_labels(value: object, where: str) -> tuple[int, ...]:
     return tuple(value)
 
 
+def _parse_mask_threshold(value: object, entry: dict, where: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
+        raise DomgenError(f"{where}: 'mask_threshold' must be a non-negative number (e.g. 127 for 0..255 masks, 0.5 for "
+                          f"0..1 probability maps), not {value!r}")
+    labels = entry.get("lesion_labels")
+    if isinstance(labels, dict) and len(labels) > 1:
+        raise DomgenError(f"{where}: 'mask_threshold' binarises the masks, so 'lesion_labels' can name only one class; "
+                          "drop one of the two keys")
+    return float(value)
+
+
+def _parse_resize_to(value: object, where: str) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    sizes = [value, value] if isinstance(value, int) and not isinstance(value, bool) else value
+    if (not isinstance(sizes, list) or len(sizes) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and 8 <= v <= 4096 for v in sizes)):
+        raise DomgenError(f"{where}: 'resize_to' must be a matrix size in pixels, 8..4096 (e.g. 512) or [rows, cols], not {value!r}")
+    return (int(sizes[0]), int(sizes[1]))
+
+
 def _parse_spacing(value: object, where: str) -> tuple[float, float] | None:
     if value is None:
         return None
@@ -257,7 +288,7 @@ def load_cases(spec: DatasetSpec, patient_ids: list[str] | None = None, progress
     """Read a dataset's cases (all, or only ``patient_ids``), sorted by patient id."""
     from tqdm import tqdm
 
-    from domgen.data.readers import READERS, list_patient_ids
+    from domgen.data.readers import READERS, list_patient_ids, resize_case
 
     known = list_patient_ids(spec)
     wanted = None if patient_ids is None else list(dict.fromkeys(str(p) for p in patient_ids))
@@ -268,6 +299,8 @@ def load_cases(spec: DatasetSpec, patient_ids: list[str] | None = None, progress
                 f"patient(s) {', '.join(missing)} not found in {spec.where}; check the patient ids"
             )
     cases = READERS[spec.format](spec, patient_ids=wanted)
+    if spec.resize_to is not None:
+        cases = (resize_case(case, spec.resize_to) for case in cases)
     if progress:
         total = len(wanted) if wanted is not None else len(known)
         cases = tqdm(cases, total=total, desc=f"reading {spec.name}", unit="patient")

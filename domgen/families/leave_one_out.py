@@ -1,18 +1,24 @@
-"""Cross-dataset generalisation enhancement (Enshaei et al.): the leave-one-out round.
+"""Cross-dataset generalisation enhancement (Enshaei et al.): the leave-one-out experiment.
 
-Train on one source dataset (per fold: a patient-wise 60/10/30 split with its own seed), choose the
-cut-off on the in-domain test set, evaluate every unseen dataset, rank its slices by the Certainty
-Index, retrain on the most certain ones with their predicted masks, evaluate again.
+A round trains on one source dataset (per fold of a patient-wise k-fold: every source patient is tested
+exactly once), chooses the cut-off on the in-domain test set, evaluates every unseen dataset, ranks its
+slices by the Certainty Index, retrains on the most certain ones with their predicted masks, and
+evaluates again. The paper's experiment is three rounds, each dataset the source in turn
+(``--source A,B,C``); its Table III averages them.
 
-MLflow: a parent run per round; child runs per fold x (in-domain | target) x phase, each found again
-by the hash of its config, so an interrupted round resumes where it stopped.
+MLflow: with several sources, one experiment run whose tag ``domgen.rounds`` lists the round runs; a run
+per round; child runs per fold x (in-domain | target) x phase, each found again by the hash of its
+config (and of the contents of the files it reads), so an interrupted experiment resumes where it stopped.
 """
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from domgen.config import config_hash
@@ -20,10 +26,10 @@ from domgen.data.registry import load_cases, load_suite
 from domgen.errors import DomgenError
 from domgen.evaluation.cutoff import DEFAULT_CANDIDATES, best_cutoff
 from domgen.evaluation.evaluate import EvaluationSettings, evaluate
-from domgen.methods.pseudolabel import PseudoLabelSettings, ci_dice_spearman, ci_ranking, enhance
+from domgen.methods.pseudolabel import PseudoLabelSettings, ci_dice_spearman, ci_ranking, enhance, indomain_ci_limit
 from domgen.models import build_model
 from domgen.preprocessing.slices import SlicePreprocessing, SliceSet, prepare_slices
-from domgen.preprocessing.splits import read_splits, train_val_test_split, write_splits
+from domgen.preprocessing.splits import kfold_splits, read_splits, train_val_test_split, write_splits
 from domgen.tracking import mlflow_store as store
 from domgen.tracking.artifacts import load_checkpoint, log_evaluation_artifacts, save_checkpoint
 from domgen.tracking.report import leave_one_out_tables, log_tables
@@ -32,6 +38,7 @@ from domgen.training.trainer import TrainSettings, predict_model_size, seed_ever
 FAMILY = "leave-one-out"
 EXPERIMENT = "domgen-leave-one-out"
 CHECKPOINT = "model/checkpoint.pt"
+SPLIT_PROTOCOLS = ("kfold", "repeated-holdout")
 
 
 @dataclass
@@ -52,34 +59,100 @@ class Round:
     pretrained: object = None  # the init_run / init_checkpoint model, loaded once; None: a fresh model per fold
 
 
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file's contents: an edited splits file or checkpoint at the same path is a new input."""
+    path = Path(path)
+    if not path.is_file():
+        raise DomgenError(f"{path} does not exist; check the path")
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def covid_names(suite) -> list[str]:
+    return [n for n, spec in suite.datasets.items() if spec.lesion_kind == "covid"]
+
+
+def source_names(suite, cfg: dict) -> list[str]:
+    """``source``: one dataset, a comma list (``A,B,C``) or ``all`` (every COVID dataset of the suite)."""
+    value = cfg["source"]
+    if isinstance(value, str) and value.strip() == "all":
+        return covid_names(suite)
+    names = [t.strip() for t in (value.split(",") if isinstance(value, str) else value) if str(t).strip()]
+    if not names:
+        raise DomgenError("--source is empty; give a dataset name, a comma list such as A,B,C, or all")
+    if len(set(names)) != len(names):
+        raise DomgenError(f"--source {','.join(names)} names a dataset twice; give each source once")
+    for name in names:
+        suite.get(name)
+    return names
+
+
 def target_names(suite, cfg: dict) -> list[str]:
+    """The unseen datasets of a round whose ``source`` is one dataset."""
     if cfg.get("targets"):
         names = [t.strip() for t in (cfg["targets"].split(",") if isinstance(cfg["targets"], str) else cfg["targets"])]
         for name in names:
             suite.get(name)
-        if cfg["source"] in names:
-            raise DomgenError(f"--targets includes the source {cfg['source']}; the in-domain test set is evaluated anyway")
-        return names
-    return [n for n, spec in suite.datasets.items() if n != cfg["source"] and spec.lesion_kind == "covid"]
+        return [n for n in names if n != cfg["source"]]
+    return [n for n in covid_names(suite) if n != cfg["source"]]
+
+
+def round_config(cfg: dict, suite, source: str) -> dict:
+    """The config of the round with ``source``: the same whether it runs alone or as one of several rounds."""
+    out = copy.deepcopy(cfg)
+    out["source"] = source
+    out["targets"] = target_names(suite, out)
+    if cfg.get("targets") and not out["targets"]:
+        raise DomgenError(f"--targets {cfg['targets']} leaves no unseen dataset for source {source}; name another target")
+    return out
 
 
 def prepare_dataset(suite, name: str, pre: SlicePreprocessing, progress: bool) -> SliceSet:
     cases = load_cases(suite.get(name), progress=progress)
     if not cases:
         raise DomgenError(f"dataset {name} of suite {suite.path} has no cases; run `domgen data check {name}`")
-    return prepare_slices(cases, pre)
+    slices = prepare_slices(cases, pre)
+    if not len(slices):
+        raise DomgenError(f"every slice of dataset {name} was dropped by preprocessing.keep_slices={pre.keep_slices} "
+                          f"(lung-mask provider {pre.lung_mask} found no lung?); run `domgen data check {name}` and use "
+                          "--set preprocessing.keep_slices=all or another --lung-mask")
+    return slices
 
 
-def fold_splits(cfg: dict, patients: list[str]) -> list[dict]:
+def _check_split_patients(cfg: dict, folds: list[dict], source: SliceSet) -> None:
+    """A splits file may name only patients of the source, and none whose slices were all dropped."""
+    per_patient = source.report.get("per_patient", {})
+    named = sorted({p for f in folds for part in ("train", "val", "test") for p in f[part]})
+    unknown = [p for p in named if p not in per_patient]
+    if unknown:
+        raise DomgenError(f"splits file {cfg['splits_file']} names patients not in {cfg['source']} (e.g. {unknown[0]}); fix the file")
+    emptied = [p for p in named if per_patient[p][0] == 0]
+    if emptied:
+        raise DomgenError(f"splits file {cfg['splits_file']} names patient {emptied[0]} of {cfg['source']}, but all its slices were "
+                          f"dropped by preprocessing.keep_slices={source.report.get('rule')}; use --set preprocessing.keep_slices=all, "
+                          "another --lung-mask, or remove the patient from the file")
+
+
+def fold_splits(cfg: dict, source: SliceSet) -> list[dict]:
+    """The folds of a round: a splits file, k-fold (each patient tested once) or repeated hold-out."""
     if cfg.get("splits_file"):
         folds = read_splits(Path(cfg["splits_file"]))["folds"]
-        unknown = sorted({p for f in folds for part in ("train", "val", "test") for p in f[part]} - set(patients))
-        if unknown:
-            raise DomgenError(f"splits file {cfg['splits_file']} names patients not in {cfg['source']} (e.g. {unknown[0]}); fix the file")
+        _check_split_patients(cfg, folds, source)
         return folds
-    fractions = tuple(cfg["split"][k] for k in ("train", "val", "test"))
-    # one patient-wise 60/10/30 split per fold, each with its own seed (Enshaei et al.)
-    return [{"fold": k, **train_val_test_split(patients, fractions, seed=cfg["seed"] + k)} for k in range(cfg["folds"])]
+    patients = source.patients()
+    split = cfg["split"]
+    protocol = split.get("protocol", "kfold")
+    if protocol == "kfold":
+        # every source patient in exactly one test fold (1/k); validation carved from the rest in the train:val proportion
+        return kfold_splits(patients, cfg["folds"], seed=cfg["seed"], val_fraction=split["val"] / (split["train"] + split["val"]))
+    if protocol == "repeated-holdout":
+        fractions = tuple(split[k] for k in ("train", "val", "test"))
+        # independent patient-wise 60/10/30 splits, one per fold with seed + fold (domgen < 0.2's scheme)
+        return [{"fold": k, **train_val_test_split(patients, fractions, seed=cfg["seed"] + k)} for k in range(cfg["folds"])]
+    raise DomgenError(f"split.protocol {protocol!r} is unknown; use one of {', '.join(SPLIT_PROTOCOLS)}")
 
 
 def child_hash(cfg: dict, **identity) -> str:
@@ -105,14 +178,14 @@ def initial_model(cfg: dict):
 
 
 def train_fold(r: Round, fold: dict):
-    """Train (or find) the fold's source model; returns (model, cutoff)."""
+    """Train (or find) the fold's source model; returns (model, cutoff, in-domain CI limit)."""
     k = fold["fold"]
     h = child_hash(r.cfg, fold=k, phase="baseline", target=r.cfg["source"])
     done = store.find_run(r.exp_id, h)
     with store.artifact_dir() as tmp:
         if done is not None:
             model, ckpt = _model_of(done.info.run_id, tmp)
-            return model, float(ckpt["cutoff"])
+            return model, float(ckpt["cutoff"]), float(ckpt.get("ci_limit_indomain", float("nan")))
         tags = store.tags(family=FAMILY, source=r.cfg["source"], target=r.cfg["source"], fold=k, phase="baseline",
                           config_hash=h, role="in-domain")
         with store.tracked_run(r.exp_id, f"fold {k} | {r.cfg['source']} in-domain", r.cfg, tags, r.parent_id) as run:
@@ -125,90 +198,164 @@ def train_fold(r: Round, fold: dict):
             probs = to_original_size(predict_model_size(result.model, test, device=settings.device), test)
             cutoff = best_cutoff(probs, test.truths, r.cfg["evaluation"].get("cutoff_candidates") or DEFAULT_CANDIDATES)
             summary, per_slice = evaluate(probs, test, cutoff, r.eval_settings)
-            store.log_metrics(run.info.run_id, {**summary, "cutoff": cutoff, "best_epoch": result.best_epoch,
-                                                "epochs_run": result.epochs_run, "seconds_per_epoch": result.seconds_per_epoch})
             ranking = ci_ranking(probs, test, cutoff, r.pl_settings.selection)
-            store.log_metrics(run.info.run_id, {"ci_dsc_spearman": ci_dice_spearman(ranking, r.pl_settings.min_pixels)})
+            limit = indomain_ci_limit(ranking, r.pl_settings.ci_quantile)
+            store.log_metrics(run.info.run_id, {**summary, "cutoff": cutoff, "best_epoch": result.best_epoch,
+                                                "epochs_run": result.epochs_run, "seconds_per_epoch": result.seconds_per_epoch,
+                                                "ci_dsc_spearman": ci_dice_spearman(ranking), "ci_limit_indomain": limit})
             log_evaluation_artifacts(run.info.run_id, probs, test, cutoff, per_slice, ranking, tmp)
             store.log_artifact_file(run.info.run_id, save_checkpoint(tmp / "checkpoint.pt", result.model, r.cfg["model"], cutoff=cutoff,
-                                                                     config=r.cfg, fold=fold), "model")
-        return result.model, cutoff
+                                                                     config=r.cfg, fold=fold, ci_limit_indomain=limit), "model")
+        return result.model, cutoff, limit
 
 
-def evaluate_target(r: Round, fold: dict, name: str, model, cutoff: float) -> None:
-    """Baseline on one unseen target: metrics, CI ranking, CI-DSC Spearman."""
+def selection_counts(ranking: pd.DataFrame, settings: PseudoLabelSettings, limit: float) -> dict[str, float]:
+    """How many slices each label-free rule would select (printed per target so a researcher can compare)."""
+    ok = ranking[ranking.eligible]
+    out = {"n_slices_ranked": float(len(ok)), "n_selected": float(ranking.selected.sum()),
+           "n_selected_ci_fixed": float((ok.ci >= settings.ci_min).sum())}
+    if np.isfinite(limit):
+        out["n_selected_ci_indomain"] = float((ok.ci >= limit).sum())
+        out["ci_limit_indomain"] = limit
+    if settings.top_fraction is not None:
+        out["n_selected_top_fraction"] = float(min(len(ok), int(np.ceil(settings.top_fraction * len(ok)))))
+    return out
+
+
+def evaluate_target(r: Round, fold: dict, name: str, model, cutoff: float, limit: float, start: str | None = None) -> None:
+    """Baseline on one unseen target: metrics, CI ranking, CI-DSC Spearman, what each selection rule picks.
+
+    ``start`` identifies the model when it is not the round's own fold model (``domgen pseudolabel``)."""
     k = fold["fold"]
-    h = child_hash(r.cfg, fold=k, phase="baseline", target=name)
+    h = child_hash(r.cfg, fold=k, phase="baseline", target=name, **({"start": start} if start else {}))
     if store.find_run(r.exp_id, h) is not None:
         return
     slices = r.targets[name]
+    settings = r.pl_settings.with_ci_limit(limit)
     tags = store.tags(family=FAMILY, source=r.cfg["source"], target=name, fold=k, phase="baseline", config_hash=h, role="unseen")
     with store.tracked_run(r.exp_id, f"fold {k} | {name} baseline", r.cfg, tags, r.parent_id) as run, store.artifact_dir() as tmp:
         probs = to_original_size(predict_model_size(model, slices, device=r.cfg["device"], progress=r.progress,
                                                     desc=f"fold {k} predict {name}"), slices)
         summary, per_slice = evaluate(probs, slices, cutoff, r.eval_settings)
-        ranking = ci_ranking(probs, slices, cutoff, r.pl_settings.selection)
-        store.log_metrics(run.info.run_id, {**summary, "cutoff": cutoff, "ci_dsc_spearman": ci_dice_spearman(ranking, r.pl_settings.min_pixels),
-                                            "n_selected": float(ranking.selected.sum())})
+        ranking = ci_ranking(probs, slices, cutoff, settings.selection)
+        store.log_metrics(run.info.run_id, {**summary, "cutoff": cutoff, "ci_min_used": settings.ci_min,
+                                            "ci_dsc_spearman": ci_dice_spearman(ranking), **selection_counts(ranking, r.pl_settings, limit)})
         log_evaluation_artifacts(run.info.run_id, probs, slices, cutoff, per_slice, ranking, tmp)
 
 
-def enhance_target(r: Round, fold: dict, name: str, model, cutoff: float) -> None:
-    """Retrain on the target's most certain slices, evaluate on the target (and the in-domain test)."""
+def enhance_target(r: Round, fold: dict, name: str, model, cutoff: float, limit: float, start: str | None = None) -> None:
+    """Retrain on the target's most certain slices, evaluate on the target (and the in-domain test).
+
+    ``start`` identifies the starting model when it is not the round's own fold model (``domgen pseudolabel``)."""
     k = fold["fold"]
-    h = child_hash(r.cfg, fold=k, phase="enhanced", target=name)
+    h = child_hash(r.cfg, fold=k, phase="enhanced", target=name, **({"start": start} if start else {}))
     if store.find_run(r.exp_id, h) is not None:
         return
     slices = r.targets[name]
+    pl = r.pl_settings.with_ci_limit(limit)
     tags = store.tags(family=FAMILY, source=r.cfg["source"], target=name, fold=k, phase="enhanced", config_hash=h, role="unseen")
     settings = TrainSettings.from_config(r.cfg["train"], seed=r.cfg["seed"] + k, device=r.cfg["device"])
     with store.tracked_run(r.exp_id, f"fold {k} | {name} enhanced", r.cfg, tags, r.parent_id) as run, store.artifact_dir() as tmp:
         model, rankings = enhance(copy.deepcopy(model), r.source.of_patients(fold["train"]), r.source.of_patients(fold["val"]),
-                                  slices, cutoff, r.pl_settings, settings, progress=r.progress, on_epoch=store.epoch_logger(run.info.run_id))
+                                  slices, cutoff, pl, settings, progress=r.progress, on_epoch=store.epoch_logger(run.info.run_id))
         probs = to_original_size(predict_model_size(model, slices, device=settings.device), slices)
         summary, per_slice = evaluate(probs, slices, cutoff, r.eval_settings)
         test = r.source.of_patients(fold["test"])
         indomain, _ = evaluate(to_original_size(predict_model_size(model, test, device=settings.device), test), test, cutoff,
                                EvaluationSettings(**{**r.eval_settings.__dict__, "surface": False}))
-        store.log_metrics(run.info.run_id, {**summary, "cutoff": cutoff, "n_pseudo_labels": float(sum(x.selected.sum() for x in rankings)),
+        n_pseudo = float(sum(x.selected.sum() for x in rankings))
+        store.log_metrics(run.info.run_id, {**summary, "cutoff": cutoff, "ci_min_used": pl.ci_min, "n_pseudo_labels": n_pseudo,
                                             **{f"indomain_{m}": indomain[m] for m in ("dsc", "sen", "spc")}})
-        ranking = pd.concat(rankings) if rankings else None
-        log_evaluation_artifacts(run.info.run_id, probs, slices, cutoff, per_slice, ranking, tmp)
+        if rankings:
+            # which slices became pseudo-labels, ranked by the model that chose them
+            pd.concat(rankings).to_csv(tmp / "pseudo_label_selection.csv", index=False)
+            store.log_artifact_file(run.info.run_id, tmp / "pseudo_label_selection.csv")
+        # overlays and ci_ranking.csv show the retrained model's own certainty beside its own contours
+        log_evaluation_artifacts(run.info.run_id, probs, slices, cutoff, per_slice, ci_ranking(probs, slices, cutoff, pl.selection), tmp)
         store.log_artifact_file(run.info.run_id, save_checkpoint(tmp / "checkpoint.pt", model, r.cfg["model"], cutoff=cutoff,
-                                                                 config=r.cfg, fold=fold), "model")
+                                                                 config=r.cfg, fold=fold, ci_limit_indomain=limit), "model")
 
 
-def run_leave_one_out(cfg: dict, progress: bool = True) -> str:
-    """Run (or resume) one round; returns the parent run id. Tables come from ``domgen.tracking.report``."""
+def slice_counts(prepared: dict[str, SliceSet]) -> dict[str, float]:
+    """MLflow metrics: slices kept and dropped by the keep_slices rule, per dataset."""
+    out = {}
+    for name, slices in prepared.items():
+        out[f"slices_kept.{name}"] = float(slices.report.get("kept", len(slices)))
+        out[f"slices_dropped.{name}"] = float(slices.report.get("dropped", 0))
+    return out
+
+
+def resolve_inputs(cfg: dict) -> dict:
+    """The config plus the digests of the files it reads, so an edited file at the same path is new work."""
+    out = copy.deepcopy(cfg)
+    digests = {key: file_digest(cfg[key]) for key in ("splits_file", "init_checkpoint") if cfg.get(key)}
+    if digests:
+        out["input_digests"] = digests
+    return out
+
+
+def run_round(cfg: dict, suite, prepared: dict[str, SliceSet], pre: SlicePreprocessing, progress: bool,
+              experiment_id: str | None = None) -> str:
+    """Run (or resume) the round of ``cfg['source']``; returns its run id."""
     exp_id, h, finished = store.round_lookup(EXPERIMENT, cfg)
     if finished:
         return finished
-    # every input is read and checked before any run exists, so a bad file leaves nothing behind
-    suite = load_suite(cfg["suite"])
-    suite.get(cfg["source"])
-    names = target_names(suite, cfg)
-    pre = SlicePreprocessing.from_config(cfg["preprocessing"])
-    source = prepare_dataset(suite, cfg["source"], pre, progress)
-    targets = {n: prepare_dataset(suite, n, pre, progress) for n in names}
-    splits = fold_splits(cfg, source.patients())
+    source = prepared[cfg["source"]]
+    splits = fold_splits(cfg, source)
     first = initial_model(cfg)  # fails early on missing weights / a bad init checkpoint
     pretrained = first if cfg.get("init_run") or cfg.get("init_checkpoint") else None
-    parent_id, _ = store.start_or_resume_run(exp_id, f"{FAMILY} {cfg['source']}", cfg,
-                                             store.tags(family=FAMILY, source=cfg["source"], config_hash=h, role="round"))
+    names = cfg["targets"]
+    tags = store.tags(family=FAMILY, source=cfg["source"], config_hash=h, role="round")
+    if experiment_id:
+        tags["mlflow.parentRunId"] = experiment_id
+    parent_id, _ = store.start_or_resume_run(exp_id, f"{FAMILY} {cfg['source']}", cfg, tags)
     with store.finishing(parent_id):
-        r = Round(cfg, exp_id, parent_id, source, targets, splits, pre,
+        store.log_metrics(parent_id, slice_counts({cfg["source"]: source, **{n: prepared[n] for n in names}}))
+        r = Round(cfg, exp_id, parent_id, source, {n: prepared[n] for n in names}, splits, pre,
                   TrainSettings.from_config(cfg["train"], seed=cfg["seed"], device=cfg["device"]),
                   EvaluationSettings.from_config(cfg["evaluation"]), PseudoLabelSettings.from_config(cfg["pseudolabel"]), progress,
                   pretrained)
         with store.artifact_dir() as tmp:
             write_splits(tmp / "splits.json", splits, {"dataset": cfg["source"], "suite": str(suite.path), "seed": cfg["seed"],
-                                                       "protocol": "patient-wise train/val/test per fold, seed + fold"})
+                                                       "protocol": "splits file" if cfg.get("splits_file") else cfg["split"].get("protocol", "kfold")})
             store.log_artifact_file(parent_id, tmp / "splits.json")
         for fold in splits:
-            model, cutoff = train_fold(r, fold)
+            model, cutoff, limit = train_fold(r, fold)
             for name in names:
-                evaluate_target(r, fold, name, model, cutoff)
-                enhance_target(r, fold, name, model, cutoff)
+                evaluate_target(r, fold, name, model, cutoff, limit)
+                enhance_target(r, fold, name, model, cutoff, limit)
+        log_tables(parent_id, leave_one_out_tables(parent_id))
+    return parent_id
+
+
+def run_leave_one_out(cfg: dict, progress: bool = True) -> str:
+    """Run (or resume) the experiment: one round per source. Returns the run whose tables to print: the round's
+    run for one source, the experiment run (rounds listed in its tag ``domgen.rounds``) for several."""
+    cfg = resolve_inputs(cfg)
+    # every input is read and checked before any run exists, so a bad file leaves nothing behind
+    suite = load_suite(cfg["suite"])
+    sources = source_names(suite, cfg)
+    if len(sources) > 1 and cfg.get("splits_file"):
+        raise DomgenError("a splits file describes the folds of one source; use --splits-file (or splits_file) with a single --source")
+    rounds = [round_config(cfg, suite, s) for s in sources]
+    pre = SlicePreprocessing.from_config(cfg["preprocessing"])
+    needed = list(dict.fromkeys(n for rc in rounds for n in [rc["source"], *rc["targets"]]))
+    prepared = {n: prepare_dataset(suite, n, pre, progress) for n in needed}
+    for rc in rounds:
+        if rc.get("splits_file"):
+            _check_split_patients(rc, read_splits(Path(rc["splits_file"]))["folds"], prepared[rc["source"]])
+    if len(rounds) == 1:
+        return run_round(rounds[0], suite, prepared, pre, progress)
+    exp_id, h, finished = store.round_lookup(EXPERIMENT, cfg)
+    if finished:
+        return finished
+    parent_id, _ = store.start_or_resume_run(exp_id, f"{FAMILY} {','.join(sources)}", cfg,
+                                             store.tags(family=FAMILY, source=",".join(sources), config_hash=h, role="experiment"))
+    with store.finishing(parent_id):
+        round_ids = []
+        for rc in rounds:
+            round_ids.append(run_round(rc, suite, prepared, pre, progress, experiment_id=parent_id))
+            store.set_tag(parent_id, "domgen.rounds", json.dumps(round_ids))
         log_tables(parent_id, leave_one_out_tables(parent_id))
     return parent_id
 
@@ -224,7 +371,10 @@ def checkpoint_of_run(run_id: str, dest: Path) -> Path:
 
 def run_pseudolabel(checkpoint: Path, target: str, pseudolabel: dict, suite: str | None = None, device: str | None = None,
                     progress: bool = True) -> dict[str, dict[str, float]]:
-    """The select-retrain-evaluate step on its own, from a fold checkpoint; returns before/after metrics."""
+    """The select-retrain-evaluate step on its own, from a fold checkpoint; returns before/after metrics.
+
+    The runs are identified by the checkpoint's contents as well as the config, so another starting model
+    with the same config is new work, not a cached result."""
     _, ckpt = load_checkpoint(checkpoint)
     if "config" not in ckpt or "fold" not in ckpt:
         raise DomgenError(f"checkpoint {checkpoint} does not record its config and fold; use a checkpoint written by `domgen leave-one-out`")
@@ -232,19 +382,22 @@ def run_pseudolabel(checkpoint: Path, target: str, pseudolabel: dict, suite: str
     cfg["pseudolabel"] = {**cfg["pseudolabel"], **{k: v for k, v in pseudolabel.items() if v is not None}}
     cfg["suite"] = suite or cfg["suite"]
     cfg["device"] = device or cfg["device"]
+    start = file_digest(checkpoint)
     fold = ckpt["fold"]
     exp_id = store.experiment_id(EXPERIMENT)
     loaded = load_suite(cfg["suite"])
+    loaded.get(target)
     pre = SlicePreprocessing.from_config(cfg["preprocessing"])
     r = Round(cfg, exp_id, None, prepare_dataset(loaded, cfg["source"], pre, progress), {target: prepare_dataset(loaded, target, pre, progress)},
               [fold], pre, TrainSettings.from_config(cfg["train"], seed=cfg["seed"], device=cfg["device"]),
               EvaluationSettings.from_config(cfg["evaluation"]), PseudoLabelSettings.from_config(cfg["pseudolabel"]), progress)
     model, _ = load_checkpoint(checkpoint)
     cutoff = float(ckpt["cutoff"])
-    evaluate_target(r, fold, target, model, cutoff)
-    enhance_target(r, fold, target, model, cutoff)
+    limit = float(ckpt.get("ci_limit_indomain", float("nan")))
+    evaluate_target(r, fold, target, model, cutoff, limit, start=start)
+    enhance_target(r, fold, target, model, cutoff, limit, start=start)
     out = {}
     for phase in ("baseline", "enhanced"):
-        run = store.find_run(exp_id, child_hash(cfg, fold=fold["fold"], phase=phase, target=target))
+        run = store.find_run(exp_id, child_hash(cfg, fold=fold["fold"], phase=phase, target=target, start=start))
         out[phase] = dict(run.data.metrics, run_id=run.info.run_id)
     return out

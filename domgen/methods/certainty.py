@@ -2,6 +2,8 @@
 
 CI = (1/N) * sum of p_i over the N pixels whose predicted lesion probability p_i exceeds the cut-off.
 Slices with N < min_pixels (counted at the original resolution) are dropped: too few pixels to trust.
+The paper set N >= 50 for 512x512 slices; ``min_pixels_at`` keeps that meaning at any matrix by scaling
+the limit with the slice's area (50 at 512x512 is 12.5 at 256x256 and about 76 at 630x630).
 """
 from __future__ import annotations
 
@@ -26,18 +28,29 @@ class Selection:
     ci_min: float = 0.0
     top_k: int | None = None
     top_fraction: float | None = None
+    min_pixels_at: int | None = None  # the matrix (pixels per side) min_pixels is defined at; None: absolute
+
+    def min_pixels_for(self, shape: tuple[int, int]) -> float:
+        """The N limit for a slice of ``shape``: min_pixels scaled by area from a min_pixels_at x min_pixels_at matrix."""
+        if self.min_pixels_at is None:
+            return float(self.min_pixels)
+        return float(self.min_pixels) * (int(shape[0]) * int(shape[1])) / float(self.min_pixels_at) ** 2
 
 
-def rank_and_select(ci: np.ndarray, n_pixels: np.ndarray, selection: Selection) -> tuple[np.ndarray, np.ndarray]:
+def rank_and_select(ci: np.ndarray, n_pixels: np.ndarray, selection: Selection,
+                    min_pixels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Rank slices by CI (descending) and choose the pseudo-labels.
 
     Returns (order, selected): ``order`` indexes the eligible slices (N >= min_pixels) from most to least
     certain; ``selected`` is a boolean mask over all slices. Among eligible slices with CI >= ci_min, the
     top_k (or top_fraction of the eligible slices, rounded up) are kept; ties keep the input order.
+    ``min_pixels`` gives each slice its own N limit (see :meth:`Selection.min_pixels_for`); by default
+    every slice uses ``selection.min_pixels``.
     """
     ci = np.asarray(ci, dtype=float)
     n_pixels = np.asarray(n_pixels)
-    eligible = np.flatnonzero((n_pixels >= selection.min_pixels) & np.isfinite(ci))
+    limit_n = np.full(len(ci), float(selection.min_pixels)) if min_pixels is None else np.asarray(min_pixels, dtype=float)
+    eligible = np.flatnonzero((n_pixels >= limit_n) & np.isfinite(ci))
     order = eligible[np.argsort(-ci[eligible], kind="stable")]
     chosen = order[ci[order] >= selection.ci_min]
     limit = len(chosen)

@@ -5,7 +5,7 @@ source training slices (``mix = "source+pseudo"``) or used alone (``"pseudo-only
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -17,16 +17,22 @@ from domgen.preprocessing.slices import SliceSet
 from domgen.training.trainer import TrainSettings, predict_model_size, to_original_size, train
 
 MIXES = ("source+pseudo", "pseudo-only")
+# how the CI limit is chosen without target labels: the fixed ci_min, or a quantile of the CI of the
+# in-domain test slices (labelled source data the model did not train on)
+CI_RULES = ("fixed", "indomain-quantile")
 
 
 @dataclass(frozen=True)
 class PseudoLabelSettings:
     ci_min: float = 0.8
     min_pixels: int = 50
+    min_pixels_at: int | None = None  # min_pixels is defined for a min_pixels_at^2 slice and scaled by area
     top_k: int | None = None
     top_fraction: float | None = None
     mix: str = "source+pseudo"
     rounds: int = 1
+    ci_rule: str = "fixed"
+    ci_quantile: float = 0.5
 
     @classmethod
     def from_config(cls, cfg: dict) -> "PseudoLabelSettings":
@@ -34,27 +40,43 @@ class PseudoLabelSettings:
 
     @property
     def selection(self) -> Selection:
-        return Selection(self.min_pixels, self.ci_min, self.top_k, self.top_fraction)
+        return Selection(self.min_pixels, self.ci_min, self.top_k, self.top_fraction, self.min_pixels_at)
+
+    def with_ci_limit(self, limit: float | None) -> "PseudoLabelSettings":
+        """The settings with the CI limit of the ``ci_rule`` in force (``limit`` from the in-domain test set)."""
+        if self.ci_rule == "fixed" or limit is None or not np.isfinite(limit):
+            return self
+        return replace(self, ci_min=float(limit))
+
+
+def indomain_ci_limit(ranking: pd.DataFrame, quantile: float) -> float:
+    """The ``quantile`` of the Certainty Index over the in-domain test slices that pass the N filter."""
+    ok = ranking[ranking.eligible & ranking.ci.notna()]
+    return float(np.quantile(ok.ci, quantile)) if len(ok) else float("nan")
 
 
 def ci_ranking(probabilities: list[np.ndarray], slices: SliceSet, cutoff: float, selection: Selection) -> pd.DataFrame:
-    """``ci_ranking.csv``: slice_id, patient_id, ci, n_pixels, selected, dice (empty without ground truth),
-    sorted from most to least certain (slices dropped by the N filter last)."""
+    """``ci_ranking.csv``: slice_id, patient_id, ci, n_pixels, min_pixels (the slice's N limit at its own size),
+    eligible (passes the N filter), selected, dice (empty without ground truth), sorted from most to least
+    certain (slices dropped by the N filter last)."""
     ci, n = zip(*(certainty_index(p, cutoff) for p in probabilities)) if probabilities else ((), ())
     ci, n = np.asarray(ci, dtype=float), np.asarray(n, dtype=int)
-    order, selected = rank_and_select(ci, n, selection)
+    limit_n = np.asarray([selection.min_pixels_for(p.shape) for p in probabilities], dtype=float)
+    order, selected = rank_and_select(ci, n, selection, limit_n)
     dice = [overlap_metrics(confusion(p > cutoff, t))["dsc"] if t is not None else np.nan
             for p, t in zip(probabilities, slices.truths)]
+    eligible = np.zeros(len(ci), dtype=bool)
+    eligible[order] = True
     table = pd.DataFrame({"slice_id": slices.slice_ids, "patient_id": slices.patient_ids, "ci": ci,
-                          "n_pixels": n, "selected": selected, "dice": dice})
+                          "n_pixels": n, "min_pixels": limit_n, "eligible": eligible, "selected": selected, "dice": dice})
     ranked = set(order.tolist())
     rest = [i for i in range(len(table)) if i not in ranked]
     return table.iloc[list(order) + rest].reset_index(drop=True)
 
 
-def ci_dice_spearman(ranking: pd.DataFrame, min_pixels: int) -> float:
+def ci_dice_spearman(ranking: pd.DataFrame) -> float:
     """Spearman correlation between CI and true slice DSC over the slices that pass the N filter."""
-    ok = ranking[(ranking.n_pixels >= min_pixels) & ranking.ci.notna() & ranking.dice.notna()]
+    ok = ranking[ranking.eligible & ranking.ci.notna() & ranking.dice.notna()]
     if len(ok) < 3 or ok.ci.nunique() < 2 or ok.dice.nunique() < 2:
         return float("nan")
     return float(spearmanr(ok.ci, ok.dice).statistic)
@@ -73,6 +95,8 @@ def enhance(model, source_train: SliceSet, source_val: SliceSet, target: SliceSe
     """Select-and-retrain ``settings.rounds`` times; returns the retrained model and each round's ranking."""
     if settings.mix not in MIXES:
         raise ValueError(f"mix must be one of {MIXES}")
+    if settings.ci_rule not in CI_RULES:
+        raise ValueError(f"ci_rule must be one of {CI_RULES}")
     rankings = []
     for round_index in range(settings.rounds):
         small = predict_model_size(model, target, device=train_settings.device)

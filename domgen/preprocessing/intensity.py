@@ -37,6 +37,20 @@ def to_hu(image: np.ndarray, space: IntensitySpace, source: str | None = None) -
     return (low + image.astype(np.float32) / 255.0 * space.width).astype(np.float32)
 
 
+def hu_recoverable(space: IntensitySpace) -> bool:
+    """Whether stored values can be mapped back to HU (raw HU, or a windowed dataset with a recorded window)."""
+    return space.kind == "hu" or space.window_known
+
+
+def require_hu(space: IntensitySpace, dataset: str, step: str, alternatives: str) -> None:
+    """One sentence naming the dataset, the step that needs HU and what to do instead, when HU are unknown."""
+    if not hu_recoverable(space):
+        raise DomgenError(
+            f"{step} needs Hounsfield units, but dataset {dataset!r} is 8-bit windowed with no recorded window; "
+            f"{alternatives}, or declare `intensity: {{kind: windowed, level: L, width: W}}` for it in the suite file"
+        )
+
+
 def clip_hu(image: np.ndarray, low: float, high: float) -> np.ndarray:
     """Clip HU values to [low, high] (float32)."""
     return np.clip(np.asarray(image, dtype=np.float32), low, high)

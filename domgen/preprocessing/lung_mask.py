@@ -1,6 +1,8 @@
 """Lung masks: one registry of providers, each turning a case into a binary uint8 (Z, H, W) lung mask.
 
 - ``threshold``: classical HU thresholding and morphology, no model, no weights (the offline default).
+- ``otsu``: the same morphology on an intensity-relative threshold (Otsu's, per slice), for data whose HU
+  cannot be recovered (8-bit slices with no recorded window).
 - ``reference``: the dataset's own lung mask.
 - ``lungmask``: the pretrained U-Nets of the ``lungmask`` package (Hofmanninger et al. 2020), run offline
   from a weights file.
@@ -18,7 +20,7 @@ from skimage.morphology import convex_hull_image
 
 from domgen.data.case import Case
 from domgen.errors import DomgenError
-from domgen.preprocessing.intensity import to_hu
+from domgen.preprocessing.intensity import hu_recoverable, require_hu, to_hu
 
 
 def threshold_lung_mask(
@@ -44,11 +46,36 @@ def threshold_lung_mask(
     hu = np.asarray(hu)
     if hu.ndim != 3:
         raise ValueError(f"threshold_lung_mask expects a (Z, H, W) volume, got shape {hu.shape}")
-    air = hu < threshold_hu
+    return lungs_from_air(hu < threshold_hu, spacing, max_components, min_component_fraction, min_radius_mm,
+                          closing_mm, convex_hull)
+
+
+def otsu_air(volume: np.ndarray) -> np.ndarray:
+    """Air (and aerated lung) of each slice: below the slice's Otsu threshold, which separates the dark
+    air/lung mode of a chest CT histogram from the bright tissue mode whatever the intensity scale."""
+    from skimage.filters import threshold_otsu
+
+    air = np.zeros(volume.shape, dtype=bool)
+    for z, slice_ in enumerate(np.asarray(volume, dtype=np.float32)):
+        if slice_.max() > slice_.min():
+            air[z] = slice_ < threshold_otsu(slice_)
+    return air
+
+
+def lungs_from_air(
+    air: np.ndarray,
+    spacing: tuple[float, float] = (1.0, 1.0),
+    max_components: int = 2,
+    min_component_fraction: float = 0.1,
+    min_radius_mm: float = 12.0,
+    closing_mm: float = 20.0,
+    convex_hull: bool = False,
+) -> np.ndarray:
+    """The morphology of :func:`threshold_lung_mask` on a given (Z, H, W) air mask."""
     spacing = tuple(float(s) for s in spacing)
     inner_air = np.stack([_air_inside_body(slice_air) for slice_air in air]) if air.size else air
     labels, n_components = ndimage.label(inner_air)
-    mask = np.zeros(hu.shape, dtype=np.uint8)
+    mask = np.zeros(air.shape, dtype=np.uint8)
     if n_components == 0:
         return mask
     # A lung is thick somewhere: drop thin air (a detached trachea, air trapped against the table) first.
@@ -63,7 +90,7 @@ def threshold_lung_mask(
 
     # Pad so the closing does not erode lungs near the slice border.
     pad = int(np.ceil(closing_mm / min(spacing))) + 1
-    for z in range(hu.shape[0]):
+    for z in range(air.shape[0]):
         pieces, n_pieces = ndimage.label(lungs[z])
         if n_pieces == 0:
             continue
@@ -106,13 +133,18 @@ def _closing_mm(mask: np.ndarray, radius_mm: float, spacing: tuple[float, float]
 
 
 class ThresholdLungMask:
-    """Classical lung mask from HU thresholds; works on HU data and on windowed data with a known window."""
+    """Classical lung mask from HU thresholds; works on HU data and on windowed data with a known window.
+    ``mode="otsu"`` thresholds each slice at its Otsu value instead, for data whose HU are unknown."""
 
     name = "threshold"
+    MODES = ("hu", "otsu")
 
     def __init__(self, threshold_hu: float = -320.0, max_components: int = 2,
                  min_component_fraction: float = 0.1, min_radius_mm: float = 12.0, closing_mm: float = 20.0,
-                 convex_hull: bool = False):
+                 convex_hull: bool = False, mode: str = "hu"):
+        if mode not in self.MODES:
+            raise DomgenError(f"Unknown threshold lung-mask mode {mode!r}; choose one of {', '.join(self.MODES)}.")
+        self.mode = mode
         self.threshold_hu = float(threshold_hu)
         self.max_components = int(max_components)
         self.min_component_fraction = float(min_component_fraction)
@@ -121,6 +153,12 @@ class ThresholdLungMask:
         self.convex_hull = bool(convex_hull)
 
     def __call__(self, case: Case) -> np.ndarray:
+        options = (case.spacing, self.max_components, self.min_component_fraction, self.min_radius_mm,
+                   self.closing_mm, self.convex_hull)
+        if self.mode == "otsu":
+            return lungs_from_air(otsu_air(case.image), *options)
+        require_hu(case.intensity, case.dataset, "the threshold lung mask (--lung-mask threshold)",
+                   "use --lung-mask otsu (intensity-relative) or reference")
         hu = to_hu(case.image, case.intensity, source=f"dataset {case.dataset!r}")
         threshold = self.threshold_hu
         space = case.intensity
@@ -246,6 +284,8 @@ class LungmaskLungMask:
         return model.eval()
 
     def __call__(self, case: Case) -> np.ndarray:
+        require_hu(case.intensity, case.dataset, "the lungmask U-Net (--lung-mask lungmask)",
+                   "use --lung-mask otsu (intensity-relative) or reference")
         hu = to_hu(case.image, case.intensity, source=f"dataset {case.dataset!r}")
         if self._inferer is None:
             import torch
@@ -257,11 +297,40 @@ class LungmaskLungMask:
         return (np.asarray(labels) > 0).astype(np.uint8)
 
 
+class OtsuLungMask(ThresholdLungMask):
+    """The threshold provider in its intensity-relative mode: no HU needed."""
+
+    name = "otsu"
+
+    def __init__(self, max_components: int = 2, min_component_fraction: float = 0.1, min_radius_mm: float = 12.0,
+                 closing_mm: float = 20.0, convex_hull: bool = False):
+        super().__init__(max_components=max_components, min_component_fraction=min_component_fraction,
+                         min_radius_mm=min_radius_mm, closing_mm=closing_mm, convex_hull=convex_hull, mode="otsu")
+
+
 LUNG_MASK_PROVIDERS = {
     "threshold": ThresholdLungMask,
+    "otsu": OtsuLungMask,
     "reference": ReferenceLungMask,
     "lungmask": LungmaskLungMask,
 }
+
+
+def usable_providers(intensity, has_reference: bool) -> list[str]:
+    """The providers that can run on a dataset (for `data check`): HU-based ones need a recoverable window."""
+    out = [name for name in ("threshold", "otsu") if name == "otsu" or hu_recoverable(intensity)]
+    if has_reference:
+        out.append("reference")
+    if hu_recoverable(intensity):
+        out.append("lungmask (needs weights)")
+    return out
+
+
+def lung_mask_of(case: Case, provider) -> list[np.ndarray] | np.ndarray:
+    """The provider's binary lung mask of ``case``; a ragged case (slices of different sizes) slice by slice."""
+    if not case.ragged:
+        return provider(case).astype(bool)
+    return [provider(case.single_slice(z))[0].astype(bool) for z in range(case.n_slices)]
 
 
 def get_lung_mask_provider(name: str, **options):

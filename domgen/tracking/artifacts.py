@@ -114,7 +114,7 @@ def log_evaluation_artifacts(run_id: str, probs: list[np.ndarray], slices: Slice
         ranking.to_csv(tmp / "ci_ranking.csv", index=False)
         store.log_artifact_file(run_id, tmp / "ci_ranking.csv")
         position = {sid: i for i, sid in enumerate(slices.slice_ids)}
-        ranked = ranking[ranking.n_pixels > 0]
+        ranked = ranking[ranking.eligible] if "eligible" in ranking else ranking[ranking.n_pixels > 0]  # least certain: ranked slices only
         for label, part in (("most_certain", ranked.head(5)), ("least_certain", ranked.tail(5))):
             if len(part):
                 idx = [position[s] for s in part.slice_id]

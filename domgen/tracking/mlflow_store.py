@@ -19,6 +19,7 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from domgen.config import config_hash, flatten
+from domgen.errors import DomgenError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 TAG = "domgen."
@@ -168,3 +169,16 @@ def download_artifact(run_id: str, path: str, dest: Path) -> Path:
 def epoch_logger(run_id: str):
     """A ``train(on_epoch=...)`` callback logging each epoch's record as metrics at step = epoch."""
     return lambda record: log_metrics(run_id, {k: v for k, v in record.items() if k != "epoch"}, step=record["epoch"])
+
+
+def set_tag(run_id: str, key: str, value: str) -> None:
+    MlflowClient().set_tag(run_id, key, value)
+
+
+def get_run(run_id: str) -> Run:
+    """The run ``run_id``; an unknown id is one sentence, not an MLflow traceback."""
+    try:
+        return MlflowClient().get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        raise DomgenError(f"run {run_id} does not exist in the tracking store {mlflow.get_tracking_uri()}; "
+                          "copy a run id from `domgen ui` or the command's output") from None
