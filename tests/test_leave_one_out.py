@@ -11,7 +11,8 @@ from domgen.families import leave_one_out as loo
 from domgen.tracking import mlflow_store as store
 
 TINY_RUN = ["--set", "train.epochs=1", "--set", "preprocessing.image_size=32", "--set", "train.batch_size=8",
-            "--set", "pseudolabel.ci_min=0.0", "--min-pixels", "1", "--folds", "1", "--quiet"]
+            "--set", "pseudolabel.ci_min=0.0", "--min-pixels", "1", "--set", "pseudolabel.min_pixels_at=null",
+            "--set", "split.protocol=repeated-holdout", "--folds", "1", "--quiet"]
 
 
 def _runs(uri: str, query: str = ""):
@@ -50,8 +51,9 @@ def test_round_through_cli_is_tracked_and_resumes(tmp_path, tiny_suite):
     baseline_b = next(r for r in children if r.data.tags["domgen.target"] == "B" and r.data.tags["domgen.phase"] == "baseline")
     csv = store.download_artifact(baseline_b.info.run_id, "ci_ranking.csv", tmp_path)
     ranking = pd.read_csv(csv)
-    assert list(ranking.columns) == ["slice_id", "patient_id", "ci", "n_pixels", "selected", "dice"]
+    assert list(ranking.columns) == ["slice_id", "patient_id", "ci", "n_pixels", "min_pixels", "eligible", "selected", "dice"]
     ranked = ranking[ranking.n_pixels >= 1]
+    assert (ranked.eligible).all() and not ranking[ranking.n_pixels < 1].eligible.any()
     assert (np.diff(ranked.ci.to_numpy()) <= 1e-12).all()  # most certain first
     assert ranking.selected.sum() == len(ranked)  # ci_min 0 and min_pixels 1: every ranked slice is chosen
     arts = {a.path for a in MlflowClient().list_artifacts(baseline_b.info.run_id)}
