@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
@@ -63,6 +64,22 @@ def test_round_through_cli_is_tracked_and_resumes(tmp_path, tiny_suite):
     enhanced = next(r for r in children if r.data.tags["domgen.phase"] == "enhanced")
     assert enhanced.data.metrics["n_pseudo_labels"] == ranking.selected.sum()
     assert {"model"} <= {a.path for a in MlflowClient().list_artifacts(enhanced.info.run_id)}
+
+    # the DSC change in Table II is the paired patient bootstrap of the per-patient DSCs in the runs' artifacts
+    from domgen.evaluation.evaluate import patient_dsc
+    from domgen.evaluation.statistics import paired_bootstrap_change
+
+    per_patient = {}
+    for run in (baseline_b, enhanced):
+        (tmp_path / run.info.run_id).mkdir()
+        per_patient[run.data.tags["domgen.phase"]] = patient_dsc(pd.read_csv(
+            store.download_artifact(run.info.run_id, "per_slice_metrics.csv", tmp_path / run.info.run_id)))
+    both = [p for p in per_patient["baseline"] if np.isfinite(per_patient["baseline"][p]) and np.isfinite(per_patient["enhanced"][p])]
+    change = paired_bootstrap_change({p: per_patient["baseline"][p] for p in both}, {p: per_patient["enhanced"][p] for p in both})
+    row = next(line for line in result.output.splitlines() if line.startswith("| A | B |"))
+    assert f"{change.mean_change:+.3f} [{change.low:+.3f}, {change.high:+.3f}]" in row
+    assert enhanced.data.metrics["dsc_change"] == pytest.approx(change.mean_change)
+    assert "ci_dsc_spearman_low" in baseline_b.data.metrics or "ci_dsc_spearman" not in baseline_b.data.metrics
 
     # the same command again: nothing new is run
     again = CliRunner().invoke(main, args)

@@ -229,7 +229,7 @@ def test_three_rounds_give_table_iii_over_rounds(tmp_path, tiny_suite):
         {("A", "B"), ("A", "C"), ("A", "D"), ("B", "C"), ("B", "D"), ("C", "B"), ("C", "D")}
     table3 = out.output.split("Table III")[1].split("\n\n")[1]
     lines = [line for line in table3.splitlines() if line.startswith("| ")][1:]
-    assert [line.split(" | ")[0].strip("| ") for line in lines] == ["in-domain", "in-domain after enhancement", "unseen before", "unseen after"]
+    assert [line.split(" | ")[0].strip("| ") for line in lines] == ["in-domain", "in-domain after enhancement", "unseen before", "unseen after", "unseen change (after - before)"]
     assert all(" | 3 | " in line and "±" in line for line in lines)  # three rounds, mean ± std over rounds
     # the same command again runs nothing; a single round of the same source reuses its round
     assert CliRunner().invoke(main, args).exit_code == 0

@@ -191,7 +191,7 @@ def test_report_rebuilds_the_transfer_tables(tiny_round, tmp_path):
 def test_leave_one_out_from_a_transfer_model_and_the_four_way_comparison(tiny_round, tmp_path):
     runner, uri = CliRunner(), tiny_round["uri"]
     multi = next(r for r in _runs(uri, "domgen-transfer") if r.data.tags.get("domgen.strategy") == "multi-encoder")
-    base = ["leave-one-out", "--source", "A", "--targets", "B", "--folds", "1", "--suite", str(tiny_round["suite"]),
+    base = ["leave-one-out", "--source", "A", "--targets", "B", "--folds", "1", "--set", "split.protocol=repeated-holdout", "--suite", str(tiny_round["suite"]),
             "--tracking-uri", uri, "--set", "model.encoder=resnet18", *TINY]
     bad = runner.invoke(main, [*base, "--init-run", "0123456789abcdef"])
     assert bad.exit_code == 2 and "no model/checkpoint.pt" in bad.output

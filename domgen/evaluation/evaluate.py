@@ -48,3 +48,13 @@ def evaluate(probabilities: list[np.ndarray], slices: SliceSet, cutoff: float, s
     summary["n_slices"] = float(len(table))
     summary["n_patients"] = float(len(per_patient))
     return summary, table
+
+
+def patient_dsc(per_slice: pd.DataFrame) -> dict[str, float]:
+    """Per-patient DSC from a per-slice table (confusion counts pooled over each patient's slices), the unit of the
+    paired comparison before/after enhancement."""
+    out = {}
+    for pid, part in per_slice.groupby("patient_id"):
+        counts = part[["tp", "fp", "fn", "tn"]].sum().to_numpy()
+        out[str(pid)] = overlap_metrics(counts, "nan")["dsc"]
+    return out

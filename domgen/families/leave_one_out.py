@@ -26,7 +26,9 @@ from domgen.data.registry import load_cases, load_suite
 from domgen.errors import DomgenError
 from domgen.evaluation.cutoff import DEFAULT_CANDIDATES, best_cutoff
 from domgen.evaluation.evaluate import EvaluationSettings, evaluate
-from domgen.methods.pseudolabel import PseudoLabelSettings, ci_dice_spearman, ci_ranking, enhance, indomain_ci_limit
+from domgen.evaluation.evaluate import patient_dsc
+from domgen.evaluation.statistics import paired_bootstrap_change
+from domgen.methods.pseudolabel import PseudoLabelSettings, ci_dice_spearman_metrics, ci_ranking, enhance, indomain_ci_limit
 from domgen.models import build_model
 from domgen.preprocessing.slices import SlicePreprocessing, SliceSet, prepare_slices
 from domgen.preprocessing.splits import kfold_splits, read_splits, train_val_test_split, write_splits
@@ -202,7 +204,7 @@ def train_fold(r: Round, fold: dict):
             limit = indomain_ci_limit(ranking, r.pl_settings.ci_quantile)
             store.log_metrics(run.info.run_id, {**summary, "cutoff": cutoff, "best_epoch": result.best_epoch,
                                                 "epochs_run": result.epochs_run, "seconds_per_epoch": result.seconds_per_epoch,
-                                                "ci_dsc_spearman": ci_dice_spearman(ranking), "ci_limit_indomain": limit})
+                                                **ci_dice_spearman_metrics(ranking), "ci_limit_indomain": limit})
             log_evaluation_artifacts(run.info.run_id, probs, test, cutoff, per_slice, ranking, tmp)
             store.log_artifact_file(run.info.run_id, save_checkpoint(tmp / "checkpoint.pt", result.model, r.cfg["model"], cutoff=cutoff,
                                                                      config=r.cfg, fold=fold, ci_limit_indomain=limit), "model")
@@ -239,7 +241,7 @@ def evaluate_target(r: Round, fold: dict, name: str, model, cutoff: float, limit
         summary, per_slice = evaluate(probs, slices, cutoff, r.eval_settings)
         ranking = ci_ranking(probs, slices, cutoff, settings.selection)
         store.log_metrics(run.info.run_id, {**summary, "cutoff": cutoff, "ci_min_used": settings.ci_min,
-                                            "ci_dsc_spearman": ci_dice_spearman(ranking), **selection_counts(ranking, r.pl_settings, limit)})
+                                            **ci_dice_spearman_metrics(ranking), **selection_counts(ranking, r.pl_settings, limit)})
         log_evaluation_artifacts(run.info.run_id, probs, slices, cutoff, per_slice, ranking, tmp)
 
 
@@ -264,8 +266,11 @@ def enhance_target(r: Round, fold: dict, name: str, model, cutoff: float, limit:
         indomain, _ = evaluate(to_original_size(predict_model_size(model, test, device=settings.device), test), test, cutoff,
                                EvaluationSettings(**{**r.eval_settings.__dict__, "surface": False}))
         n_pseudo = float(sum(x.selected.sum() for x in rankings))
+        # this fold's paired change over the target's patients (the table pools folds per patient)
+        before = baseline_per_slice(r, fold, name, start, tmp)
+        change = paired_bootstrap_change(patient_dsc(before), patient_dsc(per_slice), seed=r.cfg["seed"] + k).metrics()
         store.log_metrics(run.info.run_id, {**summary, "cutoff": cutoff, "ci_min_used": pl.ci_min, "n_pseudo_labels": n_pseudo,
-                                            **{f"indomain_{m}": indomain[m] for m in ("dsc", "sen", "spc")}})
+                                            **{f"indomain_{m}": indomain[m] for m in ("dsc", "sen", "spc")}, **change})
         if rankings:
             # which slices became pseudo-labels, ranked by the model that chose them
             pd.concat(rankings).to_csv(tmp / "pseudo_label_selection.csv", index=False)
@@ -274,6 +279,14 @@ def enhance_target(r: Round, fold: dict, name: str, model, cutoff: float, limit:
         log_evaluation_artifacts(run.info.run_id, probs, slices, cutoff, per_slice, ci_ranking(probs, slices, cutoff, pl.selection), tmp)
         store.log_artifact_file(run.info.run_id, save_checkpoint(tmp / "checkpoint.pt", model, r.cfg["model"], cutoff=cutoff,
                                                                  config=r.cfg, fold=fold, ci_limit_indomain=limit), "model")
+
+
+def baseline_per_slice(r: Round, fold: dict, name: str, start: str | None, tmp: Path) -> pd.DataFrame:
+    """The per-slice table of the baseline run this enhancement starts from."""
+    h = child_hash(r.cfg, fold=fold["fold"], phase="baseline", target=name, **({"start": start} if start else {}))
+    run = store.find_run(r.exp_id, h)
+    (tmp / "baseline").mkdir(exist_ok=True)
+    return pd.read_csv(store.download_artifact(run.info.run_id, "per_slice_metrics.csv", tmp / "baseline"))
 
 
 def slice_counts(prepared: dict[str, SliceSet]) -> dict[str, float]:

@@ -9,6 +9,8 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from domgen.errors import DomgenError
+from domgen.evaluation.evaluate import patient_dsc
+from domgen.evaluation.statistics import paired_bootstrap_change
 from domgen.tracking import mlflow_store as store
 
 METRICS = ("dsc", "spc", "sen")
@@ -49,8 +51,33 @@ def leave_one_out_records(parent_id: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _patient_dsc_over_folds(runs: pd.DataFrame) -> dict[str, float]:
+    """Each patient's DSC averaged over the folds' runs (read from their per_slice_metrics.csv artifacts)."""
+    per_fold = []
+    with store.artifact_dir() as tmp:
+        for i, run_id in enumerate(runs.run_id):
+            (tmp / str(i)).mkdir()
+            per_fold.append(patient_dsc(pd.read_csv(store.download_artifact(run_id, "per_slice_metrics.csv", tmp / str(i)))))
+    patients = sorted(set().union(*per_fold)) if per_fold else []
+    return {p: finite_mean([f.get(p) for f in per_fold]) for p in patients}
+
+
+def change_text(change) -> tuple[str, str]:
+    """('+0.012 [-0.004, +0.031]', '0.21') for a PairedChange."""
+    if not np.isfinite(change.mean_change):
+        return "-", "-"
+    p = f"{change.p_wilcoxon:.3g}" if np.isfinite(change.p_wilcoxon) else "-"
+    return f"{change.mean_change:+.3f} [{change.low:+.3f}, {change.high:+.3f}]", p
+
+
 def _values(part: pd.DataFrame, metric: str) -> list[float]:
     return part.get(metric, pd.Series(dtype=float)).tolist()
+
+
+def _paired(before: dict[str, float], after: dict[str, float]) -> tuple[dict[str, float], dict[str, float]]:
+    """The patients with a defined DSC on both sides (a patient with no lesion and no prediction has none)."""
+    both = [p for p in before if p in after and np.isfinite(before[p]) and np.isfinite(after[p])]
+    return {p: before[p] for p in both}, {p: after[p] for p in both}
 
 
 def _round_tables(round_id: str) -> tuple[list[dict], list[dict], list[dict], list[dict], dict]:
@@ -79,6 +106,9 @@ def _round_tables(round_id: str) -> tuple[list[dict], list[dict], list[dict], li
             row["in-domain DSC after"] = mean_std_text(_values(after, "indomain_dsc"))
             row["CI-DSC Spearman"] = mean_std_text(_values(before, "ci_dsc_spearman"))
             row["pseudo-labels"] = f"{finite_mean(n_pseudo):.0f} of {finite_mean(ranked):.0f}" if len(after) else "-"
+            # paired by patient: each patient's DSC (mean over folds) after minus before, patient bootstrap 95 % interval
+            change = paired_bootstrap_change(*_paired(_patient_dsc_over_folds(before), _patient_dsc_over_folds(after)))
+            row["DSC change [95 % CI]"], row["Wilcoxon p"] = change_text(change)
             row["note"] = ("no slice selected in any fold: after = before" if len(after) and all(v == 0 for v in n_pseudo)
                            else "no slice selected in some folds" if any(v == 0 for v in n_pseudo) else "")
             for m in METRICS:
@@ -103,6 +133,7 @@ def _round_tables(round_id: str) -> tuple[list[dict], list[dict], list[dict], li
             extended.append(ext)
     indomain = rec[(rec.target == source) & (rec.phase == "baseline")]
     means = {"in-domain": {m: finite_mean(_values(indomain, m)) for m in METRICS},
+             "unseen change (after - before)": {m: finite_mean(np.subtract(unseen_after[m], unseen_before[m])) for m in METRICS},
              "in-domain after enhancement": {m: finite_mean(indomain_after[m]) for m in METRICS},
              "unseen before": {m: finite_mean(unseen_before[m]) for m in METRICS},
              "unseen after": {m: finite_mean(unseen_after[m]) for m in METRICS}}
@@ -133,7 +164,7 @@ def leave_one_out_tables(run_id: str) -> dict[str, pd.DataFrame]:
         counts += cnt
         per_round.append(means)
     t3 = []
-    for row in ("in-domain", "in-domain after enhancement", "unseen before", "unseen after"):
+    for row in ("in-domain", "in-domain after enhancement", "unseen before", "unseen after", "unseen change (after - before)"):
         entry = {"test": row, "rounds": len(per_round)}
         for m in METRICS:
             entry[m.upper()] = mean_std_text([r[row][m] for r in per_round])
