@@ -255,3 +255,30 @@ def test_pseudolabel_from_another_checkpoint_is_new_work(tmp_path, tiny_suite):
     run_ids = lambda text: {line.split()[-1] for line in text.splitlines() if line.startswith(("baseline", "enhanced"))}  # noqa: E731
     assert run_ids(first.output).isdisjoint(run_ids(second.output))
     assert first.output.splitlines()[1] != second.output.splitlines()[1]
+
+
+def test_edited_splits_file_at_the_same_path_is_new_work(tmp_path):
+    from domgen.config import config_hash
+
+    path = tmp_path / "splits.json"
+    path.write_text(json.dumps({"folds": [{"fold": 0, "train": ["a"], "val": [], "test": ["b"]}]}))
+    cfg = {"source": "A", "splits_file": str(path), "init_checkpoint": None}
+    first = config_hash(loo.resolve_inputs(cfg))
+    assert config_hash(loo.resolve_inputs(cfg)) == first
+    path.write_text(json.dumps({"folds": [{"fold": 0, "train": ["b"], "val": [], "test": ["a"]}]}))
+    assert config_hash(loo.resolve_inputs(cfg)) != first
+
+
+def test_source_lists(tiny_suite):
+    from domgen.data.registry import load_suite
+    from domgen.errors import DomgenError
+
+    suite = load_suite(str(tiny_suite))
+    assert loo.source_names(suite, {"source": "all"}) == ["A", "B", "C", "D"]  # the COVID datasets, not tumour/effusion
+    assert loo.source_names(suite, {"source": "A, C"}) == ["A", "C"]
+    with pytest.raises(DomgenError, match="twice"):
+        loo.source_names(suite, {"source": "A,A"})
+    with pytest.raises(DomgenError, match="'Z' is not in suite"):
+        loo.source_names(suite, {"source": "A,Z"})
+    round_b = loo.round_config({"source": "A,B", "targets": None}, suite, "B")
+    assert round_b["source"] == "B" and round_b["targets"] == ["A", "C", "D"]
