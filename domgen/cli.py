@@ -130,6 +130,37 @@ def generate(out, seed, scale):
 
 
 # ---------------------------------------------------------------- leave-one-out
+def _selection_options(f):
+    """Options of the pseudo-label selection and retraining shared by leave-one-out and pseudolabel."""
+    options = [
+        click.option("--confidence", default=None, help="Score that ranks the slices: ci (Enshaei et al.) | entropy | tta | mc-dropout."),
+        click.option("--filter", "filters", multiple=True, metavar="SCORE=MIN", help="Also require SCORE >= MIN, e.g. tta=0.9 (repeatable)."),
+        click.option("--per-patient-max", type=int, default=None, help="At most this many pseudo-labelled slices per patient."),
+        click.option("--min-patients", type=int, default=None, help="Select nothing unless the slices come from at least this many patients."),
+        click.option("--size-strata", type=int, default=None, help="Spread the selection over this many lesion-size strata."),
+        click.option("--select-by", type=click.Choice(["last", "source-val", "pseudo-val"]), default=None,
+                     help="Retrained weights: last epoch, best on source validation (paper), best on held-out pseudo-labels."),
+        click.option("--seeds", type=int, default=None, help="Repeat the retraining with this many seeds; tables give mean and interval."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _selection_settings(confidence, filters, per_patient_max, min_patients, size_strata, select_by, seeds) -> dict:
+    parsed = {}
+    for item in filters:
+        name, sep, value = item.partition("=")
+        try:
+            parsed[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip():
+            raise DomgenError(f"--filter {item}: expected SCORE=MIN with a number, e.g. --filter tta=0.9")
+    return {"confidence": confidence, "filters": parsed or None, "per_patient_max": per_patient_max, "min_patients": min_patients,
+            "size_strata": size_strata, "select_by": select_by, "seeds": seeds}
+
+
 LEAVE_ONE_OUT_CAPTIONS = {
     "table2": "Table II - {experiment}, run {run} ({uri}): DSC/SPC/SEN before and after CI pseudo-labels, mean ± std over folds",
     "table3": "Table III - in-domain, unseen before and unseen after, mean ± std over rounds (a round: mean over folds and unseen sets)",
@@ -184,10 +215,11 @@ def _resolve(family: str, profile: str, overrides, **flat) -> dict:
 @click.option("--rounds", type=int, default=None, help="Select-and-retrain rounds.")
 @click.option("--init-checkpoint", type=click.Path(), default=None, help="Start from this domgen checkpoint instead of a fresh model.")
 @click.option("--init-run", default=None, help="Start from the model of this MLflow run (a pretrain or transfer run's model/checkpoint.pt).")
+@_selection_options
 @_common_run_options
 def leave_one_out(source, targets, folds, ci_min, ci_rule, ci_quantile, min_pixels, min_pixels_at, keep_slices, top_k, top_fraction,
-                  mix, rounds, init_checkpoint, init_run, suite, profile, seed, device, encoder_weights, lung_mask, lungmask_weights,
-                  tracking_uri, overrides, quiet):
+                  mix, rounds, init_checkpoint, init_run, confidence, filters, per_patient_max, min_patients, size_strata, select_by, seeds,
+                  suite, profile, seed, device, encoder_weights, lung_mask, lungmask_weights, tracking_uri, overrides, quiet):
     """Train on SOURCE, test in-domain and on unseen datasets, retrain on Certainty-Index pseudo-labels.
 
     Prints the paper's Table II (per round and test set, DSC/SPC/SEN before and after) and Table III
@@ -206,7 +238,9 @@ def leave_one_out(source, targets, folds, ci_min, ci_rule, ci_quantile, min_pixe
         "pseudolabel.min_pixels": min_pixels, "pseudolabel.top_k": top_k, "pseudolabel.top_fraction": top_fraction,
         "pseudolabel.mix": mix, "pseudolabel.rounds": rounds, "init_checkpoint": init_checkpoint,
         "pseudolabel.ci_rule": ci_rule, "pseudolabel.ci_quantile": ci_quantile, "pseudolabel.min_pixels_at": min_pixels_at,
-        "preprocessing.keep_slices": keep_slices})
+        "preprocessing.keep_slices": keep_slices,
+        **{f"pseudolabel.{k}": v for k, v in _selection_settings(confidence, filters, per_patient_max, min_patients, size_strata,
+                                                                 select_by, seeds).items()}})
     if init_run:
         if cfg.get("init_checkpoint"):
             raise DomgenError("give at most one of --init-run and --init-checkpoint")
@@ -240,26 +274,75 @@ def leave_one_out(source, targets, folds, ci_min, ci_rule, ci_quantile, min_pixe
 @click.option("--device", type=DEVICE, default=None)
 @click.option("--tracking-uri", default=None)
 @click.option("--quiet", is_flag=True)
+@click.option("--export-for-review", "export_dir", type=click.Path(path_type=Path), default=None,
+              help="Write the selected slices with their predicted masks (NIfTI, PNG overlays, manifest.csv) to this new folder and stop.")
+@click.option("--reviewed", "reviewed_dir", type=click.Path(path_type=Path), default=None,
+              help="Retrain on the corrected masks of a review folder (a row deleted from manifest.csv rejects that slice).")
+@_selection_options
 def pseudolabel(target, run_id, checkpoint, ci_min, ci_rule, ci_quantile, min_pixels, min_pixels_at, top_k, top_fraction, mix, rounds,
-                suite, device, tracking_uri, quiet):
-    """Rank TARGET's slices by Certainty Index, retrain on the most certain, evaluate before and after."""
+                suite, device, tracking_uri, quiet, export_dir, reviewed_dir, confidence, filters, per_patient_max, min_patients,
+                size_strata, select_by, seeds):
+    """Rank TARGET's slices by a confidence score (the Certainty Index by default), retrain on the most confident,
+    evaluate before and after; or export the selection for a radiologist's review and retrain on the corrections."""
     from domgen.families.leave_one_out import checkpoint_of_run, run_pseudolabel
     from domgen.tracking import mlflow_store as store
 
     if (run_id is None) == (checkpoint is None):
         raise DomgenError("give exactly one of --run-id and --checkpoint")
+    if export_dir is not None and reviewed_dir is not None:
+        raise DomgenError("give at most one of --export-for-review (write a review folder) and --reviewed (retrain on one)")
     store.configure(tracking_uri)
     _threads(device or "cpu")
     with store.artifact_dir() as tmp:
         path = checkpoint if checkpoint else checkpoint_of_run(run_id, tmp)
         result = run_pseudolabel(path, target, {"ci_min": ci_min, "min_pixels": min_pixels, "top_k": top_k,
                                                 "top_fraction": top_fraction, "mix": mix, "rounds": rounds, "ci_rule": ci_rule,
-                                                "ci_quantile": ci_quantile, "min_pixels_at": min_pixels_at},
-                                 suite=suite, device=device, progress=not quiet)
+                                                "ci_quantile": ci_quantile, "min_pixels_at": min_pixels_at,
+                                                **_selection_settings(confidence, filters, per_patient_max, min_patients, size_strata,
+                                                                      select_by, seeds)},
+                                 suite=suite, device=device, progress=not quiet, export_dir=export_dir, reviewed_dir=reviewed_dir)
+    if export_dir is not None:
+        click.echo(f"wrote {result['exported']} slices to {export_dir}: edit masks/*.nii.gz (ITK-SNAP, 3D Slicer), delete a row of "
+                   f"manifest.csv to reject a slice, then run the same command with --reviewed {export_dir}")
+        return
     click.echo(f"{'':10s}{'DSC':>8s}{'SEN':>8s}{'SPC':>8s}  run")
     for phase, m in result.items():
         click.echo(f"{phase:10s}{m.get('dsc', float('nan')):8.3f}{m.get('sen', float('nan')):8.3f}{m.get('spc', float('nan')):8.3f}  {m['run_id']}")
     click.echo(f"pseudo-labelled slices: {int(result['enhanced'].get('n_pseudo_labels', 0))}")
+    if reviewed_dir is not None:
+        m = result["enhanced"]
+        click.echo(f"review: {int(m.get('review_kept', 0))} kept, {int(m.get('review_corrected', 0))} corrected "
+                   f"(Dice prediction vs correction {m.get('review_correction_dice', float('nan')):.3f}), {int(m.get('review_rejected', 0))} rejected")
+
+
+@main.command("confidence")
+@click.option("--target", required=True, help="Unseen dataset with ground truth (a suite dataset name).")
+@click.option("--run-id", default=None, help="A finished leave-one-out fold run (its model/checkpoint.pt is scored).")
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None, help="Or a checkpoint file written by domgen.")
+@click.option("--top-k", type=int, default=50, show_default=True, help="K of the mean true DSC of the top-K slices per score.")
+@click.option("--suite", default=None, help="Suite to read the data from (default: the run's).")
+@click.option("--device", type=DEVICE, default=None)
+@click.option("--tracking-uri", default=None)
+@click.option("--quiet", is_flag=True)
+def confidence(target, run_id, checkpoint, top_k, suite, device, tracking_uri, quiet):
+    """Score every slice of TARGET with every confidence score (CI, entropy, TTA agreement, MC dropout) without
+    retraining; print per score the Spearman correlation with the true slice DSC [95 % CI] and the mean true DSC of
+    the top-K slices it would select. Logged to MLflow (experiment domgen-confidence) with a DSC-vs-score plot."""
+    from domgen.families.confidence import EXPERIMENT, run_confidence
+    from domgen.families.leave_one_out import checkpoint_of_run
+    from domgen.tracking import mlflow_store as store
+    from domgen.tracking.report import to_markdown
+
+    if (run_id is None) == (checkpoint is None):
+        raise DomgenError("give exactly one of --run-id and --checkpoint")
+    uri = store.configure(tracking_uri)
+    _threads(device or "cpu")
+    with store.artifact_dir() as tmp:
+        path = checkpoint if checkpoint else checkpoint_of_run(run_id, tmp)
+        run, table = run_confidence(path, target, top_k, suite=suite, device=device, progress=not quiet)
+    shown = table[[c for c in ("score", "slices", "Spearman", "top-K DSC") if c in table.columns]]
+    click.echo(f"\nConfidence scores on {target}: Spearman with the true slice DSC [95 % CI] and mean true DSC of the top {top_k} "
+               f"({EXPERIMENT}, run {run}, {uri})\n\n{to_markdown(shown)}")
 
 
 # ---------------------------------------------------------------- transfer

@@ -58,3 +58,9 @@ def patient_dsc(per_slice: pd.DataFrame) -> dict[str, float]:
         counts = part[["tp", "fp", "fn", "tn"]].sum().to_numpy()
         out[str(pid)] = overlap_metrics(counts, "nan")["dsc"]
     return out
+
+
+def paired_patients(before: dict[str, float], after: dict[str, float]) -> tuple[dict[str, float], dict[str, float]]:
+    """The patients with a defined DSC on both sides (a patient with no lesion and no prediction has none)."""
+    both = [p for p in before if p in after and np.isfinite(before[p]) and np.isfinite(after[p])]
+    return {p: before[p] for p in both}, {p: after[p] for p in both}

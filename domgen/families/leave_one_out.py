@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +26,10 @@ from domgen.data.registry import load_cases, load_suite
 from domgen.errors import DomgenError
 from domgen.evaluation.cutoff import DEFAULT_CANDIDATES, best_cutoff
 from domgen.evaluation.evaluate import EvaluationSettings, evaluate
-from domgen.evaluation.evaluate import patient_dsc
+from domgen.evaluation.evaluate import paired_patients, patient_dsc
 from domgen.evaluation.statistics import paired_bootstrap_change
-from domgen.methods.pseudolabel import PseudoLabelSettings, ci_dice_spearman_metrics, ci_ranking, enhance, indomain_ci_limit
+from domgen.methods.pseudolabel import (PseudoLabelSettings, ci_dice_spearman, ci_dice_spearman_metrics, ci_ranking, enhance,
+                                        indomain_ci_limit, rank_target)
 from domgen.models import build_model
 from domgen.preprocessing.slices import SlicePreprocessing, SliceSet, prepare_slices
 from domgen.preprocessing.splits import kfold_splits, read_splits, train_val_test_split, write_splits
@@ -225,7 +226,7 @@ def selection_counts(ranking: pd.DataFrame, settings: PseudoLabelSettings, limit
 
 
 def evaluate_target(r: Round, fold: dict, name: str, model, cutoff: float, limit: float, start: str | None = None) -> None:
-    """Baseline on one unseen target: metrics, CI ranking, CI-DSC Spearman, what each selection rule picks.
+    """Baseline on one unseen target: metrics, ranking, CI-DSC Spearman, what each selection rule picks.
 
     ``start`` identifies the model when it is not the round's own fold model (``domgen pseudolabel``)."""
     k = fold["fold"]
@@ -236,49 +237,137 @@ def evaluate_target(r: Round, fold: dict, name: str, model, cutoff: float, limit
     settings = r.pl_settings.with_ci_limit(limit)
     tags = store.tags(family=FAMILY, source=r.cfg["source"], target=name, fold=k, phase="baseline", config_hash=h, role="unseen")
     with store.tracked_run(r.exp_id, f"fold {k} | {name} baseline", r.cfg, tags, r.parent_id) as run, store.artifact_dir() as tmp:
-        probs = to_original_size(predict_model_size(model, slices, device=r.cfg["device"], progress=r.progress,
-                                                    desc=f"fold {k} predict {name}"), slices)
+        small = predict_model_size(model, slices, device=r.cfg["device"], progress=r.progress, desc=f"fold {k} predict {name}")
+        probs = to_original_size(small, slices)
         summary, per_slice = evaluate(probs, slices, cutoff, r.eval_settings)
-        ranking = ci_ranking(probs, slices, cutoff, settings.selection)
-        store.log_metrics(run.info.run_id, {**summary, "cutoff": cutoff, "ci_min_used": settings.ci_min,
+        ranking, _ = rank_target(model, slices, cutoff, settings, r.cfg["device"], small=small)
+        extra = {f"{s}_dsc_spearman": ci_dice_spearman(ranking, s) for s in settings.score_names if s != "ci"}
+        store.log_metrics(run.info.run_id, {**summary, "cutoff": cutoff, "ci_min_used": settings.ci_min, **extra,
                                             **ci_dice_spearman_metrics(ranking), **selection_counts(ranking, r.pl_settings, limit)})
         log_evaluation_artifacts(run.info.run_id, probs, slices, cutoff, per_slice, ranking, tmp)
 
 
-def enhance_target(r: Round, fold: dict, name: str, model, cutoff: float, limit: float, start: str | None = None) -> None:
-    """Retrain on the target's most certain slices, evaluate on the target (and the in-domain test).
+def target_monitor(slices: SliceSet, cutoff: float, device: str, n: int | None, seed: int):
+    """Per-epoch target DSC (pooled at model size) on up to ``n`` fixed slices: for the retraining plot, never
+    used to choose anything. None when ``n`` is 0."""
+    if n == 0 or not len(slices):
+        return None
+    rng = np.random.default_rng(seed)
+    part = slices if n is None or n >= len(slices) else slices.subset(np.sort(rng.choice(len(slices), n, replace=False)))
 
-    ``start`` identifies the starting model when it is not the round's own fold model (``domgen pseudolabel``)."""
+    def monitor(model) -> dict[str, float]:
+        pred = predict_model_size(model, part, device=device) > cutoff
+        truth = part.targets > 0
+        denom = pred.sum() + truth.sum()
+        return {"target_dsc": float(2 * (pred & truth).sum() / denom) if denom else 1.0}
+
+    return monitor
+
+
+def retraining_plot(path: Path, history: list[dict], title: str) -> Path:
+    """Source validation DSC and the target's DSC per retraining epoch (the target's for analysis only)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    epochs = [h["epoch"] for h in history]
+    ax.plot(epochs, [h["val_dsc"] for h in history], "o-", label="validation DSC (chooses the weights)")
+    if history and "target_dsc" in history[0]:
+        ax.plot(epochs, [h["target_dsc"] for h in history], "s--", label="target DSC (ground truth, analysis only)")
+    ax.set_xlabel("retraining epoch")
+    ax.set_ylabel("DSC")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def enhance_target(r: Round, fold: dict, name: str, model, cutoff: float, limit: float, start: str | None = None,
+                   review=None) -> None:
+    """Retrain on the target's most confident slices, evaluate on the target (all slices, and the slices not used as
+    pseudo-labels) and on the in-domain test set; once per retraining seed (``pseudolabel.seeds``).
+
+    ``start`` identifies the starting model when it is not the round's own fold model (``domgen pseudolabel``);
+    ``review`` replaces the predicted masks by a radiologist's corrections."""
+    for repeat in range(r.pl_settings.seeds):
+        _enhance_once(r, fold, name, model, cutoff, limit, start, review, repeat)
+
+
+def _enhance_once(r: Round, fold: dict, name: str, model, cutoff: float, limit: float, start: str | None,
+                  review, repeat: int) -> None:
     k = fold["fold"]
-    h = child_hash(r.cfg, fold=k, phase="enhanced", target=name, **({"start": start} if start else {}))
+    identity = {**({"start": start} if start else {}), **({"review": review.digest} if review else {}), **({"repeat": repeat} if repeat else {})}
+    h = child_hash(r.cfg, fold=k, phase="enhanced", target=name, **identity)
     if store.find_run(r.exp_id, h) is not None:
         return
     slices = r.targets[name]
     pl = r.pl_settings.with_ci_limit(limit)
-    tags = store.tags(family=FAMILY, source=r.cfg["source"], target=name, fold=k, phase="enhanced", config_hash=h, role="unseen")
-    settings = TrainSettings.from_config(r.cfg["train"], seed=r.cfg["seed"] + k, device=r.cfg["device"])
-    with store.tracked_run(r.exp_id, f"fold {k} | {name} enhanced", r.cfg, tags, r.parent_id) as run, store.artifact_dir() as tmp:
-        model, rankings = enhance(copy.deepcopy(model), r.source.of_patients(fold["train"]), r.source.of_patients(fold["val"]),
-                                  slices, cutoff, pl, settings, progress=r.progress, on_epoch=store.epoch_logger(run.info.run_id))
-        probs = to_original_size(predict_model_size(model, slices, device=settings.device), slices)
+    tags = store.tags(family=FAMILY, source=r.cfg["source"], target=name, fold=k, phase="enhanced", config_hash=h, role="unseen",
+                      repeat=repeat)
+    settings = TrainSettings.from_config(r.cfg["train"], seed=r.cfg["seed"] + k + 1000 * repeat, device=r.cfg["device"])
+    with store.tracked_run(r.exp_id, f"fold {k} | {name} enhanced" + (f" | seed {repeat}" if repeat else ""), r.cfg, tags,
+                           r.parent_id) as run, store.artifact_dir() as tmp:
+        history: list[dict] = []
+        log_epoch = store.epoch_logger(run.info.run_id)
+
+        def on_epoch(record):
+            history.append(record)
+            log_epoch(record)
+
+        monitor = target_monitor(slices, cutoff, settings.device, r.cfg["pseudolabel"].get("track_target_slices", 64), r.cfg["seed"])
+        model_out, rankings = enhance(copy.deepcopy(model), r.source.of_patients(fold["train"]), r.source.of_patients(fold["val"]),
+                                      slices, cutoff, pl, settings, progress=r.progress, on_epoch=on_epoch, monitor=monitor,
+                                      reviewed=None if review is None else review.slices)
+        small = predict_model_size(model_out, slices, device=settings.device)
+        probs = to_original_size(small, slices)
         summary, per_slice = evaluate(probs, slices, cutoff, r.eval_settings)
         test = r.source.of_patients(fold["test"])
-        indomain, _ = evaluate(to_original_size(predict_model_size(model, test, device=settings.device), test), test, cutoff,
-                               EvaluationSettings(**{**r.eval_settings.__dict__, "surface": False}))
-        n_pseudo = float(sum(x.selected.sum() for x in rankings))
+        quick = EvaluationSettings(**{**r.eval_settings.__dict__, "surface": False})
+        indomain, _ = evaluate(to_original_size(predict_model_size(model_out, test, device=settings.device), test), test, cutoff, quick)
+        used = set(review.slices.slice_ids) if review else {s for x in rankings[:1] for s in x.slice_id[x.selected]}
+        used |= {s for x in rankings[1:] for s in x.slice_id[x.selected]}
+        unused_index = [i for i, s in enumerate(slices.slice_ids) if s not in used]
+        unused = {}
+        if unused_index:
+            part = slices.subset(unused_index)
+            unused, _ = evaluate([probs[i] for i in unused_index], part, cutoff, quick)
         # this fold's paired change over the target's patients (the table pools folds per patient)
         before = baseline_per_slice(r, fold, name, start, tmp)
-        change = paired_bootstrap_change(patient_dsc(before), patient_dsc(per_slice), seed=r.cfg["seed"] + k).metrics()
-        store.log_metrics(run.info.run_id, {**summary, "cutoff": cutoff, "ci_min_used": pl.ci_min, "n_pseudo_labels": n_pseudo,
-                                            **{f"indomain_{m}": indomain[m] for m in ("dsc", "sen", "spc")}, **change})
+        change = paired_bootstrap_change(*paired_patients(patient_dsc(before), patient_dsc(per_slice)), seed=r.cfg["seed"] + k).metrics()
+        store.log_metrics(run.info.run_id, {**summary, "cutoff": cutoff, "ci_min_used": pl.ci_min, "n_pseudo_labels": float(len(used)),
+                                            **{f"indomain_{m}": indomain[m] for m in ("dsc", "sen", "spc")},
+                                            **{f"unused_{m}": unused[m] for m in ("dsc", "sen", "spc") if m in unused},
+                                            "n_slices_unused": float(len(unused_index)), **change,
+                                            **(review.metrics() if review else {})})
         if rankings:
-            # which slices became pseudo-labels, ranked by the model that chose them
-            pd.concat(rankings).to_csv(tmp / "pseudo_label_selection.csv", index=False)
+            # which slices became pseudo-labels, ranked by the model that chose them, with their spread
+            selection = pd.concat(rankings)
+            selection.to_csv(tmp / "pseudo_label_selection.csv", index=False)
             store.log_artifact_file(run.info.run_id, tmp / "pseudo_label_selection.csv")
+            store.log_metrics(run.info.run_id, selection_spread(selection[selection["round"] == 0]))
+        if history:
+            store.log_artifact_file(run.info.run_id, retraining_plot(tmp / "retraining_curves.png", history,
+                                                                     f"fold {k}, {r.cfg['source']} -> {name}"), "plots")
         # overlays and ci_ranking.csv show the retrained model's own certainty beside its own contours
-        log_evaluation_artifacts(run.info.run_id, probs, slices, cutoff, per_slice, ci_ranking(probs, slices, cutoff, pl.selection), tmp)
-        store.log_artifact_file(run.info.run_id, save_checkpoint(tmp / "checkpoint.pt", model, r.cfg["model"], cutoff=cutoff,
+        log_evaluation_artifacts(run.info.run_id, probs, slices, cutoff, per_slice,
+                                 rank_target(model_out, slices, cutoff, replace(pl, confidence="ci", filters={}), settings.device, small)[0], tmp)
+        store.log_artifact_file(run.info.run_id, save_checkpoint(tmp / "checkpoint.pt", model_out, r.cfg["model"], cutoff=cutoff,
                                                                  config=r.cfg, fold=fold, ci_limit_indomain=limit), "model")
+
+
+def selection_spread(ranking: pd.DataFrame) -> dict[str, float]:
+    """How the selected slices spread over patients and lesion sizes (N at the slice's own size)."""
+    chosen = ranking[ranking.selected]
+    if chosen.empty:
+        return {"selected_patients": 0.0}
+    per_patient = chosen.patient_id.value_counts()
+    return {"selected_patients": float(len(per_patient)), "selected_max_per_patient": float(per_patient.max()),
+            "selected_n_pixels_median": float(chosen.n_pixels.median()), "selected_n_pixels_min": float(chosen.n_pixels.min()),
+            "selected_n_pixels_max": float(chosen.n_pixels.max())}
 
 
 def baseline_per_slice(r: Round, fold: dict, name: str, start: str | None, tmp: Path) -> pd.DataFrame:
@@ -382,20 +471,15 @@ def checkpoint_of_run(run_id: str, dest: Path) -> Path:
                           "leave-one-out fold run (see the MLflow UI) or --checkpoint PATH") from None
 
 
-def run_pseudolabel(checkpoint: Path, target: str, pseudolabel: dict, suite: str | None = None, device: str | None = None,
-                    progress: bool = True) -> dict[str, dict[str, float]]:
-    """The select-retrain-evaluate step on its own, from a fold checkpoint; returns before/after metrics.
-
-    The runs are identified by the checkpoint's contents as well as the config, so another starting model
-    with the same config is new work, not a cached result."""
+def _pseudolabel_round(checkpoint: Path, target: str, pseudolabel: dict, suite: str | None, device: str | None, progress: bool):
+    """(round, fold, model, cutoff, in-domain CI limit, start digest, suite) for a select-retrain step from a checkpoint."""
     _, ckpt = load_checkpoint(checkpoint)
     if "config" not in ckpt or "fold" not in ckpt:
         raise DomgenError(f"checkpoint {checkpoint} does not record its config and fold; use a checkpoint written by `domgen leave-one-out`")
-    cfg = dict(ckpt["config"])
+    cfg = copy.deepcopy(ckpt["config"])
     cfg["pseudolabel"] = {**cfg["pseudolabel"], **{k: v for k, v in pseudolabel.items() if v is not None}}
     cfg["suite"] = suite or cfg["suite"]
     cfg["device"] = device or cfg["device"]
-    start = file_digest(checkpoint)
     fold = ckpt["fold"]
     exp_id = store.experiment_id(EXPERIMENT)
     loaded = load_suite(cfg["suite"])
@@ -405,12 +489,39 @@ def run_pseudolabel(checkpoint: Path, target: str, pseudolabel: dict, suite: str
               [fold], pre, TrainSettings.from_config(cfg["train"], seed=cfg["seed"], device=cfg["device"]),
               EvaluationSettings.from_config(cfg["evaluation"]), PseudoLabelSettings.from_config(cfg["pseudolabel"]), progress)
     model, _ = load_checkpoint(checkpoint)
-    cutoff = float(ckpt["cutoff"])
-    limit = float(ckpt.get("ci_limit_indomain", float("nan")))
+    return r, fold, model, float(ckpt["cutoff"]), float(ckpt.get("ci_limit_indomain", float("nan"))), file_digest(checkpoint), loaded
+
+
+def run_pseudolabel(checkpoint: Path, target: str, pseudolabel: dict, suite: str | None = None, device: str | None = None,
+                    progress: bool = True, export_dir: Path | None = None, reviewed_dir: Path | None = None) -> dict:
+    """The select-retrain-evaluate step on its own, from a fold checkpoint; returns before/after metrics.
+
+    The runs are identified by the checkpoint's contents as well as the config, so another starting model
+    with the same config is new work, not a cached result. ``export_dir``: write the selected slices for a
+    radiologist's review and stop; ``reviewed_dir``: retrain on the reviewed masks instead of the predictions."""
+    r, fold, model, cutoff, limit, start, loaded = _pseudolabel_round(checkpoint, target, pseudolabel, suite, device, progress)
+    if export_dir is not None:
+        from domgen.methods.review import export_for_review
+
+        slices = r.targets[target]
+        ranking, small = rank_target(model, slices, cutoff, r.pl_settings.with_ci_limit(limit), r.cfg["device"])
+        probs = dict(zip(slices.slice_ids, to_original_size(small, slices)))
+        chosen = sorted(set(ranking.patient_id[ranking.selected]))
+        cases = {c.patient_id: c for c in load_cases(loaded.get(target), chosen)} if chosen else {}
+        n = export_for_review(Path(export_dir), ranking, probs, cases, slices, cutoff,
+                              {"target": target, "checkpoint_sha256": start, "cutoff": cutoff, "confidence": r.pl_settings.confidence})
+        return {"exported": n}
+    review = None
+    if reviewed_dir is not None:
+        from domgen.methods.review import read_review
+
+        review = read_review(Path(reviewed_dir), r.targets[target])
     evaluate_target(r, fold, target, model, cutoff, limit, start=start)
-    enhance_target(r, fold, target, model, cutoff, limit, start=start)
+    enhance_target(r, fold, target, model, cutoff, limit, start=start, review=review)
     out = {}
+    identity = {"start": start, **({"review": review.digest} if review else {})}
     for phase in ("baseline", "enhanced"):
-        run = store.find_run(exp_id, child_hash(cfg, fold=fold["fold"], phase=phase, target=target, start=start))
+        run = store.find_run(r.exp_id, child_hash(r.cfg, fold=fold["fold"], phase=phase, target=target,
+                                                  **(identity if phase == "enhanced" else {"start": start})))
         out[phase] = dict(run.data.metrics, run_id=run.info.run_id)
     return out

@@ -1,11 +1,14 @@
-"""Certainty-Index pseudo-labels (Enshaei et al.): rank unseen slices, retrain on the most certain.
+"""Certainty-Index pseudo-labels (Enshaei et al.): rank unseen slices, retrain on the most confident.
 
-The selected slices take their predicted masks (probability > cut-off) as labels and are mixed with the
-source training slices (``mix = "source+pseudo"``) or used alone (``"pseudo-only"``).
+The selected slices take their predicted masks (probability > cut-off) as labels, or a radiologist's
+corrections of them (``reviewed``), and are mixed with the source training slices (``mix = "source+pseudo"``)
+or used alone (``"pseudo-only"``). The ranking score is the CI by default or any score of
+``domgen.methods.confidence``; limits on several scores can be combined (``filters``), and constraints spread
+the selection over patients and lesion sizes.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -14,6 +17,7 @@ from scipy.stats import spearmanr
 from domgen.evaluation.metrics import confusion, overlap_metrics
 from domgen.evaluation.statistics import spearman_interval
 from domgen.methods.certainty import Selection, certainty_index, rank_and_select
+from domgen.methods.confidence import CONFIDENCE_SCORES, ScoreContext, score_slices
 from domgen.preprocessing.slices import SliceSet
 from domgen.training.trainer import TrainSettings, predict_model_size, to_original_size, train
 
@@ -21,6 +25,9 @@ MIXES = ("source+pseudo", "pseudo-only")
 # how the CI limit is chosen without target labels: the fixed ci_min, or a quantile of the CI of the
 # in-domain test slices (labelled source data the model did not train on)
 CI_RULES = ("fixed", "indomain-quantile")
+# how the retrained weights are chosen: the last epoch's, the best on the source's validation slices
+# (Enshaei et al.), or the best on held-out pseudo-labelled target slices (no target ground truth needed)
+SELECT_BY = ("last", "source-val", "pseudo-val")
 
 
 @dataclass(frozen=True)
@@ -34,14 +41,31 @@ class PseudoLabelSettings:
     rounds: int = 1
     ci_rule: str = "fixed"
     ci_quantile: float = 0.5
+    confidence: str = "ci"  # the score that ranks (a CONFIDENCE_SCORES name)
+    filters: dict = field(default_factory=dict)  # {score name: minimum} beside CI >= ci_min
+    per_patient_max: int | None = None
+    min_patients: int | None = None
+    size_strata: int | None = None
+    select_by: str = "source-val"
+    pseudo_val_fraction: float = 0.2  # with select_by pseudo-val: the share of pseudo-labelled patients held out
+    seeds: int = 1  # retraining repeats with seeds seed + fold + 1000 * s
 
     @classmethod
     def from_config(cls, cfg: dict) -> "PseudoLabelSettings":
-        return cls(**{k: v for k, v in cfg.items() if k in cls.__dataclass_fields__})
+        known = {k: v for k, v in cfg.items() if k in cls.__dataclass_fields__}
+        if "filters" in known:
+            known["filters"] = dict(known["filters"] or {})
+        return cls(**known)
 
     @property
     def selection(self) -> Selection:
-        return Selection(self.min_pixels, self.ci_min, self.top_k, self.top_fraction, self.min_pixels_at)
+        return Selection(self.min_pixels, self.ci_min, self.top_k, self.top_fraction, self.min_pixels_at,
+                         self.per_patient_max, self.min_patients, self.size_strata)
+
+    @property
+    def score_names(self) -> list[str]:
+        """The scores selection needs: the ranking score and every filtered one (the CI is always computed)."""
+        return list(dict.fromkeys([self.confidence, *self.filters]))
 
     def with_ci_limit(self, limit: float | None) -> "PseudoLabelSettings":
         """The settings with the CI limit of the ``ci_rule`` in force (``limit`` from the in-domain test set)."""
@@ -56,31 +80,49 @@ def indomain_ci_limit(ranking: pd.DataFrame, quantile: float) -> float:
     return float(np.quantile(ok.ci, quantile)) if len(ok) else float("nan")
 
 
-def ci_ranking(probabilities: list[np.ndarray], slices: SliceSet, cutoff: float, selection: Selection) -> pd.DataFrame:
-    """``ci_ranking.csv``: slice_id, patient_id, ci, n_pixels, min_pixels (the slice's N limit at its own size),
-    eligible (passes the N filter), selected, dice (empty without ground truth), sorted from most to least
-    certain (slices dropped by the N filter last)."""
+def ci_ranking(probabilities: list[np.ndarray], slices: SliceSet, cutoff: float, selection: Selection,
+               scores: dict[str, np.ndarray] | None = None, confidence: str = "ci", filters: dict | None = None) -> pd.DataFrame:
+    """``ci_ranking.csv``: slice_id, patient_id, ci, the other scores computed, n_pixels, min_pixels (the slice's N
+    limit at its own size), eligible (passes the N filter), selected, dice (empty without ground truth), sorted
+    from most to least confident by ``confidence`` (slices dropped by the N filter last). Candidates need
+    CI >= ci_min and every ``filters`` score >= its minimum."""
     ci, n = zip(*(certainty_index(p, cutoff) for p in probabilities)) if probabilities else ((), ())
     ci, n = np.asarray(ci, dtype=float), np.asarray(n, dtype=int)
+    scores = {k: np.asarray(v, dtype=float) for k, v in (scores or {}).items() if k != "ci"}
     limit_n = np.asarray([selection.min_pixels_for(p.shape) for p in probabilities], dtype=float)
-    order, selected = rank_and_select(ci, n, selection, limit_n)
+    passes = ci >= selection.ci_min
+    for name, minimum in (filters or {}).items():
+        values = ci if name == "ci" else scores[name]
+        passes &= np.nan_to_num(values, nan=-np.inf) >= float(minimum)
+    rank_by = ci if confidence == "ci" else scores[confidence]
+    order, selected = rank_and_select(rank_by, n, selection, limit_n, np.asarray(slices.patient_ids), passes)
     dice = [overlap_metrics(confusion(p > cutoff, t))["dsc"] if t is not None else np.nan
             for p, t in zip(probabilities, slices.truths)]
     eligible = np.zeros(len(ci), dtype=bool)
     eligible[order] = True
-    table = pd.DataFrame({"slice_id": slices.slice_ids, "patient_id": slices.patient_ids, "ci": ci,
+    table = pd.DataFrame({"slice_id": slices.slice_ids, "patient_id": slices.patient_ids, "ci": ci, **scores,
                           "n_pixels": n, "min_pixels": limit_n, "eligible": eligible, "selected": selected, "dice": dice})
     ranked = set(order.tolist())
     rest = [i for i in range(len(table)) if i not in ranked]
     return table.iloc[list(order) + rest].reset_index(drop=True)
 
 
-def ci_dice_spearman(ranking: pd.DataFrame) -> float:
-    """Spearman correlation between CI and true slice DSC over the slices that pass the N filter."""
-    ok = ranking[ranking.eligible & ranking.ci.notna() & ranking.dice.notna()]
-    if len(ok) < 3 or ok.ci.nunique() < 2 or ok.dice.nunique() < 2:
+def rank_target(model, slices: SliceSet, cutoff: float, settings: PseudoLabelSettings, device: str = "cpu",
+                small: np.ndarray | None = None) -> tuple[pd.DataFrame, np.ndarray]:
+    """(ranking, model-size probabilities) of ``slices`` under the settings' confidence score and limits."""
+    small = predict_model_size(model, slices, device=device) if small is None else small
+    probabilities = to_original_size(small, slices)
+    names = settings.score_names
+    scores = score_slices(ScoreContext(model, slices, probabilities, small, cutoff, device), names) if names != ["ci"] else None
+    return ci_ranking(probabilities, slices, cutoff, settings.selection, scores, settings.confidence, settings.filters), small
+
+
+def ci_dice_spearman(ranking: pd.DataFrame, score: str = "ci") -> float:
+    """Spearman correlation between a score (the CI) and true slice DSC over the slices that pass the N filter."""
+    ok = ranking[ranking.eligible & ranking[score].notna() & ranking.dice.notna()]
+    if len(ok) < 3 or ok[score].nunique() < 2 or ok.dice.nunique() < 2:
         return float("nan")
-    return float(spearmanr(ok.ci, ok.dice).statistic)
+    return float(spearmanr(ok[score], ok.dice).statistic)
 
 
 def ci_dice_spearman_metrics(ranking: pd.DataFrame, seed: int = 0) -> dict[str, float]:
@@ -99,26 +141,54 @@ def pseudo_labelled(slices: SliceSet, model_size_probabilities: np.ndarray, sele
     return chosen.with_targets((model_size_probabilities[index] > cutoff).astype(np.uint8))
 
 
+def hold_out_patients(pseudo: SliceSet, fraction: float, seed: int) -> tuple[SliceSet, SliceSet]:
+    """(train, validation) of the pseudo-labelled slices, split by patient (by slice when only one patient)."""
+    rng = np.random.default_rng(seed)
+    patients = pseudo.patients()
+    if len(patients) >= 2:
+        n_val = min(len(patients) - 1, max(1, int(round(fraction * len(patients)))))
+        val = set(rng.choice(patients, n_val, replace=False).tolist())
+        index = np.asarray([p in val for p in pseudo.patient_ids])
+    else:
+        index = np.zeros(len(pseudo), dtype=bool)
+        index[rng.choice(len(pseudo), max(1, int(round(fraction * len(pseudo)))), replace=False)] = True
+    return pseudo.subset(np.flatnonzero(~index)), pseudo.subset(np.flatnonzero(index))
+
+
 def enhance(model, source_train: SliceSet, source_val: SliceSet, target: SliceSet, cutoff: float,
             settings: PseudoLabelSettings, train_settings: TrainSettings, progress: bool = True,
-            on_epoch=None) -> tuple[object, list[pd.DataFrame]]:
-    """Select-and-retrain ``settings.rounds`` times; returns the retrained model and each round's ranking."""
+            on_epoch=None, monitor=None, reviewed: SliceSet | None = None) -> tuple[object, list[pd.DataFrame]]:
+    """Select-and-retrain ``settings.rounds`` times; returns the retrained model and each round's ranking.
+
+    ``reviewed``: the first round trains on these slices (a radiologist's corrected masks) instead of the
+    raw predictions. ``monitor(model)`` adds per-epoch metrics (target DSC for plots), never used to choose."""
     if settings.mix not in MIXES:
         raise ValueError(f"mix must be one of {MIXES}")
     if settings.ci_rule not in CI_RULES:
         raise ValueError(f"ci_rule must be one of {CI_RULES}")
+    if settings.select_by not in SELECT_BY:
+        raise ValueError(f"select_by must be one of {SELECT_BY}")
+    if settings.confidence not in CONFIDENCE_SCORES:
+        raise ValueError(f"confidence must be one of {tuple(CONFIDENCE_SCORES)}")
     rankings = []
     for round_index in range(settings.rounds):
-        small = predict_model_size(model, target, device=train_settings.device)
-        ranking = ci_ranking(to_original_size(small, target), target, cutoff, settings.selection)
+        ranking, small = rank_target(model, target, cutoff, settings, train_settings.device)
         rankings.append(ranking.assign(round=round_index))
-        selected = np.zeros(len(target), dtype=bool)
-        position = {sid: i for i, sid in enumerate(target.slice_ids)}
-        selected[[position[s] for s in ranking.slice_id[ranking.selected]]] = True
-        if not selected.any():
-            break  # nothing certain enough: the model stays as it is
-        pseudo = pseudo_labelled(target, small, selected, cutoff)
+        if reviewed is not None and round_index == 0:
+            pseudo = reviewed
+        else:
+            selected = np.zeros(len(target), dtype=bool)
+            position = {sid: i for i, sid in enumerate(target.slice_ids)}
+            selected[[position[s] for s in ranking.slice_id[ranking.selected]]] = True
+            pseudo = pseudo_labelled(target, small, selected, cutoff) if selected.any() else None
+        if pseudo is None or not len(pseudo):
+            break  # nothing confident enough: the model stays as it is
+        val_set, ts = source_val, train_settings
+        if settings.select_by == "pseudo-val" and len(pseudo) >= 2:
+            pseudo, val_set = hold_out_patients(pseudo, settings.pseudo_val_fraction, train_settings.seed)
+        elif settings.select_by == "last":
+            ts = replace(train_settings, select_by="last")
         train_set = pseudo if settings.mix == "pseudo-only" else SliceSet.concat([source_train, pseudo])
-        model = train(model, train_set, source_val, train_settings, on_epoch=on_epoch, progress=progress,
-                      desc=f"retrain round {round_index + 1}").model
+        model = train(model, train_set, val_set, ts, on_epoch=on_epoch, progress=progress,
+                      desc=f"retrain round {round_index + 1}", monitor=monitor).model
     return model, rankings

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 from mlflow.tracking import MlflowClient
 
 from domgen.errors import DomgenError
-from domgen.evaluation.evaluate import patient_dsc
+from domgen.evaluation.evaluate import paired_patients, patient_dsc
 from domgen.evaluation.statistics import paired_bootstrap_change
 from domgen.tracking import mlflow_store as store
 
@@ -70,14 +71,19 @@ def change_text(change) -> tuple[str, str]:
     return f"{change.mean_change:+.3f} [{change.low:+.3f}, {change.high:+.3f}]", p
 
 
+def runs_interval_text(values: list[float]) -> str:
+    """Mean [95 % t interval] over runs, e.g. the DSC change of each fold x seed; the mean alone for one run."""
+    arr = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=float)
+    if arr.size == 0:
+        return "-"
+    if arr.size == 1 or np.all(arr == arr[0]):
+        return f"{arr.mean():+.3f} (n={arr.size})"
+    low, high = stats.t.interval(0.95, arr.size - 1, loc=arr.mean(), scale=stats.sem(arr))
+    return f"{arr.mean():+.3f} [{low:+.3f}, {high:+.3f}] (n={arr.size})"
+
+
 def _values(part: pd.DataFrame, metric: str) -> list[float]:
     return part.get(metric, pd.Series(dtype=float)).tolist()
-
-
-def _paired(before: dict[str, float], after: dict[str, float]) -> tuple[dict[str, float], dict[str, float]]:
-    """The patients with a defined DSC on both sides (a patient with no lesion and no prediction has none)."""
-    both = [p for p in before if p in after and np.isfinite(before[p]) and np.isfinite(after[p])]
-    return {p: before[p] for p in both}, {p: after[p] for p in both}
 
 
 def _round_tables(round_id: str) -> tuple[list[dict], list[dict], list[dict], list[dict], dict]:
@@ -107,8 +113,10 @@ def _round_tables(round_id: str) -> tuple[list[dict], list[dict], list[dict], li
             row["CI-DSC Spearman"] = mean_std_text(_values(before, "ci_dsc_spearman"))
             row["pseudo-labels"] = f"{finite_mean(n_pseudo):.0f} of {finite_mean(ranked):.0f}" if len(after) else "-"
             # paired by patient: each patient's DSC (mean over folds) after minus before, patient bootstrap 95 % interval
-            change = paired_bootstrap_change(*_paired(_patient_dsc_over_folds(before), _patient_dsc_over_folds(after)))
+            change = paired_bootstrap_change(*paired_patients(_patient_dsc_over_folds(before), _patient_dsc_over_folds(after)))
             row["DSC change [95 % CI]"], row["Wilcoxon p"] = change_text(change)
+            # the spread of the change over retraining runs (folds x seeds): one lucky epoch does not decide
+            row["change over seeds x folds"] = runs_interval_text(_values(after, "dsc_change"))
             row["note"] = ("no slice selected in any fold: after = before" if len(after) and all(v == 0 for v in n_pseudo)
                            else "no slice selected in some folds" if any(v == 0 for v in n_pseudo) else "")
             for m in METRICS:

@@ -30,7 +30,7 @@ class TrainSettings:
     lr: float = 1e-3
     patience: int | None = 5  # epochs without a better validation loss before stopping
     loss: str = "dice+bce"  # a LOSSES name
-    select_by: str = "val_dsc"  # "val_dsc" (Enshaei) or "val_loss" (Bizopoulos)
+    select_by: str = "val_dsc"  # "val_dsc" (Enshaei), "val_loss" (Bizopoulos) or "last" (the final epoch's weights)
     schedule: str = "constant"  # "constant" or "poly" (Wang et al.)
     poly_power: float = 0.9
     augment: str = "enshaei"
@@ -168,8 +168,11 @@ def train(
     on_epoch: Callable[[dict], None] | None = None,
     progress: bool = True,
     desc: str = "train",
+    monitor: Callable[[nn.Module], dict] | None = None,
 ) -> TrainResult:
-    """Train ``model`` in place; returns it loaded with the best weights."""
+    """Train ``model`` in place; returns it loaded with the best weights (the last ones with select_by "last").
+
+    ``monitor(model)`` adds metrics to each epoch's record (e.g. the target's DSC, for plots); it never chooses."""
     seed_everything(settings.seed)
     device = settings.device
     model.to(device)
@@ -202,6 +205,8 @@ def train(
         record = {"epoch": epoch, "train_loss": float(total) / max(count, 1), "val_loss": val_loss,
                   "val_dsc": val_dsc, "lr": optimizer.param_groups[0]["lr"],
                   "train_seconds": val_started - epoch_started, "val_seconds": time.perf_counter() - val_started}
+        if monitor is not None:
+            record.update(monitor(model))
         history.append(record)
         if on_epoch:
             on_epoch(record)
@@ -217,6 +222,6 @@ def train(
             if settings.patience is not None and stale >= settings.patience:
                 break
     seconds = (time.perf_counter() - started) / max(len(history), 1)
-    if best_state is not None:
+    if best_state is not None and settings.select_by != "last":
         model.load_state_dict(best_state)
     return TrainResult(model, best_epoch, len(history), history, seconds)
