@@ -5,7 +5,9 @@ choice the papers make differently, so it is explicit (``EMPTY_CONVENTIONS``):
 
 - ``nan``: an undefined ratio is NaN and left out of means;
 - ``both-empty-one``: a slice with no lesion in truth and prediction scores 1 on DSC/IoU/SEN, other 0/0 -> NaN;
-- ``no-prediction-one``: Bizopoulos et al.: when TP + FP = 0 every metric is 1.
+- ``bizopoulos``: Bizopoulos et al. exactly: when TP + FP = 0 every metric is 1; any other 0/0 ratio is 0 (e.g. the
+  sensitivity of a slice with no true lesion and some false positives);
+- ``no-prediction-one``: domgen < 0.2's reading of it: every metric 1 when TP + FP = 0, other 0/0 -> NaN (left out).
 
 Surface metrics (NSD at a tolerance in mm, HD95 in mm) are MONAI's, per 2D slice with the pixel spacing.
 """
@@ -17,7 +19,7 @@ import numpy as np
 import torch
 from monai.metrics import compute_hausdorff_distance, compute_surface_dice
 
-EMPTY_CONVENTIONS = ("nan", "both-empty-one", "no-prediction-one")
+EMPTY_CONVENTIONS = ("nan", "both-empty-one", "bizopoulos", "no-prediction-one")
 OVERLAP_METRICS = ("dsc", "sen", "spc", "iou")
 
 
@@ -43,7 +45,7 @@ def overlap_metrics(counts: np.ndarray, empty: str = "nan", eps: float = 0.0) ->
     if empty not in EMPTY_CONVENTIONS:
         raise ValueError(f"empty convention must be one of {EMPTY_CONVENTIONS}, not {empty!r}")
     tp, fp, fn, tn = (float(c) for c in counts)
-    if empty == "no-prediction-one" and tp + fp == 0:
+    if empty in ("no-prediction-one", "bizopoulos") and tp + fp == 0:
         return {m: 1.0 for m in OVERLAP_METRICS}
     out = {
         "dsc": (2 * tp + eps) / (2 * tp + fp + fn + eps) if (2 * tp + fp + fn + eps) > 0 else float("nan"),
@@ -53,6 +55,8 @@ def overlap_metrics(counts: np.ndarray, empty: str = "nan", eps: float = 0.0) ->
     }
     if empty == "both-empty-one" and tp + fp + fn == 0:
         out.update(dsc=1.0, iou=1.0, sen=1.0)
+    if empty == "bizopoulos":
+        out = {k: 0.0 if np.isnan(v) else v for k, v in out.items()}
     return out
 
 

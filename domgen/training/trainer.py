@@ -55,9 +55,25 @@ class DiceBCELoss(nn.Module):
         return self.dice(logits, target) + self.bce(logits, target)
 
 
+class SquaredDiceLoss(nn.Module):
+    """Bizopoulos et al.'s Eq. 1: 1 - (2 sum(Y Yhat) + eps) / (sum(Y^2) + sum(Yhat^2) + eps), Yhat = sigmoid(logits),
+    sums over the whole batch, eps = 1e-5."""
+
+    def __init__(self, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        p = torch.sigmoid(logits.float())
+        t = target.float()
+        return 1.0 - (2.0 * (p * t).sum() + self.eps) / ((t * t).sum() + (p * p).sum() + self.eps)
+
+
 LOSSES: dict[str, Callable[[], nn.Module]] = {
     "dice+bce": DiceBCELoss,
-    # soft Dice with eps 1e-5 (Bizopoulos et al.): 1 - (2|P.T| + eps) / (|P| + |T| + eps)
+    # Bizopoulos et al.'s Eq. 1 (squares in the denominator)
+    "soft-dice-eq1": SquaredDiceLoss,
+    # smp's soft Dice, eps 1e-5: 1 - (2|P.T| + eps) / (|P| + |T| + eps) per channel, an empty target scores 0 (domgen < 0.2)
     "soft-dice": lambda: smp.losses.DiceLoss(mode="binary", from_logits=True, smooth=1e-5),
 }
 
