@@ -130,6 +130,102 @@ def test_sites_differ_in_noise_kernel_calibration_and_lesion_mix():
     assert consolidation_share(more_b) > 2 * consolidation_share(more_a)
 
 
+def homogeneous(site_name: str, value: float = 0.0, seed: int = 0, noise_scale=1.0) -> np.ndarray:
+    """A uniform phantom of ``value`` HU through ``site_name``'s scanner: all variation is the site's noise."""
+    site = SITES[site_name]
+    return synthetic.apply_scanner(site, np.full((6, 96, 96), value, np.float32), np.random.default_rng(seed), noise_scale)
+
+
+@pytest.mark.parametrize("name", ["A", "B", "C", "D", "tumour", "effusion"])
+def test_scanner_noise_and_calibration_follow_the_site_spec(name):
+    site = SITES[name]
+    image = homogeneous(name, value=40.0)
+    # Stored = gain * (true + noise) + offset; ramp-filtered noise has no DC, so the mean is exact.
+    assert image.mean() == pytest.approx(site.hu_gain * 40.0 + site.hu_offset, abs=1e-2)
+    assert image.std() == pytest.approx(site.hu_gain * site.noise_hu, rel=1e-3)
+    # A twice-as-wide patient (factor 2^1.5) is noisier by that factor.
+    assert homogeneous(name, 40.0, noise_scale=2 ** 1.5).std() == pytest.approx(2 ** 1.5 * image.std(), rel=1e-3)
+
+
+def test_noise_power_spectrum_is_ramp_shaped_and_kernel_ordered():
+    def radial_nps(image):
+        nps = (np.abs(np.fft.fft2(image - image.mean(axis=(-2, -1), keepdims=True))) ** 2).mean(axis=0)
+        f = np.hypot(*np.meshgrid(np.fft.fftfreq(96), np.fft.fftfreq(96), indexing="ij"))
+        bands = [(0.0, 0.06), (0.06, 0.2), (0.2, 0.35), (0.35, 0.5)]
+        return np.array([nps[(f >= lo) & (f < hi)].mean() for lo, hi in bands]) / nps.mean()
+
+    standard, sharp, smooth = radial_nps(homogeneous("A")), radial_nps(homogeneous("B")), radial_nps(homogeneous("C"))
+    for nps in (standard, sharp, smooth):
+        assert nps[0] < nps[1]  # FBP noise: little power at the lowest frequencies (ramp filter)
+    # The sharp kernel puts its noise at the highest frequencies, the smooth one at mid-low ones.
+    assert sharp[3] > standard[3] > smooth[3]
+    assert np.argmax(sharp) == 3 and np.argmax(smooth) <= 1
+    sharpness = {n: lag1_correlation(homogeneous(n)) for n in ("A", "B", "C")}
+    assert sharpness["B"] < sharpness["A"] < sharpness["C"]
+
+
+def test_kernel_edge_response_follows_the_site_spec():
+    # A -1000 / +0 HU step edge, noise-free: the smooth kernel blurs it most, the sharp kernel overshoots.
+    profiles = {}
+    for name in ("A", "B", "C"):
+        site = replace_noise(SITES[name])
+        edge = np.full((1, 64, 64), -1000.0, np.float32)
+        edge[..., 32:] = 0.0
+        out = synthetic.apply_scanner(site, edge, np.random.default_rng(0))[0, 32]
+        profiles[name] = (out - site.hu_offset) / site.hu_gain
+    width = {n: int(((p > -900) & (p < -100)).sum()) for n, p in profiles.items()}
+    assert width["C"] > width["A"] >= 1 and width["B"] <= width["A"]
+    assert profiles["B"].max() > 10.0 and profiles["A"].max() <= 1.0  # overshoot above 0 HU only with the sharp kernel
+    # Gaussian kernel of kernel_px pixels: 10-90 % rise ~ 2.56 sigma
+    assert width["C"] == pytest.approx(2.56 * SITES["C"].kernel_px, abs=1.5)
+
+
+def replace_noise(site):
+    from dataclasses import replace
+
+    return replace(site, noise_hu=0.0)
+
+
+def test_stored_intensity_space_per_site():
+    for name in ("A", "B", "C", "D"):
+        site = SITES[name]
+        case = generate_case(site, 0, 0, 0.125, slices_per_patient=2)
+        stored = synthetic.stored_case(site, case)
+        if site.stored_intensity.kind == "hu":
+            assert stored.image is case.image and stored.intensity.kind == "hu"
+        else:
+            assert stored.intensity == synthetic.MEDSEG_WINDOW
+            assert stored.image.min() >= 0 and stored.image.max() <= 255
+            np.testing.assert_array_equal(stored.image, np.round(stored.image))
+            low = synthetic.MEDSEG_WINDOW.level - synthetic.MEDSEG_WINDOW.width / 2
+            inside = (case.image > low + 10) & (case.image < low + 1490)
+            back = stored.image / 255 * synthetic.MEDSEG_WINDOW.width + low
+            assert np.abs(back - case.image)[inside].max() <= synthetic.MEDSEG_WINDOW.width / 255 / 2 + 1e-3
+
+
+def test_slice_spacing_is_the_generated_z_step_and_wider_patients_are_noisier():
+    site = SITES["A"]
+    case = generate_case(site, 0, 0, 0.125, slices_per_patient=5)
+    assert case.slice_spacing == pytest.approx(site.z_range_mm / 5)
+    anatomy = build_anatomy(site, case_rng(0, site, 0), 5, 64)
+    factor = synthetic.patient_noise_scale(anatomy)
+    half_width = anatomy.body.any(axis=1).sum(axis=-1) * (site.fov_mm / 64) / 2
+    np.testing.assert_allclose(factor[:, 0, 0], (half_width / synthetic.REFERENCE_HALF_WIDTH_MM) ** 1.5, rtol=1e-5)
+
+
+def test_default_suite_is_at_least_128_pixels():
+    assert synthetic.DEFAULT_SCALE * min(s.matrix for s in SITES.values()) >= 128
+    assert synthetic.resolve_parameters()["scale"] == synthetic.DEFAULT_SCALE
+
+
+def test_crazy_paving_and_ground_glass_texture_are_heterogeneous():
+    items = cases("B", n=4, scale=0.25)
+    image, lesion = stack(items, "image"), stack(items, "lesion")
+    ggo = inner(lesion == GROUND_GLASS, 1)
+    # hazy, heterogeneous ground glass: spread well above B's noise alone
+    assert image[ggo].std() > 1.5 * SITES["B"].noise_hu
+
+
 def test_site_d_masks_are_binary():
     for case in cases("D", n=2, slices=4):
         assert set(np.unique(case.lesion)) <= {0, 1}
@@ -181,7 +277,7 @@ def test_window_conversion_matches_the_declared_window():
 def test_write_suite_round_trips_through_the_readers(tmp_path):
     from domgen.data.registry import load_cases, load_suite
 
-    path = synthetic.write_suite(tmp_path / "suite", seed=5, patients=TINY, slices_per_patient=3)
+    path = synthetic.write_suite(tmp_path / "suite", seed=5, scale=0.125, patients=TINY, slices_per_patient=3)
     suite = load_suite(path)
     assert sorted(suite.names()) == sorted(TINY)
     for name, count in TINY.items():

@@ -8,7 +8,14 @@ non-COVID sites give solid tumours or pleural effusion for transfer learning. Ev
 
 Sites differ the way hospitals do (Enshaei et al.'s Datasets A/B/C and MedSeg): noise level and
 texture, reconstruction kernel, HU calibration, stored intensity (raw HU, int16 DICOM, 0..255 window),
-matrix size, slice count and lesion mix. ``write_suite`` stores each site in its own format and writes
+matrix size, slice count and lesion mix.
+
+The scanner model follows filtered back-projection: quantum noise has a ramp-shaped noise power spectrum
+(NPS ~ |f| x MTF^2: no power at DC, a peak at mid frequencies, "grainy" rather than blurred white noise),
+the kernel sets both the MTF of the anatomy and the NPS, and noise grows with the patient's width (fewer
+photons through a wider body). Ground glass is hazy and heterogeneous with vessels visible through it,
+sometimes with a superimposed reticulation (crazy paving); consolidation is near soft-tissue density with
+air bronchograms. The default scale (0.25) gives 128x128 slices for a 512 matrix. ``write_suite`` stores each site in its own format and writes
 the suite YAML that ``domgen.data.registry`` reads.
 """
 from __future__ import annotations
@@ -30,7 +37,7 @@ from domgen.data.case import CONSOLIDATION, GROUND_GLASS, HU, Case, IntensitySpa
 from domgen.errors import DomgenError
 
 # Bump when the generator's output changes, so ensure_synthetic_suite regenerates stale suites.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 
 # MedSeg's display window, in which sites C and D are stored (Radiopaedia cases come pre-windowed).
 MEDSEG_WINDOW = IntensitySpace("windowed", level=-600.0, width=1500.0)
@@ -50,6 +57,11 @@ TABLE_HU = 150.0
 # The scanner's storable range (12-bit CT with a -1024 intercept).
 HU_MIN, HU_MAX = -1024.0, 3071.0
 
+# Default matrix scale: 512 * 0.25 = 128 px slices (C's 630 matrix: 158 px), 2.7 mm pixels.
+DEFAULT_SCALE = 0.25
+# Half-width (mm) of the reference patient at which a site's ``noise_hu`` holds; wider patients are noisier.
+REFERENCE_HALF_WIDTH_MM = 150.0
+
 COVID_LABELS = {GROUND_GLASS: "ground_glass", CONSOLIDATION: "consolidation"}
 
 
@@ -59,8 +71,10 @@ class SiteSpec:
 
     ``kernel`` is the reconstruction kernel: ``standard`` (mild blur), ``sharp`` (unsharp mask, i.e.
     high-frequency boost) or ``smooth`` (gaussian blur); ``kernel_px`` is its width in pixels, so the
-    look is the same at every ``scale``. Stored HU = ``hu_gain`` * true HU + ``hu_offset`` (calibration).
-    ``consolidation_fraction`` is the mean share of the lesion volume that is consolidation.
+    look is the same at every ``scale``. ``noise_hu`` is the noise std in a homogeneous region of the
+    reference-width patient. Stored HU = ``hu_gain`` * true HU + ``hu_offset`` (calibration).
+    ``consolidation_fraction`` is the mean share of the lesion volume that is consolidation;
+    ``crazy_paving`` the share of patients whose ground glass carries a reticulation.
     """
 
     name: str
@@ -82,6 +96,7 @@ class SiteSpec:
     stored_intensity: IntensitySpace = HU
     table: bool = True
     consolidation_fraction: float = 0.2
+    crazy_paving: float = 0.2
     lesion_burden: tuple[float, float] = (0.04, 0.25)  # range of the involved share of the lung
     binary_labels: bool = False
     lesion_labels: dict[int, str] = field(default_factory=lambda: dict(COVID_LABELS))
@@ -98,7 +113,7 @@ SITES: dict[str, SiteSpec] = {
         format="nifti", lesion_kind="covid", patients=10, slices_per_patient=20,
         matrix=512, fov_mm=350.0, z_range_mm=150.0, thorax_span=(0.2, 0.95),
         noise_hu=15.0, kernel="standard", kernel_px=0.6,
-        consolidation_fraction=0.08, lesion_burden=(0.04, 0.25),
+        consolidation_fraction=0.08, crazy_paving=0.15, lesion_burden=(0.04, 0.25),
     ),
     "B": SiteSpec(
         name="B",
@@ -108,7 +123,7 @@ SITES: dict[str, SiteSpec] = {
         matrix=512, fov_mm=370.0, z_range_mm=180.0, thorax_span=(0.15, 0.95),
         noise_hu=35.0, kernel="sharp", kernel_px=1.0, sharpen_amount=0.5,
         hu_gain=0.97, hu_offset=30.0,
-        consolidation_fraction=0.4, lesion_burden=(0.08, 0.35),
+        consolidation_fraction=0.4, crazy_paving=0.5, lesion_burden=(0.08, 0.35),
     ),
     "C": SiteSpec(
         name="C",
@@ -118,7 +133,7 @@ SITES: dict[str, SiteSpec] = {
         matrix=630, fov_mm=380.0, z_range_mm=160.0, thorax_span=(0.2, 0.95),
         noise_hu=8.0, kernel="smooth", kernel_px=1.3,
         stored_intensity=MEDSEG_WINDOW, table=False,
-        consolidation_fraction=0.25, lesion_burden=(0.05, 0.3),
+        consolidation_fraction=0.25, crazy_paving=0.3, lesion_burden=(0.05, 0.3),
     ),
     "D": SiteSpec(
         name="D",
@@ -128,7 +143,7 @@ SITES: dict[str, SiteSpec] = {
         matrix=512, fov_mm=360.0, z_range_mm=160.0, thorax_span=(0.3, 0.95),
         noise_hu=20.0, kernel="standard", kernel_px=0.8,
         stored_intensity=MEDSEG_WINDOW,
-        consolidation_fraction=0.25, lesion_burden=(0.05, 0.3),
+        consolidation_fraction=0.25, crazy_paving=0.3, lesion_burden=(0.05, 0.3),
         binary_labels=True, lesion_labels={1: "lesion"},
     ),
     "tumour": SiteSpec(
@@ -420,9 +435,14 @@ def add_covid_lesions(site: SiteSpec, anatomy: Anatomy, rng: np.random.Generator
     ggo_blend = smoothstep((score - threshold) / 0.5 + 0.5)  # 0.5 at the mask edge: fuzzy margins
     ggo = lung & (score > threshold)
 
-    ggo_hu = rng.uniform(-620.0, -430.0)
+    # Ground glass is hazy, not flat: its density wanders by tens of HU over a few mm.
+    ggo_hu = rng.uniform(-620.0, -430.0) + 60.0 * smooth_field(rng, shape, step, 3.0)
     hu = anatomy.hu
     hu[:] = np.where(lung, hu + (ggo_hu - hu) * ggo_blend * (hu < ggo_hu), hu)
+    if rng.random() < site.crazy_paving:
+        # Crazy paving: thickened interlobular septa, a polygonal network of lines over the ground glass.
+        septa = np.abs(smooth_field(rng, shape, step, (8.0, 4.0, 4.0))) < 0.18
+        hu[:] = np.where(septa & lung, hu + 140.0 * ggo_blend, hu)
     lesion[ggo] = GROUND_GLASS
 
     share = float(np.clip(rng.normal(site.consolidation_fraction, 0.08), 0.0, 0.8))
@@ -432,7 +452,7 @@ def add_covid_lesions(site: SiteSpec, anatomy: Anatomy, rng: np.random.Generator
         # Consolidation has sharper margins than ground glass.
         c_blend = smoothstep((dense - c_threshold) / 0.2 + 0.85)
         consolidation = ggo & (dense > c_threshold)
-        c_hu = rng.uniform(-60.0, 30.0)
+        c_hu = rng.uniform(-60.0, 30.0) + 15.0 * smooth_field(rng, shape, step, 4.0)
         hu[:] = np.where(lung, hu + (c_hu - hu) * c_blend * (hu < c_hu), hu)
         lesion[consolidation] = CONSOLIDATION
     return lesion
@@ -490,22 +510,59 @@ def add_effusion(anatomy: Anatomy, rng: np.random.Generator) -> np.ndarray:
 # The scanner: kernel, noise, calibration
 
 
-def apply_scanner(site: SiteSpec, hu: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Reconstruction kernel on the anatomy, kernel-textured noise, then HU calibration."""
-    in_plane = (0.0, site.kernel_px, site.kernel_px)
-    white = rng.standard_normal(hu.shape).astype(np.float32)
-    if site.kernel == "sharp":
-        # Unsharp mask: boosts high spatial frequencies in both anatomy and noise.
-        image = hu + site.sharpen_amount * (hu - ndimage.gaussian_filter(hu, in_plane))
-        noise = white + site.sharpen_amount * (white - ndimage.gaussian_filter(white, in_plane))
-    elif site.kernel in ("standard", "smooth"):
-        image = ndimage.gaussian_filter(hu, in_plane)
-        noise = ndimage.gaussian_filter(white, in_plane)
-    else:
+KERNELS = ("standard", "sharp", "smooth")
+
+
+def kernel_transfer(site: SiteSpec, shape: tuple[int, int]) -> np.ndarray:
+    """The kernel's in-plane transfer function (MTF) on the rfft2 grid of a ``shape`` slice.
+
+    standard/smooth: a gaussian blur of ``kernel_px`` pixels; sharp: an unsharp mask 1 + a(1 - G),
+    which boosts high frequencies (edge overshoot in anatomy, fine grain in noise).
+    """
+    if site.kernel not in KERNELS:
         raise DomgenError(f"site {site.name!r} has unknown kernel {site.kernel!r}; use standard, sharp or smooth.")
-    noise *= site.noise_hu / (noise.std() + 1e-12)
+    fy = np.fft.fftfreq(shape[0])[:, None]
+    fx = np.fft.rfftfreq(shape[1])[None, :]
+    gauss = np.exp(-2.0 * (np.pi * site.kernel_px) ** 2 * (fx ** 2 + fy ** 2))
+    if site.kernel == "sharp":
+        return 1.0 + site.sharpen_amount * (1.0 - gauss)
+    return gauss
+
+
+def ct_noise(site: SiteSpec, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """Unit-std FBP-like noise per slice: white noise shaped to NPS ~ |f| x MTF^2 (the ramp filter's signature)."""
+    white = rng.standard_normal(shape).astype(np.float32)
+    fy = np.fft.fftfreq(shape[-2])[:, None]
+    fx = np.fft.rfftfreq(shape[-1])[None, :]
+    amplitude = np.sqrt(np.hypot(fx, fy)) * kernel_transfer(site, shape[-2:])
+    noise = np.fft.irfft2(np.fft.rfft2(white) * amplitude, s=shape[-2:]).astype(np.float32)
+    return noise / (noise.std(axis=(-2, -1), keepdims=True) + 1e-12)
+
+
+def apply_scanner(site: SiteSpec, hu: np.ndarray, rng: np.random.Generator,
+                  noise_scale: np.ndarray | float = 1.0) -> np.ndarray:
+    """Reconstruction kernel on the anatomy, kernel-textured noise, then HU calibration and clipping.
+
+    ``noise_scale`` (per slice, shape (Z, 1, 1), or a number) multiplies ``site.noise_hu``: 1 for the
+    reference patient. Stored = clip(gain * (kernel(hu) + noise) + offset) to the 12-bit range.
+    """
+    in_plane = (0.0, site.kernel_px, site.kernel_px)
+    kernel_transfer(site, hu.shape[-2:])  # checks the kernel name
+    # The anatomy is filtered in image space (no wrap-around at the edges), the noise in Fourier space.
+    if site.kernel == "sharp":
+        image = hu + site.sharpen_amount * (hu - ndimage.gaussian_filter(hu, in_plane))
+    else:
+        image = ndimage.gaussian_filter(hu, in_plane)
+    noise = ct_noise(site, hu.shape, rng) * (site.noise_hu * np.asarray(noise_scale, dtype=np.float32))
     image = site.hu_gain * (image + noise) + site.hu_offset
     return np.clip(image, HU_MIN, HU_MAX).astype(np.float32)
+
+
+def patient_noise_scale(anatomy: "Anatomy") -> np.ndarray:
+    """Per-slice noise factor: std grows ~ with (width / reference)^1.5 (attenuation over a longer path)."""
+    cols = anatomy.body.any(axis=1)
+    width = cols.sum(axis=-1).astype(np.float32) * float(anatomy.x[0, 0, 1] - anatomy.x[0, 0, 0]) / 2.0
+    return ((np.maximum(width, 1.0) / REFERENCE_HALF_WIDTH_MM) ** 1.5)[:, None, None].astype(np.float32)
 
 
 def case_rng(seed: int, site: SiteSpec, patient_index: int) -> np.random.Generator:
@@ -513,7 +570,7 @@ def case_rng(seed: int, site: SiteSpec, patient_index: int) -> np.random.Generat
     return np.random.default_rng([int(seed), zlib.crc32(site.name.encode()), int(patient_index)])
 
 
-def generate_case(site: SiteSpec, patient_index: int, seed: int = 0, scale: float = 0.125,
+def generate_case(site: SiteSpec, patient_index: int, seed: int = 0, scale: float = DEFAULT_SCALE,
                   slices_per_patient: int | None = None) -> Case:
     """One synthetic patient of ``site``: image in HU (float32), lesion and lung masks (uint8).
 
@@ -521,7 +578,7 @@ def generate_case(site: SiteSpec, patient_index: int, seed: int = 0, scale: floa
     ``site.fov_mm / matrix`` so the field of view stays the same at every scale.
     """
     if scale <= 0:
-        raise DomgenError(f"synthetic suite scale must be positive, got {scale}; use e.g. --scale 0.125.")
+        raise DomgenError(f"synthetic suite scale must be positive, got {scale}; use e.g. --scale 0.25.")
     n_slices = int(slices_per_patient or site.slices_per_patient)
     if n_slices < 1:
         raise DomgenError(f"slices_per_patient must be at least 1, got {n_slices}.")
@@ -544,7 +601,7 @@ def generate_case(site: SiteSpec, patient_index: int, seed: int = 0, scale: floa
     # Vessels are drawn after the lesions so they stay visible through ground glass.
     solid = lesion > 0 if site.lesion_kind == "tumour" else np.zeros(lesion.shape, dtype=bool)
     hu = add_vessels_and_airways(anatomy, rng, step, anatomy.hu, solid)
-    image = apply_scanner(site, hu, rng)
+    image = apply_scanner(site, hu, rng, patient_noise_scale(anatomy))
     if site.binary_labels:
         lesion = (lesion > 0).astype(np.uint8)
     return Case(
@@ -553,6 +610,7 @@ def generate_case(site: SiteSpec, patient_index: int, seed: int = 0, scale: floa
         image=image,
         lesion=lesion.astype(np.uint8),
         spacing=spacing,
+        slice_spacing=float(step[0]),
         intensity=HU,
         lung=anatomy.lung_region.astype(np.uint8),
         lesion_classes=dict(site.lesion_labels),
@@ -570,11 +628,11 @@ def to_window(image_hu: np.ndarray, window: IntensitySpace) -> np.ndarray:
     return np.round(np.clip(scaled, 0.0, 255.0)).astype(np.float32)
 
 
-def resolve_parameters(seed: int = 0, scale: float = 0.125, patients: dict[str, int] | None = None,
+def resolve_parameters(seed: int = 0, scale: float = DEFAULT_SCALE, patients: dict[str, int] | None = None,
                        slices_per_patient: int | None = None) -> dict:
     """The full, explicit parameter set of a suite (what generator.json records and hashes)."""
     if scale <= 0:
-        raise DomgenError(f"synthetic suite scale must be positive, got {scale}; use e.g. scale=0.125.")
+        raise DomgenError(f"synthetic suite scale must be positive, got {scale}; use e.g. scale=0.25.")
     patients = dict(patients or {})
     unknown = sorted(set(patients) - set(SITES))
     if unknown:
@@ -633,7 +691,7 @@ def stored_case(site: SiteSpec, case: Case) -> Case:
     return replace(case, image=to_window(case.image, site.stored_intensity), intensity=site.stored_intensity)
 
 
-def write_suite(root: Path, seed: int = 0, scale: float = 0.125, patients: dict[str, int] | None = None,
+def write_suite(root: Path, seed: int = 0, scale: float = DEFAULT_SCALE, patients: dict[str, int] | None = None,
                 slices_per_patient: int | None = None, progress: bool = False) -> Path:
     """Generate every site and store it in its own format under ``root/<site>/``.
 
@@ -700,7 +758,7 @@ def default_data_root() -> Path:
     return Path(os.environ.get("DOMGEN_DATA", "./domgen-data")).expanduser() / "synthetic"
 
 
-def ensure_synthetic_suite(root: Path | None = None, seed: int = 0, scale: float = 0.125,
+def ensure_synthetic_suite(root: Path | None = None, seed: int = 0, scale: float = DEFAULT_SCALE,
                            patients: dict[str, int] | None = None, slices_per_patient: int | None = None,
                            progress: bool = False) -> Path:
     """The suite.yaml of the synthetic suite in ``root`` (default ``$DOMGEN_DATA/synthetic`` or

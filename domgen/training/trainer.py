@@ -3,12 +3,18 @@
 Defaults follow Enshaei et al. (Dice + BCE, lr 1e-3, patience 5, keep best validation DSC); Bizopoulos
 et al. use soft Dice and keep the lowest validation loss; Wang et al.'s Continual Learning uses the poly
 schedule lr * (1 - epoch/max_epochs)^0.9.
+
+Speed (issue 9): ``precision`` runs the forward pass and the loss under bf16 autocast (weights, gradients and
+the optimiser stay fp32), and ``channels_last`` stores activations NHWC, which oneDNN's convolutions prefer on
+CPU. ``auto`` picks bf16 only on a CPU with native bf16 (AVX-512 BF16 or AMX); on CUDA it stays fp32 unless
+``bf16`` is asked for (AMP).
 """
 from __future__ import annotations
 
 import copy
 import time
 from dataclasses import dataclass, field
+from contextlib import nullcontext
 from typing import Callable
 
 import numpy as np
@@ -19,6 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from domgen.errors import DomgenError
 from domgen.preprocessing.slices import SliceSet
 from domgen.training.augment import build_augmentation
 
@@ -36,6 +43,14 @@ class TrainSettings:
     augment: str = "enshaei"
     seed: int = 0
     device: str = "cpu"
+    precision: str = "fp32"  # a PRECISIONS name: fp32 | bf16 | auto
+    channels_last: bool = False  # NHWC activations (faster convolutions on CPU with oneDNN)
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise DomgenError(f"train.precision is {self.precision!r}; use one of {', '.join(PRECISIONS)}.")
+        if not isinstance(self.channels_last, bool):
+            raise DomgenError(f"train.channels_last is {self.channels_last!r}; use true or false.")
 
     @classmethod
     def from_config(cls, cfg: dict, **override) -> "TrainSettings":
@@ -78,6 +93,39 @@ LOSSES: dict[str, Callable[[], nn.Module]] = {
 }
 
 
+PRECISIONS = ("fp32", "bf16", "auto")
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when oneDNN can run bf16 convolutions natively (AVX-512 BF16 or AMX); emulated bf16 is slower than fp32."""
+    checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(bool(check()) for check in checks if check is not None)
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """``fp32`` or ``bf16`` for ``device``: ``auto`` is bf16 on a CPU with native bf16, fp32 elsewhere (GPU: fp32 unless AMP is asked)."""
+    if precision not in PRECISIONS:
+        raise DomgenError(f"train.precision is {precision!r}; use one of {', '.join(PRECISIONS)}.")
+    if precision == "auto":
+        return "bf16" if device_type(device) == "cpu" and cpu_has_native_bf16() else "fp32"
+    return precision
+
+
+def device_type(device: str) -> str:
+    return torch.device(device).type
+
+
+def autocast(precision: str, device: str):
+    """bf16 autocast context for ``device`` (a resolved precision), or a no-op for fp32."""
+    if precision == "bf16":
+        return torch.autocast(device_type(device), dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def to_memory_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
 def poly_lr(base_lr: float, epoch: int, max_epochs: int, power: float = 0.9) -> float:
     """Poly schedule: base_lr * (1 - epoch / max_epochs) ** power (Wang et al.)."""
     return base_lr * (1.0 - epoch / max_epochs) ** power
@@ -100,10 +148,17 @@ class SliceDataset(Dataset):
         return torch.from_numpy(np.ascontiguousarray(image))[None], torch.from_numpy(np.ascontiguousarray(mask))[None].float()
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """One optimisation step; returns the (detached) loss. Kept bare: the benchmark compares it with smp's."""
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor,
+               precision: str = "fp32") -> torch.Tensor:
+    """One optimisation step; returns the (detached) loss. Kept bare: the benchmark compares it with smp's.
+
+    ``precision`` (resolved: fp32 or bf16) autocasts the forward pass only; the loss is taken in fp32 and
+    backward runs outside autocast, as torch.amp recommends.
+    """
     optimizer.zero_grad(set_to_none=True)
-    loss = loss_fn(model(x), y)
+    with autocast(precision, str(x.device)):
+        logits = model(x)
+    loss = loss_fn(logits.float(), y)
     loss.backward()
     optimizer.step()
     return loss.detach()
@@ -137,15 +192,40 @@ def _padded_batches(inputs: np.ndarray, batch_size: int):
         yield start, torch.from_numpy(inputs[start:start + batch_size])
 
 
+def inference_settings(model: nn.Module, precision: str | None, channels_last: bool | None, device: str) -> tuple[str, bool]:
+    """(resolved precision, channels_last) for inference: explicit arguments win, else what ``train`` used for ``model``."""
+    precision = precision if precision is not None else getattr(model, "domgen_precision", "fp32")
+    channels_last = channels_last if channels_last is not None else getattr(model, "domgen_channels_last", False)
+    return resolve_precision(precision, device), bool(channels_last)
+
+
+def mark_speed_settings(model: nn.Module, precision: str, channels_last: bool) -> None:
+    """Record on ``model`` the precision and memory format it was trained with, so prediction uses them too."""
+    model.domgen_precision = precision
+    model.domgen_channels_last = channels_last
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+
+
 @torch.no_grad()
 def predict_model_size(model: nn.Module, slices: SliceSet, batch_size: int = 32, device: str = "cpu",
-                       progress: bool = False, desc: str = "predict") -> np.ndarray:
-    """Lesion probabilities at model size, (N, S, S) float32."""
+                       progress: bool = False, desc: str = "predict", precision: str | None = None,
+                       channels_last: bool | None = None) -> np.ndarray:
+    """Lesion probabilities at model size, (N, S, S) float32.
+
+    ``precision``/``channels_last`` default to what ``train`` used for this model (fp32, NCHW for a model it did
+    not train); the sigmoid is taken on fp32 logits.
+    """
+    precision, channels_last = inference_settings(model, precision, channels_last, device)
     model.eval()
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     out = np.empty(slices.targets.shape, dtype=np.float32)
     bar = tqdm(total=len(slices), desc=desc, unit="slice", disable=not progress, leave=False)
     for start, x in _padded_batches(slices.inputs, batch_size):
-        out[start:start + len(x)] = torch.sigmoid(model(x.to(device)))[:, 0].cpu().numpy()
+        with autocast(precision, device):
+            logits = model(to_memory_format(x.to(device), channels_last))
+        out[start:start + len(x)] = torch.sigmoid(logits.float())[:, 0].cpu().numpy()
         bar.update(len(x))
     bar.close()
     return out
@@ -160,13 +240,16 @@ def to_original_size(probabilities: np.ndarray, slices: SliceSet) -> list[np.nda
     return out
 
 
-def _validate(model, loss_fn, slices: SliceSet, batch_size: int, device: str) -> tuple[float, float]:
+def _validate(model, loss_fn, slices: SliceSet, batch_size: int, device: str, precision: str = "fp32",
+              channels_last: bool = False) -> tuple[float, float]:
     model.eval()
     losses, tp, fp, fn = [], 0.0, 0.0, 0.0
     with torch.no_grad():
         for start, x in _padded_batches(slices.inputs, batch_size):
             y = torch.from_numpy(slices.targets[start:start + len(x)])[:, None].float().to(device)
-            logits = model(x.to(device))
+            with autocast(precision, device):
+                logits = model(to_memory_format(x.to(device), channels_last))
+            logits = logits.float()
             losses.append(float(loss_fn(logits, y)) * len(x))
             pred = logits > 0
             tp += float((pred & (y > 0)).sum())
@@ -191,7 +274,9 @@ def train(
     ``monitor(model)`` adds metrics to each epoch's record (e.g. the target's DSC, for plots); it never chooses."""
     seed_everything(settings.seed)
     device = settings.device
+    precision = resolve_precision(settings.precision, device)
     model.to(device)
+    mark_speed_settings(model, precision, settings.channels_last)
     loss_fn = LOSSES[settings.loss]()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=settings.lr)
@@ -212,11 +297,13 @@ def train(
         epoch_started = time.perf_counter()
         total, count = torch.zeros(()), 0
         for x, y in loader:
-            loss = train_step(model, optimizer, loss_fn, x.to(device), y.to(device))
+            x = to_memory_format(x.to(device), settings.channels_last)
+            loss = train_step(model, optimizer, loss_fn, x, y.to(device), precision)
             total += loss.cpu() * len(x)
             count += len(x)
         val_started = time.perf_counter()
-        val_loss, val_dsc = _validate(model, loss_fn, val_set, settings.batch_size, device)
+        val_loss, val_dsc = _validate(model, loss_fn, val_set, settings.batch_size, device, precision,
+                                      settings.channels_last)
         # training and validation seconds apart: Bizopoulos et al. Table II reports both
         record = {"epoch": epoch, "train_loss": float(total) / max(count, 1), "val_loss": val_loss,
                   "val_dsc": val_dsc, "lr": optimizer.param_groups[0]["lr"],
@@ -240,4 +327,5 @@ def train(
     seconds = (time.perf_counter() - started) / max(len(history), 1)
     if best_state is not None and settings.select_by != "last":
         model.load_state_dict(best_state)
+    mark_speed_settings(model, precision, settings.channels_last)
     return TrainResult(model, best_epoch, len(history), history, seconds)

@@ -1,0 +1,77 @@
+"""Training speed settings: precision and channels_last change speed, not the model's answers (much)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import segmentation_models_pytorch as smp
+import torch
+
+from domgen.errors import DomgenError
+from domgen.preprocessing.slices import SliceSet
+from domgen.training.trainer import (DiceBCELoss, TrainSettings, predict_model_size, resolve_precision, train,
+                                     train_step)
+
+
+def tiny_slices(n=6, size=32, seed=0) -> SliceSet:
+    rng = np.random.default_rng(seed)
+    targets = np.zeros((n, size, size), dtype=np.uint8)
+    for i in range(n):
+        r, c = rng.integers(6, size - 10, 2)
+        targets[i, r:r + 8, c:c + 8] = 1
+    inputs = (targets[:, None] * 2.0 + rng.normal(0, 0.3, (n, 1, size, size))).astype(np.float32)
+    return SliceSet(inputs, targets, [f"s{i}" for i in range(n)], [f"p{i // 2}" for i in range(n)], ["X"] * n,
+                    list(targets), list(targets), [(1.0, 1.0)] * n)
+
+
+def model():
+    torch.manual_seed(0)
+    return smp.Linknet("resnet18", encoder_weights=None, in_channels=1, classes=1)
+
+
+def test_bad_precision_is_one_sentence():
+    with pytest.raises(DomgenError, match="train.precision"):
+        TrainSettings(precision="fp16")
+    with pytest.raises(DomgenError, match="train.channels_last"):
+        TrainSettings(channels_last="yes")
+    assert TrainSettings.from_config({"precision": "bf16", "channels_last": True}).channels_last is True
+
+
+def test_auto_precision_is_fp32_on_gpu_and_bf16_only_with_native_cpu_support(monkeypatch):
+    import domgen.training.trainer as trainer
+
+    assert resolve_precision("auto", "cuda") == "fp32"
+    assert resolve_precision("bf16", "cuda") == "bf16"
+    monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: False)
+    assert resolve_precision("auto", "cpu") == "fp32"
+    monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: True)
+    assert resolve_precision("auto", "cpu") == "bf16"
+
+
+def test_channels_last_predicts_what_contiguous_predicts():
+    slices = tiny_slices()
+    m = model()
+    plain = predict_model_size(m, slices, precision="fp32", channels_last=False)
+    nhwc = predict_model_size(m, slices, precision="fp32", channels_last=True)
+    assert np.abs(plain - nhwc).max() < 1e-4
+
+
+def test_bf16_step_matches_fp32_step_to_bf16_precision():
+    slices = tiny_slices()
+    x, y = torch.from_numpy(slices.inputs[:2]), torch.from_numpy(slices.targets[:2])[:, None].float()
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        m = model().train()
+        opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+        losses[precision] = float(train_step(m, opt, DiceBCELoss(), x, y, precision))
+        assert all(p.dtype == torch.float32 for p in m.parameters())  # autocast leaves weights fp32
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.05)
+
+
+def test_train_records_speed_settings_for_prediction_and_is_deterministic():
+    slices = tiny_slices()
+    settings = TrainSettings(epochs=2, batch_size=2, patience=None, channels_last=True, augment="none")
+    a = train(model(), slices, slices, settings, progress=False)
+    b = train(model(), slices, slices, settings, progress=False)
+    assert a.model.domgen_channels_last is True and a.model.domgen_precision == "fp32"
+    assert [h["val_loss"] for h in a.history] == [h["val_loss"] for h in b.history]
+    np.testing.assert_array_equal(predict_model_size(a.model, slices), predict_model_size(b.model, slices))
