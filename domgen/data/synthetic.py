@@ -553,6 +553,7 @@ def generate_case(site: SiteSpec, patient_index: int, seed: int = 0, scale: floa
         image=image,
         lesion=lesion.astype(np.uint8),
         spacing=spacing,
+        slice_spacing=step[0],
         intensity=HU,
         lung=anatomy.lung_region.astype(np.uint8),
         lesion_classes=dict(site.lesion_labels),
