@@ -97,3 +97,21 @@ def build_model_3d(cfg: dict) -> nn.Module:
     model.domgen_model_config = {"arch": arch, "features": list(features), "in_channels": int(cfg.get("in_channels", 1)),
                                  "classes": int(cfg.get("classes", 3)), "dims": 3}
     return model
+
+
+def load_checkpoint_3d(path) -> nn.Module:
+    """The 3D model of a checkpoint written by ``domgen.tracking.artifacts.save_checkpoint``."""
+    from pathlib import Path
+
+    if not Path(path).is_file():
+        raise DomgenError(f"checkpoint {path} does not exist; pass model/checkpoint.pt of a cross-validate fold run")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt zip / pickle
+        raise DomgenError(f"cannot read checkpoint {path} ({type(exc).__name__}); it is corrupt or not a domgen checkpoint") from None
+    if not isinstance(ckpt, dict) or ckpt.get("model", {}).get("dims") != 3 or "state_dict" not in ckpt:
+        raise DomgenError(f"{path} is not a domgen 3D checkpoint; use model/checkpoint.pt of a cross-validate fold run")
+    model = build_model_3d(ckpt["model"])
+    model.load_state_dict(ckpt["state_dict"])
+    model.eval()
+    return model

@@ -92,12 +92,17 @@ class VolumePreprocessing:
 @dataclass
 class Volume:
     """One preprocessed volume: image (1, X, Y, Z) float32, labels (X, Y, Z) uint8 on the grid ``affine``;
-    ``case`` is the original (metrics and written predictions use its grid)."""
+    ``case`` is the original and ``truth`` its labels on the case's own grid (metrics and written predictions)."""
 
     image: np.ndarray
     labels: np.ndarray
     affine: np.ndarray
-    case: Case
+    case: Case | None
+    truth: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.truth is None:
+            self.truth = self.labels
 
     @property
     def patient_id(self) -> str:
@@ -134,12 +139,13 @@ def prepare_volume(case: Case, pre: VolumePreprocessing, provider=None) -> Volum
     labels = to_xyz(class_labels(case.lesion, provider(case)))
     image = to_xyz(np.asarray(case.image, dtype=np.float32))
     if not pre.enabled:
-        return Volume(image[None], labels, affine, case)
+        return Volume(image[None], labels, affine, case, labels)
+    truth = labels
     image = normalise_intensity(image, case.intensity.kind == "windowed", pre.clip_hu)[None]
     if pre.spacing is not None:
         image, labels, affine = resample(image, labels, affine, pre.spacing)
     image = NormalizeIntensity()(image).numpy().astype(np.float32)  # z-score over the whole volume
-    return Volume(image, labels, affine, case)
+    return Volume(image, labels, affine, case, truth)
 
 
 def to_case_grid(probabilities: np.ndarray, volume: Volume) -> np.ndarray:
