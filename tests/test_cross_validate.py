@@ -192,3 +192,22 @@ def test_volume_without_slice_spacing_is_refused(tmp_path):
                                        "--tracking-uri", uri, *TINY])
     _clean_error(result, "slice spacing of W/p0 is unknown")
     assert _runs(uri) == []
+
+
+def test_ablation_grid_reuses_finished_rounds(tiny_round):
+    from domgen.config import load_profile
+    from domgen.families.cross_validate import ablation_configs
+
+    grid = ablation_configs(load_profile("cross_validate", "paper"))
+    assert len(grid) == 4 * 2 * 2
+    assert {(c["folds"], c["preprocessing"]["enabled"], c["train"]["augment"]) for c in grid} == {
+        (k, p, a) for k in (2, 3, 4, 5) for p in (True, False) for a in (True, False)}
+    parent = next(r for r in _runs(tiny_round["uri"]) if r.data.tags["domgen.role"] == "round").info.run_id
+    args = [*tiny_round["args"], "--ablation", "--set", "ablation.folds=[2]", "--set", "ablation.preprocessing=[true]",
+            "--set", "ablation.augmentation=[true, false]"]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.output.splitlines() if line.startswith("| 2 |")]
+    assert len(rows) == 2
+    assert parent in next(row for row in rows if "| True | True |" in row)  # the finished round is found, not re-run
+    assert len([r for r in _runs(tiny_round["uri"]) if r.data.tags["domgen.role"] == "round"]) == 2

@@ -235,6 +235,8 @@ def evaluate_ensemble(r: Round, folds: list[dict]) -> None:
 
 def run_cross_validate(cfg: dict, progress: bool = True) -> str:
     """Run (or resume) one round; returns the parent run id. Tables: ``domgen.tracking.cross_validate_report``."""
+    # the ablation grid does not define a round: a round of the grid is the same run as the plain command
+    cfg = {key: value for key, value in cfg.items() if key != "ablation"}
     exp_id, h, finished = store.round_lookup(EXPERIMENT, cfg)
     if finished:
         return finished
