@@ -429,6 +429,10 @@ def report(experiment, run_id, out, tracking_uri, compare):
         from domgen.tracking.transfer_report import transfer_tables
 
         tables = transfer_tables(run_id)
+    elif experiment == "domgen-cross-validate":
+        from domgen.tracking.cross_validate_report import cross_validate_tables
+
+        tables = cross_validate_tables(run_id)
     else:
         tables = leave_one_out_tables(run_id)
     paths = write_tables(tables, out / experiment / run_id)
@@ -509,6 +513,48 @@ def export(run_id, fmt, out, tracking_uri):
 
     store.configure(tracking_uri)
     click.echo(f"wrote {export_run(run_id, fmt, out)}")
+
+
+# ---------------------------------------------------------------- cross-validate (Müller et al., 3D)
+@main.command("cross-validate")
+@click.option("--source", default=None, help="Dataset for k-fold cross-validation (volumes: nifti or dicom; profile default A).")
+@click.option("--external", default=None, help="External test dataset (profile default B; 'none' for no external set).")
+@click.option("--folds", type=int, default=None, help="k of the k-fold cross-validation (quick: 3, paper: 5).")
+@click.option("--sampler", type=click.Choice(["uniform", "foreground"]), default=None, help="Patch sampler (paper: uniform).")
+@click.option("--ablation", is_flag=True, help="Run the profile's sensitivity grid: k x preprocessing on/off x augmentation on/off.")
+@_common_run_options
+def cross_validate(source, external, folds, sampler, ablation, suite, profile, seed, device, encoder_weights, lung_mask,
+                   lungmask_weights, tracking_uri, overrides, quiet):
+    """Müller et al.'s limited-data 3D U-Net: k-fold on SOURCE, each fold model and their ensemble on EXTERNAL.
+
+    Prints median ± SD over volumes of DSC, IoU, SEN, SPC, ACC, precision, NSD and HD95 for lungs and lesion
+    (validation folds pooled; external set per fold model and for the ensemble). Re-running resumes.
+    """
+    from domgen.families.cross_validate import EXPERIMENT, run_ablation, run_cross_validate
+    from domgen.tracking import mlflow_store as store
+    from domgen.tracking.cross_validate_report import ablation_table, cross_validate_tables
+    from domgen.tracking.report import to_markdown
+
+    if encoder_weights is not None:
+        raise DomgenError("--encoder-weights applies to the 2D smp encoders; the 3D U-Net of cross-validate starts from random weights")
+    cfg = _resolve("cross_validate", profile, overrides, **{
+        "source": source, "folds": folds, "suite": suite, "seed": seed, "device": device, "train.sampler": sampler,
+        "preprocessing.lung_mask": lung_mask})
+    if external is not None:
+        cfg["external"] = None if external.lower() == "none" else external
+    if lungmask_weights is not None:
+        raise DomgenError("--lungmask-weights is not used by cross-validate; lung masks come from --lung-mask (reference or threshold)")
+    _threads(cfg["device"])
+    uri = store.configure(tracking_uri)
+    if ablation:
+        parents = run_ablation(cfg, progress=not quiet)
+        click.echo(f"\nSensitivity analysis - {EXPERIMENT} ({uri}), median ± SD over volumes\n\n{to_markdown(ablation_table(parents))}")
+        return
+    parent = run_cross_validate(cfg, progress=not quiet)
+    click.echo(f"\n{EXPERIMENT}, parent run {parent} ({uri}); median ± SD over volumes")
+    for name, df in cross_validate_tables(parent).items():
+        click.echo(f"\n{name}\n\n{to_markdown(df)}")
+    click.echo(f"\nTables again: `domgen report --experiment {EXPERIMENT} --run-id {parent}`")
 
 
 if __name__ == "__main__":

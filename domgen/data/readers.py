@@ -37,8 +37,12 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 SLICE_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 MASK_SUFFIX = ".png"
 DICOM_SUFFIX = ".dcm"
-# Z spacing written by the writers: Case carries only in-plane spacing.
-WRITTEN_SLICE_THICKNESS_MM = 1.0
+# NIfTI has no "unknown" voxel size: a case whose slice spacing is unknown (unrelated 2D slices) is written
+# with this placeholder z size and UNKNOWN_SLICE_SPACING in the header's descrip, which the reader honours.
+PLACEHOLDER_SLICE_SPACING_MM = 1.0
+UNKNOWN_SLICE_SPACING = "domgen: slice spacing unknown"
+# NIfTI xyzt_units -> millimetres ("unknown" is read as mm, the usual convention).
+_MM_PER_UNIT = {"mm": 1.0, "meter": 1000.0, "micron": 0.001, "unknown": 1.0}
 # Stored DICOM value = HU - intercept; -1024 is the usual CT intercept, keeping air near 0.
 WRITTEN_RESCALE_INTERCEPT = -1024.0
 
@@ -240,14 +244,20 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[:160]}" if text else type(exc).__name__
 
 
-def load_nifti(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """The (X, Y, Z) array of a NIfTI file and its voxel size; corrupt or truncated files raise DomgenError."""
+def load_nifti(path: Path) -> tuple[np.ndarray, tuple[float, float, float | None]]:
+    """The (X, Y, Z) array of a NIfTI file and its voxel size in mm; corrupt or truncated files raise DomgenError.
+
+    The z size is None when the file says it is unknown (a 2-D image, a z size <= 0, or the descrip
+    written by domgen for unrelated slices); x and y fall back to 1 mm.
+    """
     try:
         img = nib.load(str(path))
         # Forces the decompression now: a truncated .nii.gz only fails when its data are read.
         data = np.asanyarray(img.dataobj)
+        unit = _MM_PER_UNIT.get(img.header.get_xyzt_units()[0], 1.0)
         # Rounded: the header stores float32, so 0.7 would come back as 0.699999988.
-        zooms = tuple(round(float(z), 6) for z in img.header.get_zooms())
+        zooms = tuple(round(float(z) * unit, 6) for z in img.header.get_zooms()[:3])
+        descrip = img.header["descrip"].item().decode("latin-1", "replace").strip() if "descrip" in img.header else ""
     except (nib.filebasedimages.ImageFileError, OSError, EOFError, zlib.error, ValueError) as exc:
         raise DomgenError(
             f"cannot read NIfTI file {path} ({_reason(exc)}); the file is corrupt or truncated, "
@@ -255,13 +265,13 @@ def load_nifti(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
         ) from None
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
+    z_known = data.ndim >= 3 and len(zooms) >= 3 and zooms[2] > 0 and descrip != UNKNOWN_SLICE_SPACING
     if data.ndim == 2:
         data = data[..., None]
     if data.ndim != 3:
         raise DomgenError(f"NIfTI file {path} has shape {data.shape}; expected a 3-D volume (X, Y, Z)")
-    zooms = (zooms + (1.0, 1.0, 1.0))[:3]
-    zooms = tuple(z if z > 0 else 1.0 for z in zooms)
-    return data, zooms  # type: ignore[return-value]
+    x, y = (tuple(z if z > 0 else 1.0 for z in zooms[:2]) + (1.0, 1.0))[:2]
+    return data, (x, y, zooms[2] if z_known else None)
 
 
 def _to_zyx(data: np.ndarray) -> np.ndarray:
@@ -362,6 +372,7 @@ def read_nifti_case(spec: DatasetSpec, files: PatientFiles) -> Case:
         image=image,
         lesion=lesion,
         spacing=_spacing(spec, (zooms[1], zooms[0])),
+        slice_spacing=zooms[2],
         intensity=spec.intensity,
         lung=lung,
         lesion_classes=dict(spec.lesion_labels),
@@ -422,8 +433,31 @@ def _hounsfield(ds: pydicom.Dataset, path: Path) -> np.ndarray:
     return (stored.astype(np.float32) * np.float32(slope) + np.float32(intercept)).astype(np.float32)
 
 
-def read_dicom_series(folder: Path, spec: DatasetSpec | None = None) -> tuple[np.ndarray, tuple[float, float], list[Path]]:
-    """One CT series as HU (Z, rows, cols) sorted by ImagePositionPatient z then InstanceNumber."""
+def _dicom_slice_spacing(headers: list[tuple[Path, pydicom.Dataset]]) -> float | None:
+    """Distance between slice centres: the median step of ImagePositionPatient along the slice normal;
+    for one slice SpacingBetweenSlices (else SliceThickness); None when the series does not say."""
+    positions = [ds.get("ImagePositionPatient") for _, ds in headers]
+    if len(headers) > 1:
+        if any(p is None or len(p) != 3 for p in positions):
+            return None
+        orientation = headers[0][1].get("ImageOrientationPatient")
+        normal = (np.cross(np.asarray(orientation[:3], float), np.asarray(orientation[3:], float))
+                  if orientation is not None and len(orientation) == 6 else np.array([0.0, 0.0, 1.0]))
+        along = np.sort(np.asarray(positions, dtype=float) @ normal)
+        step = float(np.median(np.diff(along)))
+        return round(step, 6) if step > 0 else None
+    for tag in ("SpacingBetweenSlices", "SliceThickness"):
+        value = headers[0][1].get(tag)
+        if value is not None and float(value) > 0:
+            return round(float(value), 6)
+    return None
+
+
+def read_dicom_series(
+    folder: Path, spec: DatasetSpec | None = None
+) -> tuple[np.ndarray, tuple[float, float], list[Path], float | None]:
+    """One CT series as HU (Z, rows, cols) sorted by ImagePositionPatient z then InstanceNumber, its pixel
+    spacing, files and slice spacing (None when unknown, see ``_dicom_slice_spacing``)."""
     files = _dicom_files(folder)
     if not files:
         raise DomgenError(f"no DICOM files found in {folder}; put one CT series (*.dcm) in each patient folder")
@@ -461,11 +495,11 @@ def read_dicom_series(folder: Path, spec: DatasetSpec | None = None) -> tuple[np
     else:
         where = spec.where if spec is not None else "the suite file"
         raise DomgenError(f"DICOM file {first_path} has no PixelSpacing; add the tag or set 'spacing' in {where}")
-    return np.stack(slices), spacing, [path for path, _ in headers]  # type: ignore[return-value]
+    return np.stack(slices), spacing, [path for path, _ in headers], _dicom_slice_spacing(headers)  # type: ignore[return-value]
 
 
 def read_dicom_case(spec: DatasetSpec, files: PatientFiles) -> Case:
-    image, spacing, paths = read_dicom_series(files.image, spec)
+    image, spacing, paths, slice_spacing = read_dicom_series(files.image, spec)
     lesion, lung, notes = _masks_from_nifti(spec, files, image)
     return Case(
         patient_id=files.patient_id,
@@ -473,6 +507,7 @@ def read_dicom_case(spec: DatasetSpec, files: PatientFiles) -> Case:
         image=image,
         lesion=lesion,
         spacing=_spacing(spec, spacing),
+        slice_spacing=slice_spacing,
         intensity=spec.intensity,
         lung=lung,
         lesion_classes=dict(spec.lesion_labels),
@@ -643,14 +678,18 @@ def _check_writable_id(case: Case, spec: DatasetSpec, name: str) -> None:
 
 
 def _nifti_affine(case: Case) -> np.ndarray:
+    """diag(col mm, row mm, slice spacing, 1); the placeholder z size when the slice spacing is unknown."""
     row_mm, col_mm = case.spacing
-    return np.diag([float(col_mm), float(row_mm), WRITTEN_SLICE_THICKNESS_MM, 1.0])
+    z_mm = PLACEHOLDER_SLICE_SPACING_MM if case.slice_spacing is None else float(case.slice_spacing)
+    return np.diag([float(col_mm), float(row_mm), z_mm, 1.0])
 
 
-def _save_nifti(volume_zyx: np.ndarray, affine: np.ndarray, path: Path) -> None:
+def _save_nifti(volume_zyx: np.ndarray, affine: np.ndarray, path: Path, z_known: bool = True) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     img = nib.Nifti1Image(np.transpose(volume_zyx, (2, 1, 0)), affine)
     img.header.set_xyzt_units("mm")
+    if not z_known:
+        img.header["descrip"] = UNKNOWN_SLICE_SPACING
     tmp = _temporary(path)
     try:
         nib.save(img, str(tmp))
@@ -669,21 +708,23 @@ def _image_for_nifti(image: np.ndarray) -> np.ndarray:
 
 
 def _write_masks_nifti(case: Case, spec: DatasetSpec, stem: str, affine: np.ndarray) -> None:
-    _save_nifti(case.lesion.astype(np.uint8), affine, spec.lesions_dir / f"{stem}.nii.gz")
+    z_known = case.slice_spacing is not None
+    _save_nifti(case.lesion.astype(np.uint8), affine, spec.lesions_dir / f"{stem}.nii.gz", z_known)
     if spec.lungs_dir is not None:
         if case.lung is None:
             raise DomgenError(
                 f"{spec.where} has a 'lungs' folder but case '{case.patient_id}' has no lung mask; "
                 f"compute one (lung-mask provider) or remove 'lungs' from the spec"
             )
-        _save_nifti((case.lung > 0).astype(np.uint8), affine, spec.lungs_dir / f"{stem}.nii.gz")
+        _save_nifti((case.lung > 0).astype(np.uint8), affine, spec.lungs_dir / f"{stem}.nii.gz", z_known)
 
 
 def write_nifti_case(case: Case, spec: DatasetSpec) -> None:
     """Write ``root/<images>/<id>.nii.gz`` and the masks with the same name (affine diag(sx, sy, sz, 1))."""
     _check_writable_id(case, spec, case.patient_id)
     affine = _nifti_affine(case)
-    _save_nifti(_image_for_nifti(case.image), affine, spec.images_dir / f"{case.patient_id}.nii.gz")
+    _save_nifti(_image_for_nifti(case.image), affine, spec.images_dir / f"{case.patient_id}.nii.gz",
+                case.slice_spacing is not None)
     _write_masks_nifti(case, spec, case.patient_id, affine)
 
 
@@ -713,11 +754,15 @@ def _ct_slice_dataset(
     ds.FrameOfReferenceUID = frame_uid
     ds.SeriesNumber = 1
     ds.InstanceNumber = index + 1
-    z = index * WRITTEN_SLICE_THICKNESS_MM
-    ds.ImagePositionPatient = [0.0, 0.0, z]
     ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
-    ds.SliceLocation = z
-    ds.SliceThickness = WRITTEN_SLICE_THICKNESS_MM
+    if case.slice_spacing is not None:
+        # Unknown spacing (unrelated slices) writes no position: the reader then orders by InstanceNumber
+        # and reports the spacing as unknown instead of inventing one.
+        z = round(index * float(case.slice_spacing), 6)
+        ds.ImagePositionPatient = [0.0, 0.0, z]
+        ds.SliceLocation = z
+        ds.SliceThickness = float(case.slice_spacing)
+        ds.SpacingBetweenSlices = float(case.slice_spacing)
     ds.PixelSpacing = [float(case.spacing[0]), float(case.spacing[1])]
     ds.RescaleSlope = 1
     ds.RescaleIntercept = WRITTEN_RESCALE_INTERCEPT

@@ -1,0 +1,217 @@
+"""Patch-wise training and sliding-window inference of 3D models (Müller et al.'s MIScnn set-up).
+
+Every iteration draws ``batch_size`` patches from randomly chosen training volumes (uniformly at random, or
+foreground-biased: half the patches centred on a lesion voxel), augments them on the fly (MONAI, each
+transform with probability ``augment_p``), and minimises Tversky (alpha = beta = 0.5) + cross-entropy with
+Adam; the learning rate drops x0.1 after ``plateau_patience`` epochs without a lower training loss and
+training stops after ``early_stopping_patience`` (the paper monitors the training loss, Keras-style).
+Inference averages softmax outputs of patches overlapping by half a patch (MONAI sliding_window_inference).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, fields
+from typing import Callable
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+from monai.losses import TverskyLoss
+from monai.transforms import (Compose, Rand3DElasticd, RandAdjustContrastd, RandCropByPosNegLabeld, RandFlipd,
+                              RandGaussianNoised, RandRotated, RandScaleIntensityd, RandScaleIntensityFixedMeand,
+                              RandSpatialCropd, RandZoomd, SpatialPadd)
+from torch import nn
+
+from domgen.errors import DomgenError
+from domgen.preprocessing.volume import LESION, Volume
+
+SAMPLERS = ("uniform", "foreground")
+
+
+@dataclass(frozen=True)
+class VolumeTrainSettings:
+    patch_size: tuple[int, int, int] = (160, 160, 80)  # x, y, z voxels
+    batch_size: int = 2
+    iterations_per_epoch: int = 150
+    epochs: int = 1000  # an upper bound; early stopping ends training (the paper: patience 100)
+    lr: float = 1e-3
+    plateau_factor: float = 0.1
+    plateau_patience: int = 15
+    min_lr: float = 1e-5
+    early_stopping_patience: int = 100
+    sampler: str = "uniform"
+    augment: bool = True
+    augment_p: float = 0.15
+    tversky_alpha: float = 0.5
+    tversky_beta: float = 0.5
+    seed: int = 0
+    device: str = "cpu"
+
+    @classmethod
+    def from_config(cls, cfg: dict, **override) -> "VolumeTrainSettings":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            raise DomgenError(f"unknown train key(s) {', '.join(unknown)}; known: {', '.join(sorted(known - {'seed', 'device'}))}")
+        values = {**cfg, **override}
+        patch = values.get("patch_size", cls.patch_size)
+        if not isinstance(patch, (list, tuple)) or len(patch) != 3 or not all(isinstance(p, int) and p > 0 for p in patch):
+            raise DomgenError(f"train.patch_size {patch!r} must be three positive voxel counts [x, y, z], e.g. [160, 160, 80]")
+        values["patch_size"] = tuple(patch)
+        if values.get("sampler", "uniform") not in SAMPLERS:
+            raise DomgenError(f"train.sampler {values['sampler']!r} is unknown; choose one of {', '.join(SAMPLERS)}")
+        for key in ("batch_size", "iterations_per_epoch", "epochs"):
+            if not isinstance(values.get(key, 1), int) or values.get(key, 1) < 1:
+                raise DomgenError(f"train.{key} must be a positive integer, not {values[key]!r}")
+        if not 0.0 <= float(values.get("augment_p", 0.15)) <= 1.0:
+            raise DomgenError(f"train.augment_p {values['augment_p']!r} must be a probability in 0..1")
+        return cls(**values)
+
+
+def check_patch_fits(patch_size: tuple[int, int, int], divisor: int) -> None:
+    bad = [p for p in patch_size if p % divisor]
+    if bad:
+        raise DomgenError(f"train.patch_size {list(patch_size)} must be multiples of {divisor} (2 ** the U-Net's depth); "
+                          f"change the patch size or model.features")
+
+
+class PatchSampler:
+    """Random training patches of one volume: pads to at least the patch size, then crops.
+
+    ``uniform``: every patch position equally likely (RandSpatialCrop); ``foreground``: half of the patches
+    centred on a lesion voxel, half anywhere (RandCropByPosNegLabel with pos = neg = 1).
+    """
+
+    def __init__(self, patch_size: tuple[int, int, int], sampler: str = "uniform", seed: int = 0) -> None:
+        self.pad = SpatialPadd(["image", "label"], spatial_size=patch_size, mode="constant")
+        if sampler == "uniform":
+            self.crop = RandSpatialCropd(["image", "label"], roi_size=patch_size, random_size=False)
+        else:
+            self.crop = RandCropByPosNegLabeld(["image", "label"], label_key="lesion", spatial_size=patch_size, pos=1, neg=1,
+                                               num_samples=1, allow_smaller=True)
+        self.crop.set_random_state(seed)
+        self.sampler = sampler
+
+    def __call__(self, image: np.ndarray, labels: np.ndarray) -> dict:
+        data = self.pad({"image": image, "label": labels[None]})
+        if self.sampler == "foreground":
+            data["lesion"] = data["label"] == LESION
+            data = self.crop(data)[0]
+            data.pop("lesion")
+            return data
+        return self.crop(data)
+
+
+def muller_augmentation(p: float, seed: int) -> Compose:
+    """Mirroring on each axis, elastic deformation, rotation +-15 degrees, scaling 0.85..1.25, brightness,
+    contrast, gamma and Gaussian noise, each with probability ``p`` (Müller et al., batchgenerators in MIScnn)."""
+    keys = ["image", "label"]
+    angle = math.radians(15.0)
+    transforms = Compose([
+        RandFlipd(keys, prob=p, spatial_axis=0), RandFlipd(keys, prob=p, spatial_axis=1), RandFlipd(keys, prob=p, spatial_axis=2),
+        Rand3DElasticd(keys, sigma_range=(9.0, 13.0), magnitude_range=(0.0, 200.0), prob=p, mode=("bilinear", "nearest"),
+                       padding_mode="zeros"),
+        RandRotated(keys, range_x=angle, range_y=angle, range_z=angle, prob=p, mode=("bilinear", "nearest"), padding_mode="zeros"),
+        RandZoomd(keys, min_zoom=0.85, max_zoom=1.25, prob=p, mode=("trilinear", "nearest"), keep_size=True),
+        RandScaleIntensityd("image", factors=0.25, prob=p),  # brightness (multiplicative, batchgenerators-style)
+        RandScaleIntensityFixedMeand("image", factors=0.25, prob=p, preserve_range=True),  # contrast around the mean
+        RandAdjustContrastd("image", gamma=(0.7, 1.5), prob=p),  # gamma
+        RandGaussianNoised("image", std=0.1, prob=p),
+    ])
+    transforms.set_random_state(seed)
+    return transforms
+
+
+class TverskyCrossEntropyLoss(nn.Module):
+    """Tversky (alpha = beta = 0.5, i.e. soft Dice) over all classes plus cross-entropy (MIScnn's tversky_crossentropy)."""
+
+    def __init__(self, alpha: float = 0.5, beta: float = 0.5) -> None:
+        super().__init__()
+        self.tversky = TverskyLoss(to_onehot_y=True, softmax=True, alpha=alpha, beta=beta)
+        self.ce = nn.CrossEntropyLoss()
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.tversky(logits, labels) + self.ce(logits, labels[:, 0].long())
+
+
+@dataclass
+class VolumeTrainResult:
+    model: nn.Module
+    history: list[dict]
+    epochs_run: int
+    seconds_per_iteration: float
+
+
+def _batch(volumes: list[Volume], samplers: list[PatchSampler], rng: np.random.Generator, settings: VolumeTrainSettings,
+           augment: Compose | None) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = [], []
+    for _ in range(settings.batch_size):
+        i = int(rng.integers(len(volumes)))
+        patch = samplers[i](volumes[i].image, volumes[i].labels)
+        if augment is not None:
+            patch = augment(patch)
+        images.append(torch.as_tensor(np.asarray(patch["image"]), dtype=torch.float32))
+        labels.append(torch.as_tensor(np.asarray(patch["label"]), dtype=torch.float32))
+    return torch.stack(images), torch.stack(labels)
+
+
+def train_volumes(model: nn.Module, volumes: list[Volume], settings: VolumeTrainSettings,
+                  on_epoch: Callable[[dict], None] | None = None, progress: bool = False, desc: str = "train") -> VolumeTrainResult:
+    """Train ``model`` on patches of ``volumes``; deterministic in ``settings.seed`` on CPU. Returns the last model."""
+    from tqdm import tqdm
+
+    if not volumes:
+        raise DomgenError("no training volumes: the fold's training part is empty; use fewer folds or more patients")
+    check_patch_fits(settings.patch_size, getattr(model, "divisor", 1))
+    torch.manual_seed(settings.seed)
+    rng = np.random.default_rng(settings.seed)
+    samplers = [PatchSampler(settings.patch_size, settings.sampler, seed=settings.seed * 1000 + i) for i in range(len(volumes))]
+    augment = muller_augmentation(settings.augment_p, settings.seed) if settings.augment else None
+    device = torch.device(settings.device)
+    model.to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=settings.plateau_factor,
+                                                           patience=settings.plateau_patience, min_lr=settings.min_lr)
+    loss_fn = TverskyCrossEntropyLoss(settings.tversky_alpha, settings.tversky_beta)
+    history: list[dict] = []
+    best, stale, seconds, iterations = math.inf, 0, 0.0, 0
+    bar = tqdm(range(settings.epochs), desc=desc, unit="epoch", disable=not progress, leave=False)
+    for epoch in bar:
+        model.train()
+        losses, start = [], time.perf_counter()
+        for _ in range(settings.iterations_per_epoch):
+            x, y = _batch(volumes, samplers, rng, settings, augment)
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(x.to(device)), y.to(device))
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+        seconds += time.perf_counter() - start
+        iterations += settings.iterations_per_epoch
+        epoch_loss = float(np.mean(losses))
+        scheduler.step(epoch_loss)
+        record = {"epoch": epoch, "loss": epoch_loss, "lr": optimizer.param_groups[0]["lr"]}
+        history.append(record)
+        if on_epoch is not None:
+            on_epoch(record)
+        bar.set_postfix(loss=f"{epoch_loss:.4f}")
+        if epoch_loss < best - 1e-6:
+            best, stale = epoch_loss, 0
+        else:
+            stale += 1
+            if stale >= settings.early_stopping_patience:
+                break
+    model.eval()
+    return VolumeTrainResult(model, history, len(history), seconds / max(iterations, 1))
+
+
+@torch.no_grad()
+def predict_volume(model: nn.Module, volume: Volume, patch_size: tuple[int, int, int], overlap: float = 0.5,
+                   sw_batch_size: int = 1, device: str = "cpu") -> np.ndarray:
+    """Class probabilities (C, X, Y, Z) on the volume's grid: softmax of overlapping patches (half a patch), averaged."""
+    model.eval()
+    x = torch.as_tensor(volume.image[None], dtype=torch.float32, device=device)
+    probs = sliding_window_inference(x, roi_size=patch_size, sw_batch_size=sw_batch_size,
+                                     predictor=lambda patch: torch.softmax(model(patch), dim=1), overlap=overlap, mode="constant")
+    return probs[0].cpu().numpy().astype(np.float32)

@@ -1,0 +1,140 @@
+"""3D patch sampling, the 3D U-Net, sliding-window inference and a short training run."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from domgen.data.case import Case
+from domgen.errors import DomgenError
+from domgen.models.unet3d import UNet3d, build_model_3d
+from domgen.preprocessing.volume import LESION, Volume
+from domgen.training.volume_trainer import (PatchSampler, TverskyCrossEntropyLoss, VolumeTrainSettings, muller_augmentation,
+                                            predict_volume, train_volumes)
+
+
+def index_volume(shape=(9, 7, 5)) -> tuple[np.ndarray, np.ndarray]:
+    """An image whose voxel values are their flat indices, so a patch says where it came from."""
+    image = np.arange(np.prod(shape), dtype=np.float32).reshape(1, *shape)
+    labels = np.zeros(shape, np.uint8)
+    labels[tuple(s - 1 for s in shape)] = LESION
+    return image, labels
+
+
+def test_uniform_sampler_covers_every_voxel_and_every_position():
+    image, labels = index_volume()
+    sampler = PatchSampler((4, 4, 2), "uniform", seed=0)
+    covered = np.zeros(image.shape[1:], bool)
+    corners: dict[tuple, int] = {}
+    for _ in range(1500):
+        patch = np.asarray(sampler(image, labels)["image"])[0]
+        assert patch.shape == (4, 4, 2)
+        idx = np.unravel_index(patch.astype(int).ravel(), image.shape[1:])
+        covered[idx] = True
+        start = tuple(int(c.min()) for c in idx)
+        corners[start] = corners.get(start, 0) + 1
+        # a patch is a contiguous block of the volume
+        assert len(set(idx[0])) == 4 and len(set(idx[1])) == 4 and len(set(idx[2])) == 2
+    assert covered.all()
+    # every one of the (9-4+1) x (7-4+1) x (5-2+1) start positions was drawn
+    assert len(corners) == 6 * 4 * 4
+    # uniformly: each start along x drawn about 1500 / 6 = 250 times (binomial SD ~14)
+    per_x = np.bincount([c[0] for c, n in corners.items() for _ in range(n)], minlength=6)
+    assert per_x.min() > 175 and per_x.max() < 325
+
+
+def test_foreground_sampler_hits_the_lesion_half_of_the_time():
+    image, labels = index_volume((24, 24, 12))
+    labels[:] = 0
+    labels[20, 3, 9] = LESION
+    sampler = PatchSampler((4, 4, 4), "foreground", seed=1)
+    lesion_value = np.ravel_multi_index((20, 3, 9), labels.shape)
+    hits = sum(lesion_value in np.asarray(sampler(image, labels)["image"]) for _ in range(200))
+    # uniform sampling would contain this voxel in ~1 % of patches; pos = neg = 1 gives about half
+    assert 70 <= hits <= 140
+
+
+def test_small_volume_is_padded_to_the_patch():
+    image, labels = index_volume((3, 3, 3))
+    patch = PatchSampler((4, 4, 4), "uniform")(image, labels)
+    assert tuple(np.asarray(patch["image"]).shape) == (1, 4, 4, 4)
+
+
+def test_unet3d_is_the_standard_architecture():
+    model = build_model_3d({"features": [32, 64, 128, 256, 512]})
+    enc = model.encoder
+    assert len(enc.levels) == 5 and model.divisor == 16
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv3d)]
+    assert all(c.kernel_size == (3, 3, 3) for c in convs[:-1]) and convs[-1].kernel_size == (1, 1, 1)
+    assert sum(isinstance(m, nn.MaxPool3d) for m in model.modules()) == 4
+    assert sum(isinstance(m, nn.ConvTranspose3d) for m in model.modules()) == 4
+    small = build_model_3d({"features": [4, 8, 16]})
+    out = small(torch.randn(1, 1, 16, 8, 12))
+    assert out.shape == (1, 3, 16, 8, 12)
+    with pytest.raises(DomgenError, match="model.features"):
+        build_model_3d({"features": [8]})
+
+
+def test_sliding_window_equals_whole_volume_when_the_window_is_the_volume():
+    torch.manual_seed(0)
+    model = UNet3d(1, 3, (4, 8)).eval()
+    volume = Volume(np.random.default_rng(0).standard_normal((1, 8, 12, 6)).astype(np.float32), np.zeros((8, 12, 6), np.uint8),
+                    np.eye(4), None)
+    with torch.no_grad():
+        whole = torch.softmax(model(torch.from_numpy(volume.image[None])), 1)[0].numpy()
+    np.testing.assert_allclose(predict_volume(model, volume, (8, 12, 6)), whole, atol=1e-6)
+
+
+def test_sliding_window_averages_half_overlapping_patches():
+    """With a voxel-wise model every overlapping patch predicts the same value for a voxel, so the average of the
+    windows must give back the whole-volume forward pass exactly; a wrong weighting or gap would not."""
+    torch.manual_seed(0)
+    model = nn.Conv3d(1, 3, 1).eval()
+    image = np.random.default_rng(1).standard_normal((1, 10, 14, 7)).astype(np.float32)
+    volume = Volume(image, np.zeros(image.shape[1:], np.uint8), np.eye(4), None)
+    with torch.no_grad():
+        whole = torch.softmax(model(torch.from_numpy(image[None])), 1)[0].numpy()
+    np.testing.assert_allclose(predict_volume(model, volume, (4, 6, 4), overlap=0.5), whole, atol=1e-6)
+
+
+def test_tversky_half_half_plus_ce_matches_dice_plus_ce():
+    from monai.losses import DiceCELoss
+
+    logits = torch.randn(2, 3, 4, 4, 4)
+    labels = torch.randint(0, 3, (2, 1, 4, 4, 4)).float()
+    expected = DiceCELoss(to_onehot_y=True, softmax=True, smooth_nr=1e-5, smooth_dr=1e-5)(logits, labels)
+    assert float(TverskyCrossEntropyLoss()(logits, labels)) == pytest.approx(float(expected), rel=1e-4)
+
+
+def test_augmentation_keeps_labels_integral_and_is_seeded():
+    image, labels = index_volume((16, 16, 8))
+    labels[4:9, 4:9, 2:5] = LESION
+    data = {"image": image / image.max(), "label": labels[None].astype(np.float32)}
+    a = muller_augmentation(1.0, seed=3)(dict(data))
+    b = muller_augmentation(1.0, seed=3)(dict(data))
+    np.testing.assert_array_equal(np.asarray(a["image"]), np.asarray(b["image"]))
+    assert set(np.unique(np.asarray(a["label"]))) <= {0.0, float(LESION)}
+    assert np.asarray(a["image"]).shape == (1, 16, 16, 8)
+
+
+def test_training_lowers_the_loss_and_is_deterministic():
+    rng = np.random.default_rng(0)
+    labels = np.zeros((16, 16, 8), np.uint8)
+    labels[2:14, 2:14, :] = 1
+    labels[5:10, 5:10, 2:6] = LESION
+    image = (labels.astype(np.float32) + 0.3 * rng.standard_normal(labels.shape)).astype(np.float32)[None]
+    volumes = [Volume(image, labels, np.eye(4), None)]
+    settings = VolumeTrainSettings(patch_size=(16, 16, 8), batch_size=2, iterations_per_epoch=4, epochs=6, augment=False)
+
+    def run():
+        torch.manual_seed(0)
+        return train_volumes(UNet3d(1, 3, (4, 8)), volumes, settings)
+
+    first, second = run(), run()
+    assert first.history[-1]["loss"] < first.history[0]["loss"]
+    assert [h["loss"] for h in first.history] == [h["loss"] for h in second.history]
+    with pytest.raises(DomgenError, match="multiples of 2"):
+        train_volumes(UNet3d(1, 3, (4, 8)), volumes, VolumeTrainSettings(patch_size=(15, 16, 8), epochs=1))
+    with pytest.raises(DomgenError, match="train.sampler"):
+        VolumeTrainSettings.from_config({"sampler": "random"})
