@@ -22,8 +22,7 @@ class DomgenGroup(click.Group):
     ``interrupted`` and exit code 130 (the current run is marked interrupted, a plain re-run resumes)."""
 
     def invoke(self, ctx):
-        if ctx.parent is None:
-            signal.signal(signal.SIGTERM, _sigterm)
+        previous = signal.signal(signal.SIGTERM, _sigterm) if ctx.parent is None else None
         try:
             return super().invoke(ctx)
         except DomgenError as exc:
@@ -40,6 +39,9 @@ class DomgenGroup(click.Group):
                 raise
             click.echo(f"error: {sentence}", err=True)
             sys.exit(2)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
 
 @click.group(cls=DomgenGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -285,15 +287,14 @@ def transfer(target, pretrain, strategy, folds, arch, encoder, suite, profile, s
     Prints Table I (DSC, NSD per fold), Table II (SEN, F1, ACC) and Table III (the multi-lesion model's
     strategies with parameters and seconds per epoch). Re-running the same command resumes.
     """
-    from domgen.families.transfer import EXPERIMENT, check_inputs, names_of, run_transfer
+    cfg = _resolve("transfer", profile, overrides, **{
+        "target": target, "pretrain": pretrain, "strategies": strategy, "folds": folds, "suite": suite, "seed": seed,
+        "device": device, "model.arch": arch, "model.encoder": encoder, "model.encoder_weights": encoder_weights,
+        "preprocessing.lung_mask": lung_mask, "preprocessing.lungmask_weights": lungmask_weights})
+    from domgen.families.transfer import EXPERIMENT, check_inputs, run_transfer
     from domgen.tracking.report import to_markdown
     from domgen.tracking.transfer_report import transfer_tables
 
-    cfg = _resolve("transfer", profile, overrides, **{
-        "target": target, "pretrain": None if pretrain is None else names_of(pretrain),
-        "strategies": None if strategy is None else names_of(strategy), "folds": folds, "suite": suite, "seed": seed,
-        "device": device, "model.arch": arch, "model.encoder": encoder, "model.encoder_weights": encoder_weights,
-        "preprocessing.lung_mask": lung_mask, "preprocessing.lungmask_weights": lungmask_weights})
     check_inputs(cfg)
     _threads(cfg["device"])
     uri = _tracking(tracking_uri)
@@ -372,12 +373,14 @@ def benchmark(experiments, archs, encoders, weights, profile, suite, device, exe
     """
     import yaml
 
+    # the grid flags enter as settings, so the image size is checked against the architectures actually run
+    grid = {"grid.experiments": experiments, "grid.archs": archs, "grid.encoders": encoders, "grid.weights": weights}
+    cfg = _resolve("benchmark", profile, overrides, suite=suite, device=device, **grid)  # every --set checked
+
     from domgen.executors import get_executor
     from domgen.families.benchmark import EXPERIMENT, RETRY_KEYS, dry_run as list_configurations, resolve, retry_overrides, run_benchmark
 
-    # the grid flags enter as settings, so the image size is checked against the architectures actually run
-    grid = {"grid.experiments": experiments, "grid.archs": archs, "grid.encoders": encoders, "grid.weights": weights}
-    cfg = resolve(_resolve("benchmark", profile, overrides, suite=suite, device=device, **grid))  # every --set checked
+    cfg = resolve(cfg)
     retry_with = {}
     if retry_failed:
         # resource settings of a retry apply to the failed configurations of this same sweep, not a new sweep

@@ -374,6 +374,7 @@ def validate(cfg: dict) -> dict:
     """
     family = cfg.get("family")
     strict = family in FAMILIES_WITH_SETTINGS
+    checks = []
     for dotted, value in list(_walk(cfg)):
         setting = TABLE.get((family, dotted)) or (None if strict else next((s for s in SETTINGS if s.key == dotted), None))
         if setting is None:
@@ -381,6 +382,9 @@ def validate(cfg: dict) -> dict:
                 raise DomgenError(f"setting {dotted} is not a {family} setting; remove it from the profile "
                                   f"(the settings of each family are listed in domgen/settings.py)")
             continue
+        checks.append((setting, dotted, value))
+    # plain values first: a wrong number is said before the registries (torch, smp, MONAI) are imported
+    for setting, dotted, value in sorted(checks, key=lambda c: callable(c[0].choices)):
         _set(cfg, dotted, check_value(setting, value))
     if family == TRANSFER and isinstance(cfg.get("pretraining", {}).get("train"), dict):
         for key, value in cfg["pretraining"]["train"].items():

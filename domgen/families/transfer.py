@@ -216,11 +216,13 @@ def run_transfer(cfg: dict, progress: bool = True) -> str:
     datasets = [cfg["target"], *(d for name in pretrains for d in pretrain_datasets(suite, cfg, name))]
     cfg = with_content_digests(cfg, datasets)
     h = config_hash(hashed_view(cfg))
-    exp_id = store.experiment_id(EXPERIMENT)
-    finished = store.find_run(exp_id, h)
+    exp = store.get_experiment(EXPERIMENT)
+    finished = store.find_run(exp.experiment_id, h) if exp is not None else None
     if finished is not None:
         return finished.info.run_id
+    # the target's files are read before any run exists: an unreadable file is one sentence and leaves nothing behind
     target = prepare_dataset(suite, cfg["target"], settings.build(SlicePreprocessing, cfg["preprocessing"]), progress)
+    exp_id = store.experiment_id(EXPERIMENT)
     folds = inverse_kfold_splits(target.patients(), k=cfg["folds"], seed=cfg["seed"], val_fraction=cfg["val_fraction"])
     parent_id, _ = store.start_or_resume_run(exp_id, f"{FAMILY} {cfg['target']}", cfg,
                                              store.tags(family=FAMILY, source=cfg["target"], target=cfg["target"], config_hash=h, role="round"))
