@@ -1,7 +1,7 @@
 """The ``domgen`` command line. Every user mistake ends as one sentence on stderr and exit code 2."""
 from __future__ import annotations
 
-import os
+import signal
 import sys
 from pathlib import Path
 
@@ -13,10 +13,17 @@ from domgen.errors import DomgenError
 DEVICE = click.Choice(["cpu", "cuda"])
 
 
+def _sigterm(signum, frame):
+    # SIGTERM (`timeout`, a scheduler, `kill`) ends the work like Ctrl-C: the current run is marked interrupted
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
 class DomgenGroup(click.Group):
-    """Turns DomgenError into ``error: <sentence>`` and exit code 2, with no traceback."""
+    """Turns DomgenError into ``error: <sentence>`` and exit code 2, with no traceback; Ctrl-C and SIGTERM into
+    ``interrupted`` and exit code 130 (the current run is marked interrupted, a plain re-run resumes)."""
 
     def invoke(self, ctx):
+        previous = signal.signal(signal.SIGTERM, _sigterm) if ctx.parent is None else None
         try:
             return super().invoke(ctx)
         except DomgenError as exc:
@@ -25,6 +32,17 @@ class DomgenGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted: finished runs are kept in MLflow; re-run the same command to resume", err=True)
             sys.exit(130)
+        except Exception as exc:
+            from domgen.tracking.mlflow_store import tracking_error
+
+            sentence = tracking_error(exc)
+            if sentence is None:
+                raise
+            click.echo(f"error: {sentence}", err=True)
+            sys.exit(2)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
 
 @click.group(cls=DomgenGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -44,10 +62,25 @@ def main():
 def _threads(device: str) -> None:
     import torch
 
+    from domgen.settings import environment
+
+    threads = environment("DOMGEN_THREADS")
     if device == "cuda" and not torch.cuda.is_available():
         raise DomgenError("--device cuda was given but PyTorch sees no CUDA GPU; use --device cpu")
-    if os.environ.get("DOMGEN_THREADS"):
-        torch.set_num_threads(int(os.environ["DOMGEN_THREADS"]))
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def _tracking(tracking_uri: str | None, existing: bool = False) -> str:
+    """Configure the MLflow store and, for a server, check within seconds that it answers; ``existing``: the
+    command only reads runs, so a local store must already exist."""
+    from domgen.tracking import mlflow_store as store
+
+    uri = store.configure(tracking_uri)
+    if existing:
+        store.check_store_exists(uri)
+    store.check_server(uri)
+    return uri
 
 
 # ---------------------------------------------------------------- data
@@ -189,10 +222,26 @@ def _common_run_options(f):
 
 
 def _resolve(family: str, profile: str, overrides, **flat) -> dict:
+    """Profile + ``--set`` + flags, every value checked against ``domgen.settings`` (before any file or run)."""
     from domgen.config import apply_overrides, load_profile
+    from domgen.settings import environment, validate
 
-    cfg = apply_overrides(load_profile(family, profile), overrides, **flat)
+    from domgen.families.common import check_datasets
+
+    environment("DOMGEN_THREADS")
+    environment("DOMGEN_HEARTBEAT_SECONDS")
+    cfg = validate(apply_overrides(load_profile(family, profile), overrides, **flat))
+    check_datasets(cfg)
     return cfg
+
+
+def _check_flags(family: str, **values) -> None:
+    """Flags that do not go through a profile, checked against the same table."""
+    from domgen.settings import TABLE, check_value
+
+    for key, value in values.items():
+        if value is not None:
+            check_value(TABLE[(family, key)], value)
 
 
 @main.command("leave-one-out")
@@ -247,7 +296,7 @@ def leave_one_out(source, targets, folds, ci_min, ci_rule, ci_quantile, min_pixe
         # only the run id enters the config (and its hash); the checkpoint is downloaded when training starts
         cfg["init_run"] = init_run
     _threads(cfg["device"])
-    uri = store.configure(tracking_uri)
+    uri = _tracking(tracking_uri)
     parent = run_leave_one_out(cfg, progress=not quiet)
     tables = leave_one_out_tables(parent)
     for name, caption in LEAVE_ONE_OUT_CAPTIONS.items():
@@ -291,7 +340,9 @@ def pseudolabel(target, run_id, checkpoint, ci_min, ci_rule, ci_quantile, min_pi
         raise DomgenError("give exactly one of --run-id and --checkpoint")
     if export_dir is not None and reviewed_dir is not None:
         raise DomgenError("give at most one of --export-for-review (write a review folder) and --reviewed (retrain on one)")
-    store.configure(tracking_uri)
+    _check_flags("leave-one-out", **{"pseudolabel.ci_min": ci_min, "pseudolabel.min_pixels": min_pixels, "pseudolabel.top_k": top_k,
+                                     "pseudolabel.top_fraction": top_fraction, "pseudolabel.rounds": rounds})
+    _tracking(tracking_uri, existing=run_id is not None)
     _threads(device or "cpu")
     with store.artifact_dir() as tmp:
         path = checkpoint if checkpoint else checkpoint_of_run(run_id, tmp)
@@ -366,18 +417,17 @@ def transfer(target, pretrain, strategy, folds, arch, encoder, suite, profile, s
     Prints Table I (DSC, NSD per fold), Table II (SEN, F1, ACC) and Table III (the multi-lesion model's
     strategies with parameters and seconds per epoch). Re-running the same command resumes.
     """
-    from domgen.families.transfer import EXPERIMENT, names_of, run_transfer
-    from domgen.tracking import mlflow_store as store
+    cfg = _resolve("transfer", profile, overrides, **{
+        "target": target, "pretrain": pretrain, "strategies": strategy, "folds": folds, "suite": suite, "seed": seed,
+        "device": device, "model.arch": arch, "model.encoder": encoder, "model.encoder_weights": encoder_weights,
+        "preprocessing.lung_mask": lung_mask, "preprocessing.lungmask_weights": lungmask_weights})
+    from domgen.families.transfer import EXPERIMENT, check_inputs, run_transfer
     from domgen.tracking.report import to_markdown
     from domgen.tracking.transfer_report import transfer_tables
 
-    cfg = _resolve("transfer", profile, overrides, **{
-        "target": target, "pretrain": None if pretrain is None else names_of(pretrain),
-        "strategies": None if strategy is None else names_of(strategy), "folds": folds, "suite": suite, "seed": seed,
-        "device": device, "model.arch": arch, "model.encoder": encoder, "model.encoder_weights": encoder_weights,
-        "preprocessing.lung_mask": lung_mask, "preprocessing.lungmask_weights": lungmask_weights})
+    check_inputs(cfg)
     _threads(cfg["device"])
-    uri = store.configure(tracking_uri)
+    uri = _tracking(tracking_uri)
     parent = run_transfer(cfg, progress=not quiet)
     click.echo(f"\n{EXPERIMENT}, parent run {parent} ({uri})")
     for name, df in transfer_tables(parent).items():
@@ -386,20 +436,20 @@ def transfer(target, pretrain, strategy, folds, arch, encoder, suite, profile, s
 
 # ---------------------------------------------------------------- reports and UI
 @main.command("report")
-@click.option("--experiment", default="domgen-leave-one-out", show_default=True, help="MLflow experiment name.")
-@click.option("--run-id", default=None, help="Parent run (default: the newest finished one).")
+@click.option("--experiment", default="domgen-leave-one-out", show_default=True,
+              help="MLflow experiment: domgen-leave-one-out | domgen-transfer | domgen-benchmark.")
+@click.option("--run-id", default=None, help="Parent run: a round or a sweep (default: the newest finished one).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("reports"), show_default=True)
 @click.option("--tracking-uri", default=None)
 @click.option("--compare", is_flag=True, help="Unseen DSC/SEN/SPC: baseline, + CI pseudo-labels, Multi-encoder transfer, + both "
               "(leave-one-out rounds without and with --init-run; --run-id picks the latter).")
 def report(experiment, run_id, out, tracking_uri, compare):
-    """Rebuild the paper's tables from MLflow alone; writes Markdown, CSV and LaTeX."""
-    from mlflow.tracking import MlflowClient
+    """Rebuild the paper's tables from MLflow alone; writes Markdown, CSV and LaTeX (benchmark: also figures)."""
+    from domgen.families import family_of_experiment
+    from domgen.tracking.report import to_markdown, write_tables
 
-    from domgen.tracking import mlflow_store as store
-    from domgen.tracking.report import leave_one_out_tables, to_markdown, write_tables
-
-    store.configure(tracking_uri)
+    family = None if compare else family_of_experiment(experiment)
+    _tracking(tracking_uri, existing=True)
     if compare:
         from domgen.tracking.transfer_report import comparison_table
 
@@ -408,37 +458,10 @@ def report(experiment, run_id, out, tracking_uri, compare):
         click.echo(f"\nUnseen targets: (a) baseline, (b) + CI pseudo-labels, (c) Multi-encoder transfer, (d) (c) + CI pseudo-labels\n\n"
                    f"{to_markdown(table)}\n\nwrote {len(paths)} files to {out / 'comparison'}")
         return
-    if experiment == "domgen-benchmark":
-        from domgen.tracking.benchmark_report import build_benchmark_report
-
-        built = build_benchmark_report(out, run_id)
-        for name, df in built["tables"].items():
-            click.echo(f"\n{name}\n\n{to_markdown(df)}")
-        click.echo(f"\nwrote {len(built['files'])} files to {built['folder']} (also MLflow artifacts report/ of run {built['parent_id']})")
-        return
-    exp = MlflowClient().get_experiment_by_name(experiment)
-    if exp is None:
-        raise DomgenError(f"MLflow experiment '{experiment}' does not exist at {store.configure(tracking_uri)}; run the experiment first or pass --tracking-uri")
-    if run_id is None:
-        parents = store.runs_of(exp.experiment_id, "tags.`domgen.role` = 'round'") + \
-            store.runs_of(exp.experiment_id, "tags.`domgen.role` = 'experiment'")
-        if not parents:
-            raise DomgenError(f"experiment '{experiment}' has no finished round; run it to completion first")
-        run_id = max(parents, key=lambda r: r.info.end_time or 0).info.run_id
-    if experiment == "domgen-transfer":
-        from domgen.tracking.transfer_report import transfer_tables
-
-        tables = transfer_tables(run_id)
-    elif experiment == "domgen-cross-validate":
-        from domgen.tracking.cross_validate_report import cross_validate_tables
-
-        tables = cross_validate_tables(run_id)
-    else:
-        tables = leave_one_out_tables(run_id)
-    paths = write_tables(tables, out / experiment / run_id)
-    for name, df in tables.items():
+    built = family.build_report(out, run_id)
+    for name, df in built["tables"].items():
         click.echo(f"\n{name}\n\n{to_markdown(df)}")
-    click.echo(f"\nwrote {len(paths)} files to {out / experiment / run_id}")
+    click.echo(f"\nwrote {len(built['files'])} files to {built['folder']}")
 
 
 @main.command("ui")
@@ -448,9 +471,7 @@ def ui(tracking_uri, port):
     """Start the MLflow UI on 127.0.0.1 for the domgen store."""
     import subprocess
 
-    from domgen.tracking import mlflow_store as store
-
-    uri = store.configure(tracking_uri)
+    uri = _tracking(tracking_uri)
     click.echo(f"MLflow UI for {uri} at http://127.0.0.1:{port}")
     subprocess.run([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)], check=False)
 
@@ -480,25 +501,40 @@ def benchmark(experiments, archs, encoders, weights, profile, suite, device, exe
     failed ones are recorded with their reason and skipped until --retry-failed. Tables and figures:
     `domgen report --experiment domgen-benchmark`.
     """
-    from domgen.families.benchmark import EXPERIMENT, dry_run as list_configurations, resolve, run_benchmark
-    from domgen.tracking import mlflow_store as store
+    import yaml
 
-    cfg = resolve(_resolve("benchmark", profile, overrides, suite=suite, device=device),
-                  experiments=experiments, archs=archs, encoders=encoders, weights=weights)
-    uri = store.configure(tracking_uri)
+    # the grid flags enter as settings, so the image size is checked against the architectures actually run
+    grid = {"grid.experiments": experiments, "grid.archs": archs, "grid.encoders": encoders, "grid.weights": weights}
+    cfg = _resolve("benchmark", profile, overrides, suite=suite, device=device, **grid)  # every --set checked
+
+    from domgen.executors import get_executor
+    from domgen.families.benchmark import EXPERIMENT, RETRY_KEYS, dry_run as list_configurations, resolve, retry_overrides, run_benchmark
+
+    cfg = resolve(cfg)
+    retry_with = {}
+    if retry_failed:
+        # resource settings of a retry apply to the failed configurations of this same sweep, not a new sweep
+        keep = [item for item in overrides if item.split("=", 1)[0].strip() not in RETRY_KEYS]
+        retry_with = retry_overrides(cfg, {item.split("=", 1)[0].strip(): yaml.safe_load(item.split("=", 1)[1])
+                                           for item in overrides if item not in keep})
+        cfg = resolve(_resolve("benchmark", profile, keep, suite=suite, device=device, **grid))
+    get_executor(executor, workers=workers, address=address, device=cfg["device"], threads=cfg.get("threads"))  # checks the flags
+    uri = _tracking(tracking_uri)
     if dry_run:
         rows = list_configurations(cfg)
         for configuration, h, state in rows:
-            click.echo(f"{h}  {state:6s}  {configuration.name}")
-        counts = {s: sum(r[2] == s for r in rows) for s in ("done", "failed", "todo")}
-        click.echo(f"\n{len(rows)} configurations: {counts['done']} done, {counts['failed']} failed, {counts['todo']} to run ({EXPERIMENT} at {uri})")
+            click.echo(f"{h}  {state:7s}  {configuration.name}")
+        counts = {s: sum(r[2] == s for r in rows) for s in ("done", "running", "failed", "todo")}
+        click.echo(f"\n{len(rows)} configurations: {counts['done']} done, {counts['running']} running elsewhere, {counts['failed']} failed, "
+                   f"{counts['todo']} to run ({EXPERIMENT} at {uri})")
         return
     _threads(cfg["device"])
-    result = run_benchmark(cfg, executor=executor, workers=workers, address=address, retry_failed=retry_failed, progress=not quiet)
+    result = run_benchmark(cfg, executor=executor, workers=workers, address=address, retry_failed=retry_failed, progress=not quiet,
+                           retry_with=retry_with)
     for name, reason in result.failed.items():
         click.echo(f"failed: {name}: {reason}", err=True)
-    click.echo(f"sweep {result.parent_id}: {result.finished} finished now, {result.skipped} already done, {len(result.failed)} failed "
-               f"({result.seconds:.0f} s). Report: domgen report --experiment {EXPERIMENT}" + (f" --tracking-uri {tracking_uri}" if tracking_uri else ""))
+    click.echo(f"sweep {result.parent_id}: {result.finished} finished now, {result.skipped} already done, {len(result.failed)} failed, "
+               f"{result.elsewhere} running in another driver ({result.seconds:.0f} s). Report: domgen report --experiment {EXPERIMENT}" + (f" --tracking-uri {tracking_uri}" if tracking_uri else ""))
 
 
 @main.command("export")
@@ -508,10 +544,9 @@ def benchmark(experiments, archs, encoders, weights, profile, suite, device, exe
 @click.option("--tracking-uri", default=None)
 def export(run_id, fmt, out, tracking_uri):
     """Export RUN_ID's trained model (a benchmark configuration); load it with domgen.models.export.load_exported."""
-    from domgen.models.export import export_run
-    from domgen.tracking import mlflow_store as store
+    from domgen.families.common import export_run
 
-    store.configure(tracking_uri)
+    _tracking(tracking_uri, existing=True)
     click.echo(f"wrote {export_run(run_id, fmt, out)}")
 
 

@@ -11,9 +11,10 @@ from mlflow.tracking import MlflowClient
 
 from domgen.errors import DomgenError
 from domgen.models import build_model
-from domgen.models.export import FORMATS, export_checkpoint, export_run, load_exported
+from domgen.families.common import export_run
+from domgen.models.export import FORMATS, export_checkpoint, load_exported
 from domgen.tracking import mlflow_store as store
-from domgen.tracking.artifacts import save_checkpoint
+from domgen.models.checkpoint import save_checkpoint
 
 torch.set_num_threads(1)
 

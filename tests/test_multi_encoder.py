@@ -9,7 +9,7 @@ from domgen.errors import DomgenError
 from domgen.models import build_model
 from domgen.models.multi_encoder import MultiEncoderModel
 from domgen.preprocessing.slices import SliceSet
-from domgen.tracking.artifacts import load_checkpoint, save_checkpoint
+from domgen.models.checkpoint import load_checkpoint, save_checkpoint
 from domgen.training.trainer import TrainSettings, set_train_mode, train
 
 torch.set_num_threads(1)

@@ -15,7 +15,7 @@ from domgen.methods.transfer import STRATEGIES, prepare_strategy
 from domgen.models import build_model
 from domgen.models.multi_encoder import MultiEncoderModel
 from domgen.tracking import mlflow_store as store
-from domgen.tracking.artifacts import load_checkpoint
+from domgen.models.checkpoint import load_checkpoint
 from domgen.training.trainer import LOSSES, TrainSettings, poly_lr, set_train_mode, train, train_step
 from test_multi_encoder import tiny_slices
 

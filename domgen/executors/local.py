@@ -13,6 +13,20 @@ from tqdm.auto import tqdm
 from domgen.errors import DomgenError
 
 
+@contextlib.contextmanager
+def _stopping_workers(pool: ProcessPoolExecutor) -> Iterator[None]:
+    """On Ctrl-C / SIGTERM of the driver, stop the workers at once instead of waiting for their trials: their runs
+    are left RUNNING with a dead owner, which the next run of the command closes as interrupted and redoes."""
+    try:
+        yield
+    except BaseException:
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
+            with contextlib.suppress(Exception):
+                process.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+
+
 class LocalExecutor:
     def __init__(self, workers: int = 1, address: str | None = None, device: str = "cpu", threads: int | None = None) -> None:
         if address:
@@ -41,7 +55,7 @@ class LocalExecutor:
         queue = list(jobs)
         while queue:
             # spawn, not fork: torch and MLflow clients do not survive a fork
-            with ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            with ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn")) as pool, _stopping_workers(pool):
                 running = {}
                 broken = False
                 while (queue or running) and not broken:

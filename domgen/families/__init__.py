@@ -1,1 +1,90 @@
-"""Experiment families: a config (``experiments/<family>/``) plus one function that expands it into runs."""
+"""Experiment families: a config (``experiments/<family>/``) plus one function that expands it into runs.
+
+``FAMILIES`` lists them, the way DomainBed lists ``ALGORITHMS``: the CLI's ``report`` finds a family by its
+MLflow experiment here instead of comparing names, and a new family is one more entry.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from domgen.errors import DomgenError
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # the CLI command and the profile's ``family``
+    experiment: str  # the MLflow experiment
+    profiles: str  # folder under experiments/
+    parent_role: str  # ``domgen.role`` of its parent runs ("a|b": either)
+    module: str  # where run_* lives
+    tables: str  # "module:function" returning {name: DataFrame} for a parent run id
+    report: str = "domgen.families:round_report"  # "module:function(family, out, run_id)" writing the report
+
+    def table_builder(self) -> Callable[[str], dict]:
+        return _load(self.tables)
+
+    def build_report(self, out: Path, run_id: str | None = None) -> dict:
+        """{"folder", "parent_id", "tables", "files"}: the paper's tables (and figures) from MLflow alone."""
+        return _load(self.report)(self, out, run_id)
+
+
+def _load(target: str):
+    module, function = target.split(":")
+    return getattr(importlib.import_module(module), function)
+
+
+FAMILIES: dict[str, Family] = {
+    "leave-one-out": Family("leave-one-out", "domgen-leave-one-out", "leave_one_out", "round|experiment",
+                            "domgen.families.leave_one_out", "domgen.tracking.report:leave_one_out_tables"),
+    "transfer": Family("transfer", "domgen-transfer", "transfer", "round", "domgen.families.transfer",
+                       "domgen.tracking.transfer_report:transfer_tables"),
+    "benchmark": Family("benchmark", "domgen-benchmark", "benchmark", "sweep", "domgen.families.benchmark",
+                        "domgen.tracking.benchmark_report:benchmark_tables", "domgen.tracking.benchmark_report:family_report"),
+    "cross-validate": Family("cross-validate", "domgen-cross-validate", "cross_validate", "round", "domgen.families.cross_validate",
+                             "domgen.tracking.cross_validate_report:cross_validate_tables"),
+    "confidence": Family("confidence", "domgen-confidence", "leave_one_out", "analysis", "domgen.families.confidence",
+                         "domgen.families.confidence:confidence_tables"),
+}
+
+
+def family_of_experiment(experiment: str) -> Family:
+    for family in FAMILIES.values():
+        if family.experiment == experiment:
+            return family
+    raise DomgenError(f"--experiment {experiment} is not a domgen experiment; use one of "
+                      f"{', '.join(f.experiment for f in FAMILIES.values())}")
+
+
+def profile_folder(family: str) -> Path:
+    from domgen.config import EXPERIMENTS_DIR
+
+    return EXPERIMENTS_DIR / FAMILIES[family].profiles
+
+
+def round_report(family: Family, out: Path, run_id: str | None = None) -> dict:
+    """Tables of one round (``run_id`` or the newest finished round) written as Markdown, CSV and LaTeX."""
+    from domgen.tracking import mlflow_store as store
+    from domgen.tracking.report import write_tables
+
+    exp = store.get_experiment(family.experiment)
+    if exp is None:
+        raise DomgenError(f"MLflow experiment '{family.experiment}' does not exist at {store.tracking_uri()}; run "
+                          f"`domgen {family.name}` first or pass --tracking-uri")
+    if run_id is None:
+        roles = family.parent_role.split("|")
+        parents = [r for role in roles for r in store.runs_of(exp.experiment_id, f"tags.`domgen.role` = '{role}'")]
+        if not parents:
+            raise DomgenError(f"experiment '{family.experiment}' has no finished {family.parent_role.replace('|', ' or ')}; run it to completion first")
+        run_id = max(parents, key=lambda r: r.info.end_time or 0).info.run_id
+    else:
+        run = store.get_run(run_id, "--run-id")
+        if run.info.experiment_id != exp.experiment_id or run.data.tags.get("domgen.role") not in family.parent_role.split("|"):
+            raise DomgenError(f"--run-id {run_id} is not a {family.parent_role.replace('|', ' or ')} run of {family.experiment}; pass the parent run "
+                              f"of a `domgen {family.name}` command (it prints it)")
+    tables = family.table_builder()(run_id)
+    folder = Path(out) / family.experiment / run_id
+    paths = write_tables(tables, folder)
+    return {"folder": folder, "parent_id": run_id, "tables": tables, "files": paths}

@@ -13,25 +13,24 @@ from __future__ import annotations
 
 import copy
 import functools
-import os
 import time
 from dataclasses import dataclass, replace
 from itertools import product
 
-import mlflow
 import numpy as np
 import torch
-from mlflow.tracking import MlflowClient
 
+from domgen import settings
 from domgen.config import config_hash
 from domgen.data.registry import load_cases, load_suite
 from domgen.errors import DomgenError
 from domgen.evaluation.evaluate import EvaluationSettings, evaluate
-from domgen.models import ARCHITECTURES, build_model, count_parameters, encoder_names
+from domgen.families import common
+from domgen.models import build_model, count_parameters
 from domgen.preprocessing.slices import SlicePreprocessing, SliceSet, prepare_slices
 from domgen.preprocessing.splits import train_val_test_split
 from domgen.tracking import mlflow_store as store
-from domgen.tracking.artifacts import save_checkpoint
+from domgen.models.checkpoint import save_checkpoint
 from domgen.training.trainer import TrainSettings, predict_model_size, seed_everything, to_original_size, train
 
 FAMILY = "benchmark"
@@ -49,6 +48,9 @@ EXPERIMENTS: dict[str, dict] = {
 WEIGHTS = {"random": "none", "imagenet": "imagenet"}
 # settings that choose how the sweep runs, not what a configuration computes: left out of every hash
 RUN_ONLY_KEYS = ("grid", "threads", "profile")
+# what a --retry-failed may change for the failed configurations without changing their identity
+# (the documented out-of-memory recipe: --retry-failed --set train.batch_size=1)
+RETRY_KEYS = ("train.batch_size", "device", "threads", "train.precision", "train.channels_last")
 
 
 @dataclass(frozen=True)
@@ -68,29 +70,23 @@ class Configuration:
         return {"experiment": self.experiment, "arch": self.arch, "encoder": self.encoder, "weights": self.weights}
 
 
-def _names(value, flag: str, known) -> list[str]:
-    names = [v.strip() for v in (value.split(",") if isinstance(value, str) else value) if str(v).strip()]
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise DomgenError(f"{flag} {unknown[0]} is not one of {', '.join(known)}; fix {flag} or the profile's grid")
-    if not names:
-        raise DomgenError(f"{flag} is empty; name at least one of {', '.join(known)}")
-    return names
-
-
 def expand_grid(cfg: dict) -> list[Configuration]:
-    """Every configuration of ``cfg['grid']``, in the paper's order (experiment, arch, encoder, weights)."""
-    grid = cfg["grid"]
-    axes = (_names(grid["experiments"], "--experiments", list(EXPERIMENTS)),
-            _names(grid["archs"], "--archs", list(ARCHITECTURES)),
-            _names(grid["encoders"], "--encoders", encoder_names()),
-            _names(grid["weights"], "--weights", list(WEIGHTS)))
+    """Every configuration of ``cfg['grid']``, in the paper's order (experiment, arch, encoder, weights); names
+    are checked against the settings table (architectures case-insensitively, a name given twice counts once)."""
+    axes = [settings.check_value(settings.TABLE[(FAMILY, f"grid.{axis}")], cfg["grid"][axis])
+            for axis in ("experiments", "archs", "encoders", "weights")]
     return [Configuration(*cell) for cell in product(*axes)]
 
 
 def base_config(cfg: dict) -> dict:
-    """What every configuration of the sweep shares: the config without the grid and run-only keys."""
-    return {k: v for k, v in cfg.items() if k not in RUN_ONLY_KEYS}
+    """What every configuration of the sweep shares: the config without the grid and run-only keys; with the
+    datasets' content digest attached (``with_content``), the suite's path is left out too."""
+    return common.hashed_view({k: v for k, v in cfg.items() if k not in RUN_ONLY_KEYS})
+
+
+def with_content(cfg: dict) -> dict:
+    """``cfg`` with the content digest of its two datasets, so a configuration's hash follows the data, not its path."""
+    return common.with_content_digests(cfg, [cfg["train_dataset"], cfg["test_dataset"]])
 
 
 def configuration_hash(cfg: dict, configuration: Configuration) -> str:
@@ -99,7 +95,7 @@ def configuration_hash(cfg: dict, configuration: Configuration) -> str:
 
 
 def preprocessing_of(cfg: dict, experiment: str) -> SlicePreprocessing:
-    return SlicePreprocessing.from_config({**cfg["preprocessing"], **EXPERIMENTS[experiment]})
+    return settings.build(SlicePreprocessing, {**cfg["preprocessing"], **EXPERIMENTS[experiment]})
 
 
 def train_val_patients(patients: list[str], split: dict, seed: int) -> tuple[list[str], list[str]]:
@@ -181,15 +177,15 @@ def train_configuration(cfg: dict, configuration: Configuration, run_id: str) ->
     train_set, val_set, test = datasets_of(cfg, configuration.experiment)
     seed_everything(cfg["seed"])
     model = build_model(configuration.arch, configuration.encoder, WEIGHTS[configuration.weights], 1)
-    settings = TrainSettings.from_config(cfg["train"], seed=cfg["seed"], device=cfg["device"])
-    logger = lambda record: store.log_metrics(run_id, {k: v for k, v in record.items() if k != "epoch"}, step=record["epoch"])  # noqa: E731
-    result = train(model, train_set, val_set, settings, on_epoch=logger, progress=False, desc=configuration.name)
+    train_settings = settings.build(TrainSettings, cfg["train"], seed=cfg["seed"], device=cfg["device"])
+    result = train(model, train_set, val_set, train_settings, on_epoch=store.epoch_logger(run_id), progress=False, desc=configuration.name)
     metrics, probs = score(result.model, test, cfg)
     history = result.history
     summary = {**metrics,
                "params_m": count_parameters(result.model)[1] / 1e6,
                "train_seconds_per_epoch": float(np.mean([h["train_seconds"] for h in history])),
-               "val_seconds": float(np.mean([h["val_seconds"] for h in history])),
+               # per-epoch times are the metrics train_seconds / val_seconds (one value per step); these are their means
+               "val_seconds_per_epoch": float(np.mean([h["val_seconds"] for h in history])),
                "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
                "best_val_loss": float(min(h["val_loss"] for h in history)),
                "n_train": len(train_set), "n_val": len(val_set), "n_test": len(test)}
@@ -211,32 +207,27 @@ def _run_tags(cfg: dict, configuration: Configuration, h: str) -> dict[str, str]
                       weights=configuration.weights, profile=cfg.get("profile"))
 
 
-def _close_stale(exp_id: str, h: str) -> None:
-    """A run of this configuration left RUNNING by a killed sweep is marked KILLED, so only one attempt looks live."""
-    client = MlflowClient()
-    for run in store.runs_of(exp_id, f"tags.`domgen.config_hash` = '{h}'", status="RUNNING"):
-        client.set_tag(run.info.run_id, "domgen.error", "interrupted: the sweep stopped while this configuration ran")
-        client.set_terminated(run.info.run_id, "KILLED")
-
-
 def run_job(job: dict) -> dict:
     """One configuration, start to end, in whatever process the executor chose. Never raises for the
-    configuration's own failure: it is recorded in MLflow and returned as ``{"status": "failed", "reason": ...}``."""
+    configuration's own failure: it is recorded in MLflow and returned as ``{"status": "failed", "reason": ...}``.
+    A configuration finished meanwhile, or live in another driver, is left alone (``done`` / ``elsewhere``)."""
     store.configure(job["tracking_uri"])
     if job.get("threads"):
         torch.set_num_threads(int(job["threads"]))
     cfg, configuration = job["cfg"], Configuration(**job["configuration"])
+    run_cfg = job.get("run_cfg") or cfg  # cfg with --retry-failed overrides: same identity, other resources
     h = configuration_hash(cfg, configuration)
     exp_id = job["exp_id"]
-    if store.find_run(exp_id, h) is not None:
-        return {"status": "done", "hash": h}
-    _close_stale(exp_id, h)
     run_tags = _run_tags(cfg, configuration, h)
+    if job.get("retry_overrides"):
+        run_tags[f"{store.TAG}retry_overrides"] = ", ".join(f"{k}={v}" for k, v in job["retry_overrides"].items())
     started = time.perf_counter()
+    run = store.claim_run(exp_id, configuration.name, {**base_config(run_cfg), **configuration.identity()}, run_tags, job["parent_id"])
+    if run is None:
+        return {"status": "done" if store.find_run(exp_id, h) is not None else "elsewhere", "hash": h}
     try:
-        with store.tracked_run(exp_id, configuration.name, {**base_config(cfg), **configuration.identity()}, run_tags,
-                               job["parent_id"]) as run:
-            summary = train_configuration(cfg, configuration, run.info.run_id)
+        with store.finishing(run.info.run_id):
+            summary = train_configuration(run_cfg, configuration, run.info.run_id)
     except Exception as exc:  # one configuration's failure (build, weights, OOM) must not stop the sweep
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -250,32 +241,45 @@ def record_failure(job: dict, reason: str) -> dict:
     store.configure(job["tracking_uri"])
     cfg, configuration = job["cfg"], Configuration(**job["configuration"])
     h = configuration_hash(cfg, configuration)
-    client = MlflowClient()
     live = store.runs_of(job["exp_id"], f"tags.`domgen.config_hash` = '{h}'", status="RUNNING")
-    if live:
-        run_id = live[0].info.run_id
+    mine = [r for r in live if store.is_stale(r)]  # its worker died; a live run belongs to another driver
+    if mine:
+        run_id = mine[0].info.run_id
+    elif live:
+        return {"status": "elsewhere", "hash": h}
     else:
-        run_id = client.create_run(job["exp_id"], run_name=configuration.name,
-                                   tags={**_run_tags(cfg, configuration, h), "mlflow.parentRunId": job["parent_id"]}).info.run_id
-    client.set_tag(run_id, "domgen.error", reason[:5000])
-    client.set_terminated(run_id, "FAILED")
+        run_id = store.claim_run(job["exp_id"], configuration.name, {**base_config(cfg), **configuration.identity()},
+                                 _run_tags(cfg, configuration, h), job["parent_id"])
+        if run_id is None:
+            return {"status": "elsewhere", "hash": h}
+        run_id = run_id.info.run_id
+    store.set_tag(run_id, f"{store.TAG}error", reason[:5000])
+    store.end_run(run_id, "FAILED")
     return {"status": "failed", "hash": h, "reason": reason}
 
 
 def status_of(exp_id: str, cfg: dict, configurations: list[Configuration]) -> dict[Configuration, str]:
-    """done | failed | todo per configuration, from MLflow (one query, not one per configuration)."""
+    """done | running | failed | todo per configuration, from MLflow (one query, not one per configuration).
+
+    done: a FINISHED run; running: a live run of another driver (its lease is fresh); failed: the newest
+    attempt FAILED; todo: never run, or interrupted (Ctrl-C, SIGTERM, a stale run of a killed driver).
+    """
     sweep = config_hash(base_config(cfg))
-    latest: dict[str, str] = {}
+    state: dict[str, str] = {}
     runs = store.runs_of(exp_id, f"tags.`domgen.sweep_hash` = '{sweep}' and tags.`domgen.role` = 'configuration'", status=None)
     for run in sorted(runs, key=lambda r: r.info.start_time or 0):
         h = run.data.tags.get("domgen.config_hash")
-        if latest.get(h) != "FINISHED":
-            latest[h] = run.info.status
-    out = {}
-    for c in configurations:
-        state = latest.get(configuration_hash(cfg, c))
-        out[c] = "done" if state == "FINISHED" else "failed" if state in ("FAILED", "KILLED") else "todo"
-    return out
+        if state.get(h) in ("done", "running"):
+            continue
+        if run.info.status == "FINISHED":
+            state[h] = "done"
+        elif run.info.status == "RUNNING" and not store.is_stale(run):
+            state[h] = "running"
+        elif run.info.status == "FAILED" and not store.is_interrupted(run):
+            state[h] = "failed"
+        else:
+            state[h] = "todo"
+    return {c: state.get(configuration_hash(cfg, c), "todo") for c in configurations}
 
 
 @dataclass
@@ -285,64 +289,94 @@ class SweepResult:
     failed: dict[str, str]  # configuration name -> reason
     skipped: int  # already finished before this sweep
     seconds: float
+    elsewhere: int = 0  # live in another driver on the same sweep
+
+
+def retry_overrides(cfg: dict, overrides: dict) -> dict:
+    """``--retry-failed --set KEY=VALUE`` pairs checked against ``RETRY_KEYS`` and the settings table."""
+    out = {}
+    for key, value in overrides.items():
+        if key not in RETRY_KEYS:
+            raise DomgenError(f"--set {key} cannot change with --retry-failed (it would be another sweep); with --retry-failed "
+                              f"--set may change only {', '.join(RETRY_KEYS)}; drop --retry-failed to start a new sweep")
+        out[key] = settings.check_value(settings.TABLE[(FAMILY, key)], value)
+    return out
+
+
+def _apply(cfg: dict, overrides: dict) -> dict:
+    out = copy.deepcopy(cfg)
+    for key, value in overrides.items():
+        node = out
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[last] = value
+    return out
 
 
 def run_benchmark(cfg: dict, executor: str = "local", workers: int = 1, address: str | None = None,
-                  retry_failed: bool = False, progress: bool = True) -> SweepResult:
-    """Run (or resume) the sweep of ``cfg['grid']``; returns the parent run id and what happened."""
+                  retry_failed: bool = False, progress: bool = True, retry_with: dict | None = None) -> SweepResult:
+    """Run (or resume) the sweep of ``cfg['grid']``; returns the parent run id and what happened.
+
+    ``retry_with`` (with ``retry_failed``): settings from ``RETRY_KEYS`` that the failed configurations are
+    retried with, inside the same sweep and under the same hashes.
+    """
     from domgen.executors import get_executor
 
     started = time.perf_counter()
     check_data(cfg)
+    cfg = with_content(cfg)
     configurations = expand_grid(cfg)
-    tracking_uri = mlflow.get_tracking_uri()
+    tracking_uri = store.tracking_uri()
     # created through the configured store first, so a local SQLite store keeps file artifacts even behind a server
     exp_id = store.experiment_id(EXPERIMENT)
     runner = get_executor(executor, workers=workers, address=address, device=cfg["device"], threads=cfg.get("threads"))
     try:
         with runner.tracking(tracking_uri) as shared_uri:
             store.configure(shared_uri)
-            return _sweep(cfg, configurations, exp_id, shared_uri, runner, retry_failed, progress, started)
+            return _sweep(cfg, configurations, exp_id, shared_uri, runner, retry_failed, progress, started,
+                          retry_overrides(cfg, retry_with or {}))
     finally:
         store.configure(tracking_uri)
 
 
-def _sweep(cfg, configurations, exp_id, shared_uri, runner, retry_failed, progress, started) -> SweepResult:
-    parent_tags = store.tags(family=FAMILY, role="sweep", config_hash=config_hash(cfg), sweep_hash=config_hash(base_config(cfg)),
+def _sweep(cfg, configurations, exp_id, shared_uri, runner, retry_failed, progress, started, retry_with) -> SweepResult:
+    sweep_hash = config_hash(base_config(cfg))
+    parent_tags = store.tags(family=FAMILY, role="sweep", config_hash=config_hash(common.hashed_view(cfg)), sweep_hash=sweep_hash,
                              profile=cfg.get("profile"), n_configurations=len(configurations))
     parent_id, _ = store.start_or_resume_run(exp_id, f"benchmark sweep ({len(configurations)} configurations)", cfg, parent_tags)
-    client = MlflowClient()
-    client.update_run(parent_id, status="RUNNING")
-    state = status_of(exp_id, cfg, configurations)
-    todo = [c for c in configurations if state[c] == "todo" or (retry_failed and state[c] == "failed")]
-    skipped = sum(state[c] == "done" for c in configurations)
-    failed = {c.name: "failed before; use --retry-failed" for c in configurations if state[c] == "failed" and not retry_failed}
-    jobs = [{"cfg": cfg, "configuration": c.identity(), "exp_id": exp_id, "parent_id": parent_id, "tracking_uri": shared_uri,
-             "threads": runner.threads} for c in todo]
-    finished = 0
-    try:
+    with store.finishing(parent_id):
+        state = status_of(exp_id, cfg, configurations)
+        retry = [c for c in configurations if retry_failed and state[c] == "failed"]
+        todo = [c for c in configurations if state[c] == "todo"] + retry
+        skipped = sum(state[c] == "done" for c in configurations)
+        elsewhere = sum(state[c] == "running" for c in configurations)
+        failed = {c.name: "failed before; use --retry-failed" for c in configurations if state[c] == "failed" and not retry_failed}
+        run_cfg = _apply(cfg, retry_with) if retry_with else None
+        jobs = [{"cfg": cfg, "configuration": c.identity(), "exp_id": exp_id, "parent_id": parent_id, "tracking_uri": shared_uri,
+                 "threads": runner.threads, **({"run_cfg": run_cfg, "retry_overrides": retry_with} if c in retry and retry_with else {})}
+                for c in todo]
+        finished = 0
         for job, result, error in runner.map(run_job, jobs, progress=progress):
             if error is not None:
                 result = record_failure(job, error)
             if result["status"] == "failed":
                 failed[Configuration(**job["configuration"]).name] = result["reason"]
+            elif result["status"] == "elsewhere":
+                elsewhere += 1
             else:
                 finished += 1
-    except BaseException as exc:
-        client.set_tag(parent_id, "domgen.error", f"{type(exc).__name__}: {exc}"[:5000])
-        client.set_terminated(parent_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
-        raise
-    seconds = time.perf_counter() - started
-    store.log_metrics(parent_id, {"n_finished": skipped + finished, "n_failed": len(failed), "sweep_seconds": seconds})
-    client.set_terminated(parent_id, "FINISHED")
-    return SweepResult(parent_id, finished, failed, skipped, seconds)
+        seconds = time.perf_counter() - started
+        store.log_metrics(parent_id, {"n_finished": skipped + finished, "n_failed": len(failed), "sweep_seconds": seconds})
+    return SweepResult(parent_id, finished, failed, skipped, seconds, elsewhere)
 
 
 def dry_run(cfg: dict) -> list[tuple[Configuration, str, str]]:
-    """(configuration, hash, done | failed | todo) for every configuration of the grid; trains nothing."""
+    """(configuration, hash, done | running | failed | todo) for every configuration of the grid; trains nothing."""
+    cfg = with_content(cfg)
     configurations = expand_grid(cfg)
-    client_exp = MlflowClient().get_experiment_by_name(EXPERIMENT)
-    state = status_of(client_exp.experiment_id, cfg, configurations) if client_exp else {c: "todo" for c in configurations}
+    exp = store.get_experiment(EXPERIMENT)
+    state = status_of(exp.experiment_id, cfg, configurations) if exp else {c: "todo" for c in configurations}
     return [(c, configuration_hash(cfg, c), state[c]) for c in configurations]
 
 
@@ -351,7 +385,7 @@ def resolve(cfg: dict, **grid) -> dict:
     out = copy.deepcopy(cfg)
     for axis, value in grid.items():
         if value:
-            out["grid"][axis] = [v.strip() for v in value.split(",") if v.strip()]
-    if out.get("threads") is None and os.environ.get("DOMGEN_THREADS"):
-        out["threads"] = int(os.environ["DOMGEN_THREADS"])
+            out["grid"][axis] = settings.check_value(settings.TABLE[(FAMILY, f"grid.{axis}")], value)
+    if out.get("threads") is None:
+        out["threads"] = settings.environment("DOMGEN_THREADS")
     return out

@@ -113,3 +113,10 @@ def run_confidence(checkpoint: Path, target: str, top_k: int = 50, suite: str | 
         store.log_artifact_file(run.info.run_id, score_plot(tmp / "dsc_vs_score.png", ranking, [n for n, v in scores.items() if v is not None]),
                                 "plots")
     return run.info.run_id, table
+
+
+def confidence_tables(run_id: str) -> dict[str, pd.DataFrame]:
+    """The table of a ``domgen confidence`` run, rebuilt from its artifact (for ``domgen report``)."""
+    with store.artifact_dir() as tmp:
+        table = pd.read_csv(store.download_artifact(run_id, "confidence_scores.csv", tmp))
+    return {"confidence": table[[c for c in ("score", "slices", "Spearman", "top-K DSC") if c in table.columns]]}

@@ -34,7 +34,8 @@ from domgen.models import build_model
 from domgen.preprocessing.slices import SlicePreprocessing, SliceSet, prepare_slices
 from domgen.preprocessing.splits import kfold_splits, read_splits, train_val_test_split, write_splits
 from domgen.tracking import mlflow_store as store
-from domgen.tracking.artifacts import load_checkpoint, log_evaluation_artifacts, save_checkpoint
+from domgen.models.checkpoint import load_checkpoint, save_checkpoint
+from domgen.tracking.artifacts import log_evaluation_artifacts
 from domgen.tracking.report import leave_one_out_tables, log_tables
 from domgen.training.trainer import TrainSettings, predict_model_size, seed_everything, to_original_size, train
 

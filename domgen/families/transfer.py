@@ -14,21 +14,22 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import pandas as pd
-from mlflow.tracking import MlflowClient
 from torch import nn
 
+from domgen import settings
 from domgen.config import config_hash
 from domgen.data.registry import load_suite
 from domgen.errors import DomgenError
 from domgen.evaluation.evaluate import EvaluationSettings, evaluate
 from domgen.evaluation.metrics import overlap_metrics
-from domgen.families.leave_one_out import checkpoint_of_run, child_hash, prepare_dataset
+from domgen.families.common import checkpoint_of_run, child_hash, hashed_view, prepare_dataset, with_content_digests
 from domgen.methods.transfer import STRATEGIES, prepare_strategy
 from domgen.models import build_model, count_parameters
 from domgen.preprocessing.slices import SlicePreprocessing, SliceSet
 from domgen.preprocessing.splits import inverse_kfold_splits, train_val_test_split, write_splits
 from domgen.tracking import mlflow_store as store
-from domgen.tracking.artifacts import load_checkpoint, log_evaluation_artifacts, save_checkpoint
+from domgen.models.checkpoint import load_checkpoint, save_checkpoint
+from domgen.tracking.artifacts import log_evaluation_artifacts
 from domgen.tracking.report import log_tables
 from domgen.tracking.transfer_report import transfer_tables
 from domgen.training.trainer import TrainSettings, predict_model_size, seed_everything, to_original_size, train
@@ -77,8 +78,12 @@ def pretrain_datasets(suite, cfg: dict, name: str) -> list[str]:
 
 
 def pretraining_identity(cfg: dict, datasets: list[str]) -> dict:
-    """Everything a pretrained model depends on; not the target, the folds or the strategies, so rounds share it."""
-    return {"family": FAMILY, "phase": "pretrain", "datasets": datasets, "suite": cfg["suite"], "seed": cfg["seed"],
+    """Everything a pretrained model depends on; not the target, the folds or the strategies, so rounds share it.
+    The suite enters by the contents of the datasets it is trained on, not by its path."""
+    suite = cfg["content_digest"]["datasets"] if "content_digest" in cfg else cfg["suite"]
+    if isinstance(suite, dict):
+        suite = {d: suite[d] for d in datasets if d in suite}
+    return {"family": FAMILY, "phase": "pretrain", "datasets": datasets, "suite": suite, "seed": cfg["seed"],
             "device": cfg["device"], "model": cfg["model"], "preprocessing": cfg["preprocessing"],
             "pretraining": cfg["pretraining"], "train": cfg["train"]}
 
@@ -91,7 +96,7 @@ def pretrain(exp_id: str, suite, cfg: dict, name: str, progress: bool = True) ->
     done = store.find_run(exp_id, h)
     if done is not None:
         return done.info.run_id
-    pre = SlicePreprocessing.from_config(cfg["preprocessing"])
+    pre = settings.build(SlicePreprocessing, cfg["preprocessing"])
     fraction = float(cfg["pretraining"].get("val_fraction", 0.2))
     train_parts, val_parts, splits = [], [], []
     for dataset in datasets:  # split each dataset by patient on its own: patient ids may repeat across datasets
@@ -101,13 +106,17 @@ def pretrain(exp_id: str, suite, cfg: dict, name: str, progress: bool = True) ->
         val_parts.append(slices.of_patients(split["val"]))
         splits.append({"fold": len(splits), **split})
     train_set, val_set = SliceSet.concat(train_parts), SliceSet.concat(val_parts) if any(len(v) for v in val_parts) else None
-    settings = TrainSettings.from_config({**cfg["train"], **cfg["pretraining"].get("train", {})}, seed=cfg["seed"], device=cfg["device"])
+    train_settings = settings.build(TrainSettings, {**cfg["train"], **cfg["pretraining"].get("train", {})}, seed=cfg["seed"],
+                                    device=cfg["device"])
     tags = store.tags(family=FAMILY, phase="pretrain", pretrain=name, datasets="+".join(datasets), config_hash=h, role="pretrain")
-    with store.tracked_run(exp_id, f"pretrain {name} ({'+'.join(datasets)})", identity, tags) as run, store.artifact_dir() as tmp:
+    run = store.claim_run(exp_id, f"pretrain {name} ({'+'.join(datasets)})", identity, tags)
+    if run is None:
+        raise DomgenError(f"pretraining {name} is running in another domgen process; wait for it to finish, then re-run")
+    with store.finishing(run.info.run_id), store.artifact_dir() as tmp:
         seed_everything(cfg["seed"])
         model = build_model(cfg["model"]["arch"], cfg["model"]["encoder"], cfg["model"]["encoder_weights"], cfg["model"].get("in_channels", 1))
         trainable, total = count_parameters(model)
-        result = train(model, train_set, val_set or train_set, settings, on_epoch=store.epoch_logger(run.info.run_id),
+        result = train(model, train_set, val_set or train_set, train_settings, on_epoch=store.epoch_logger(run.info.run_id),
                        progress=progress, desc=f"pretrain {name}")
         store.log_metrics(run.info.run_id, {"best_val_dsc": result.history[result.best_epoch]["val_dsc"], "best_epoch": result.best_epoch,
                                             "epochs_run": result.epochs_run, "seconds_per_epoch": result.seconds_per_epoch,
@@ -152,24 +161,27 @@ class TransferRound:
 def run_strategy(r: TransferRound, fold: dict, strategy: str, pretrain_name: str) -> None:
     """Train one strategy from one pretrained model on the fold's 20 %, evaluate on its 80 %."""
     k, cfg = fold["fold"], r.cfg
-    h = child_hash(cfg, fold=k, strategy=strategy, pretrain=pretrain_name)
+    h = child_hash(hashed_view(cfg), fold=k, strategy=strategy, pretrain=pretrain_name)
     if store.find_run(r.exp_id, h) is not None:
         return
     tags = store.tags(family=FAMILY, source=cfg["target"], target=cfg["target"], fold=k, phase="transfer", strategy=strategy,
                       pretrain=pretrain_name, init_run=r.pretrain_runs.get(pretrain_name), config_hash=h, role="strategy")
-    with store.tracked_run(r.exp_id, f"fold {k} | {strategy} | {pretrain_name}", cfg, tags, r.parent_id) as run, store.artifact_dir() as tmp:
+    run = store.claim_run(r.exp_id, f"fold {k} | {strategy} | {pretrain_name}", cfg, tags, r.parent_id)
+    if run is None:  # finished meanwhile, or live in another domgen process
+        return
+    with store.finishing(run.info.run_id), store.artifact_dir() as tmp:
         seed_everything(cfg["seed"] + k)
         model, overrides = prepare_strategy(strategy, r.pretrained_model(pretrain_name), cfg["model"])
-        settings = TrainSettings.from_config(cfg["train"], seed=cfg["seed"] + k, device=cfg["device"], **overrides)
+        train_settings = settings.build(TrainSettings, cfg["train"], seed=cfg["seed"] + k, device=cfg["device"], **overrides)
         store.log_config(run.info.run_id, {"strategy_train": overrides})
         trainable, total = count_parameters(model)
         train_set = r.target.of_patients(fold["train"])
         # val_fraction 0: early stopping and best-epoch choice on the train part itself (no patient to spare)
         val_set = r.target.of_patients(fold["val"]) if fold["val"] else train_set
-        result = train(model, train_set, val_set, settings, on_epoch=store.epoch_logger(run.info.run_id), progress=r.progress,
+        result = train(model, train_set, val_set, train_settings, on_epoch=store.epoch_logger(run.info.run_id), progress=r.progress,
                        desc=f"fold {k} {strategy} {pretrain_name}")
         test = r.target.of_patients(fold["test"])
-        probs = to_original_size(predict_model_size(result.model, test, device=settings.device), test)
+        probs = to_original_size(predict_model_size(result.model, test, device=train_settings.device), test)
         cutoff = float(cfg["evaluation"].get("cutoff", 0.5))
         summary, per_slice = evaluate(probs, test, cutoff, r.eval_settings)
         train_seconds = [e["train_seconds"] for e in result.history if "train_seconds" in e]
@@ -184,12 +196,8 @@ def run_strategy(r: TransferRound, fold: dict, strategy: str, pretrain_name: str
                 fold=fold, preprocessing=cfg["preprocessing"]), "model")
 
 
-def run_transfer(cfg: dict, progress: bool = True) -> str:
-    """Run (or resume) one round; returns the parent run id. Tables come from ``domgen.tracking.transfer_report``."""
-    exp_id, h, finished = store.round_lookup(EXPERIMENT, cfg)
-    if finished:
-        return finished
-    # every input is read and checked before any run exists, so a bad flag leaves nothing behind
+def check_inputs(cfg: dict) -> tuple[object, list[str], list[str]]:
+    """(suite, strategies, pretrained model names) with every name checked; touches no MLflow store."""
     suite = load_suite(cfg["suite"])
     suite.get(cfg["target"])
     strategies = strategy_names(cfg)
@@ -198,19 +206,35 @@ def run_transfer(cfg: dict, progress: bool = True) -> str:
         raise DomgenError("the strategies other than scratch start from a pretrained model; pass --pretrain, e.g. --pretrain multi")
     for name in pretrains:
         pretrain_datasets(suite, cfg, name)
-    target = prepare_dataset(suite, cfg["target"], SlicePreprocessing.from_config(cfg["preprocessing"]), progress)
+    return suite, strategies, pretrains
+
+
+def run_transfer(cfg: dict, progress: bool = True) -> str:
+    """Run (or resume) one round; returns the parent run id. Tables come from ``domgen.tracking.transfer_report``."""
+    # every input is read and checked before any run exists, so a bad flag leaves nothing behind
+    suite, strategies, pretrains = check_inputs(cfg)
+    datasets = [cfg["target"], *(d for name in pretrains for d in pretrain_datasets(suite, cfg, name))]
+    cfg = with_content_digests(cfg, datasets)
+    h = config_hash(hashed_view(cfg))
+    exp = store.get_experiment(EXPERIMENT)
+    finished = store.find_run(exp.experiment_id, h) if exp is not None else None
+    if finished is not None:
+        return finished.info.run_id
+    # the target's files are read before any run exists: an unreadable file is one sentence and leaves nothing behind
+    target = prepare_dataset(suite, cfg["target"], settings.build(SlicePreprocessing, cfg["preprocessing"]), progress)
+    exp_id = store.experiment_id(EXPERIMENT)
     folds = inverse_kfold_splits(target.patients(), k=cfg["folds"], seed=cfg["seed"], val_fraction=cfg["val_fraction"])
     parent_id, _ = store.start_or_resume_run(exp_id, f"{FAMILY} {cfg['target']}", cfg,
                                              store.tags(family=FAMILY, source=cfg["target"], target=cfg["target"], config_hash=h, role="round"))
     with store.finishing(parent_id):
         runs = {name: pretrain(exp_id, suite, cfg, name, progress) for name in pretrains}
         for name, run_id in runs.items():
-            MlflowClient().set_tag(parent_id, f"domgen.pretrain_run.{name}", run_id)
+            store.set_tag(parent_id, f"domgen.pretrain_run.{name}", run_id)
         with store.artifact_dir() as tmp:
             write_splits(tmp / "splits.json", folds, {"dataset": cfg["target"], "suite": str(suite.path), "seed": cfg["seed"],
                                                       "protocol": "inverse k-fold by patient: train 1/k, test the rest (Wang et al.)"})
             store.log_artifact_file(parent_id, tmp / "splits.json")
-        r = TransferRound(cfg, exp_id, parent_id, target, EvaluationSettings.from_config(cfg["evaluation"]), runs, progress)
+        r = TransferRound(cfg, exp_id, parent_id, target, settings.build(EvaluationSettings, cfg["evaluation"]), runs, progress)
         for fold in folds:
             for strategy in strategies:
                 for name in (pretrains if STRATEGIES[strategy].needs_pretrained else [NO_PRETRAIN]):

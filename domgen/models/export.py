@@ -17,7 +17,7 @@ from torch import nn
 
 from domgen.errors import DomgenError
 from domgen.models import build_model
-from domgen.tracking.artifacts import load_checkpoint
+from domgen.models.checkpoint import load_checkpoint
 
 FORMATS = {"state-dict": ".pt", "torchscript": ".torchscript.pt", "onnx": ".onnx"}
 METADATA_KEY = "domgen.model"
@@ -127,19 +127,3 @@ def load_exported(path: Path) -> tuple[nn.Module, dict]:
         return _load_state(model, scripted.state_dict(), path), cfg
     model, ckpt = load_checkpoint(path)
     return model, _model_config(ckpt)
-
-
-def export_run(run_id: str, fmt: str, out: Path | None = None) -> Path:
-    """Download a benchmark run's checkpoint from MLflow and export it (default ``exports/<run>-<arch>-<encoder><ext>``)."""
-    from domgen.tracking import mlflow_store as store
-
-    with store.artifact_dir() as tmp:
-        try:
-            checkpoint = store.download_artifact(run_id, "model/checkpoint.pt", tmp)
-        except Exception as exc:  # MLflow raises several types for a missing run or artifact
-            raise DomgenError(f"run {run_id} has no model/checkpoint.pt artifact ({type(exc).__name__}); pick a finished run "
-                              "that saved its checkpoint (save_checkpoint: true)") from None
-        if out is None:
-            _, ckpt = load_checkpoint(checkpoint)
-            out = Path("exports") / f"{run_id}-{ckpt['model']['arch']}-{ckpt['model']['encoder']}{FORMATS[fmt]}"
-        return export_checkpoint(checkpoint, fmt, Path(out))

@@ -1,7 +1,6 @@
-"""Files a run leaves behind: checkpoints, predicted masks as NIfTI, overlay PNGs."""
+"""Files a run leaves behind in MLflow: predicted masks as NIfTI, overlay PNGs, tables (checkpoints: ``domgen.models.checkpoint``)."""
 from __future__ import annotations
 
-import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -11,50 +10,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 from skimage.transform import resize  # noqa: E402
 
 import pandas as pd  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
 
 from domgen.errors import DomgenError  # noqa: E402
-from domgen.models import build_model  # noqa: E402
 from domgen.preprocessing.slices import SliceSet  # noqa: E402
 from domgen.tracking import mlflow_store as store  # noqa: E402
-
-
-def save_checkpoint(path: Path, model, model_cfg: dict, **extra) -> Path:
-    """A self-describing checkpoint: the model config beside the state dict (atomic write)."""
-    tmp = path.with_suffix(".part")
-    # a model loaded from a checkpoint (or a Multi-encoder) knows its own config better than the caller's profile
-    model_cfg = getattr(model, "domgen_model_config", None) or model_cfg
-    torch.save({"model": dict(model_cfg), "state_dict": model.state_dict(), **extra}, tmp)
-    os.replace(tmp, path)
-    return path
-
-
-def load_checkpoint(path: Path) -> tuple[torch.nn.Module, dict]:
-    """(model, checkpoint dict) from a file written by ``save_checkpoint``."""
-    if not Path(path).is_file():
-        raise DomgenError(f"checkpoint {path} does not exist; pass a checkpoint.pt from a domgen run (MLflow artifact model/checkpoint.pt)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt zip / pickle
-        raise DomgenError(f"cannot read checkpoint {path} ({type(exc).__name__}); it is corrupt or not a domgen checkpoint") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "state_dict" not in ckpt:
-        raise DomgenError(f"{path} is not a domgen checkpoint (no 'model'/'state_dict'); use model/checkpoint.pt from a domgen run")
-    cfg = dict(ckpt["model"])
-    cfg["encoder_weights"] = "none"  # the state dict holds every weight
-    build = build_model
-    if cfg.get("multi_encoder"):
-        from domgen.models.multi_encoder import MultiEncoderModel as build
-    model = build(**{k: cfg[k] for k in ("arch", "encoder", "encoder_weights", "in_channels") if k in cfg})
-    try:
-        model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as exc:
-        raise DomgenError(f"checkpoint {path} does not match its model config ({str(exc).splitlines()[0]})") from None
-    model.domgen_model_config = cfg
-    return model, ckpt
 
 
 def write_prediction_niftis(folder: Path, probabilities: list[np.ndarray], slices: SliceSet, cutoff: float) -> list[Path]:
@@ -109,7 +71,7 @@ def log_evaluation_artifacts(run_id: str, probs: list[np.ndarray], slices: Slice
     per_slice.to_csv(tmp / "per_slice_metrics.csv", index=False)
     store.log_artifact_file(run_id, tmp / "per_slice_metrics.csv")
     write_prediction_niftis(tmp / "predictions", probs, slices, cutoff)
-    MlflowClient().log_artifacts(run_id, str(tmp / "predictions"), "predictions")
+    store.log_artifact_folder(run_id, tmp / "predictions", "predictions")
     if ranking is not None:
         ranking.to_csv(tmp / "ci_ranking.csv", index=False)
         store.log_artifact_file(run_id, tmp / "ci_ranking.csv")

@@ -15,10 +15,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
 from scipy.stats import gaussian_kde  # noqa: E402
 
 from domgen.errors import DomgenError  # noqa: E402
@@ -31,13 +29,17 @@ SAMPLES = "predictions/samples.npz"
 
 
 def sweep_parent(exp_id: str, run_id: str | None = None):
-    """The sweep's parent run: ``run_id`` or the newest sweep of the experiment."""
+    """The sweep's parent run: ``run_id`` or the newest finished sweep of the experiment (by end time)."""
     if run_id:
-        return MlflowClient().get_run(run_id)
-    parents = store.runs_of(exp_id, "tags.`domgen.role` = 'sweep'", status=None)
+        run = store.get_run(run_id, "--run-id")
+        if run.info.experiment_id != exp_id or run.data.tags.get("domgen.role") != "sweep":
+            raise DomgenError(f"--run-id {run_id} is not a benchmark sweep; pass the sweep id `domgen benchmark` prints")
+        return run
+    parents = store.runs_of(exp_id, "tags.`domgen.role` = 'sweep'", status="FINISHED")
     if not parents:
-        raise DomgenError(f"experiment {EXPERIMENT} has no benchmark sweep; run `domgen benchmark` first")
-    return max(parents, key=lambda r: r.info.start_time or 0)
+        raise DomgenError(f"experiment {EXPERIMENT} has no finished benchmark sweep; run `domgen benchmark` to completion first "
+                          "(or pass --run-id of an unfinished one)")
+    return max(parents, key=lambda r: r.info.end_time or r.info.start_time or 0)
 
 
 def benchmark_records(exp_id: str, sweep_hash: str) -> pd.DataFrame:
@@ -71,7 +73,7 @@ def table2(rec: pd.DataFrame) -> pd.DataFrame:
         row = {"architecture": arch, "encoder": encoder, "weights": weights,
                "params (M)": _cell(ok.params_m.mean(), 2) if "params_m" in ok and len(ok) else "-",
                "train s/epoch": _cell(ok.train_seconds_per_epoch.mean(), 2) if "train_seconds_per_epoch" in ok and len(ok) else "-",
-               "val s": _cell(ok.val_seconds.mean(), 2) if "val_seconds" in ok and len(ok) else "-"}
+               "val s": _cell(ok.val_seconds_per_epoch.mean(), 2) if "val_seconds_per_epoch" in ok and len(ok) else "-"}
         for experiment in experiments:
             run = group[group.experiment == experiment]
             for key, label in PAPER_METRICS:
@@ -164,11 +166,10 @@ def figure_box(ok: pd.DataFrame, by: str, path: Path) -> Path:
 
 def loss_curves(ok: pd.DataFrame) -> pd.DataFrame:
     """Per-epoch train/validation loss of every finished configuration (MLflow metric histories)."""
-    client = MlflowClient()
     rows = []
     for run in ok.itertuples():
         for key in ("train_loss", "val_loss"):
-            for m in client.get_metric_history(run.run_id, key):
+            for m in store.metric_history(run.run_id, key):
                 rows.append({"experiment": run.experiment, "arch": run.arch, "run_id": run.run_id, "metric": key,
                              "epoch": m.step, "value": m.value})
     return pd.DataFrame(rows, columns=["experiment", "arch", "run_id", "metric", "epoch", "value"])
@@ -218,9 +219,9 @@ def build_benchmark_report(out: Path, run_id: str | None = None, log: bool = Tru
     Every finished configuration sharing the sweep's settings counts, including those finished by an
     earlier, partial sweep. Returns ``{"folder", "parent_id", "tables", "figures"}``.
     """
-    exp = MlflowClient().get_experiment_by_name(EXPERIMENT)
+    exp = store.get_experiment(EXPERIMENT)
     if exp is None:
-        raise DomgenError(f"MLflow experiment {EXPERIMENT} does not exist at {mlflow.get_tracking_uri()}; run `domgen benchmark` first or pass --tracking-uri")
+        raise DomgenError(f"MLflow experiment {EXPERIMENT} does not exist at {store.tracking_uri()}; run `domgen benchmark` first or pass --tracking-uri")
     parent = sweep_parent(exp.experiment_id, run_id)
     rec = benchmark_records(exp.experiment_id, parent.data.tags["domgen.sweep_hash"])
     ok = rec[rec.status == "FINISHED"] if len(rec) else rec
@@ -238,6 +239,18 @@ def build_benchmark_report(out: Path, run_id: str | None = None, log: bool = Tru
                    figure_loss_curves(curves, folder / "loss_curves.png"),
                    figure_masks(ok, folder / "masks_best_worst.png", tmp)]
     if log:
-        MlflowClient().log_artifacts(parent.info.run_id, str(folder), "report")
+        store.log_artifact_folder(parent.info.run_id, folder, "report")
     return {"folder": folder, "parent_id": parent.info.run_id, "tables": tables, "figures": figures, "files": paths + figures}
 
+
+
+def benchmark_tables(parent_id: str) -> dict:
+    """The report's tables of the sweep ``parent_id``."""
+    exp = store.get_experiment(EXPERIMENT)
+    rec = benchmark_records(exp.experiment_id, sweep_parent(exp.experiment_id, parent_id).data.tags["domgen.sweep_hash"])
+    return {"table2": table2(rec), "per_architecture": per_architecture(rec), "best_models": best_models(rec), "failed": failures(rec)}
+
+
+def family_report(family, out: Path, run_id: str | None = None) -> dict:
+    """``FAMILIES['benchmark'].build_report``: tables and figures, also logged to the sweep run."""
+    return build_benchmark_report(out, run_id)

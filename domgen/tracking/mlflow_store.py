@@ -1,7 +1,14 @@
-"""MLflow set-up and the run lookups that make every command resumable.
+"""MLflow set-up and the run lookups that make every command resumable; every MLflow call of domgen goes here.
 
 Default store: ``sqlite:///mlflow.db`` in the working directory, artifacts in ``./mlartifacts``;
 ``--tracking-uri`` points at any MLflow server (e.g. one on PostgreSQL shared by a Ray cluster).
+
+Run lifecycle. A live run carries a lease: ``domgen.owner`` (host:pid) and ``domgen.heartbeat`` (epoch
+seconds, refreshed every ``DOMGEN_HEARTBEAT_SECONDS`` by a thread). A run is stale when its owner process
+is gone (same host) or its heartbeat is older than three periods; only stale runs are closed by a later
+driver, so two drivers on one sweep never close each other's live runs. Ctrl-C and SIGTERM end a run
+KILLED with ``domgen.interrupted = true`` (interrupted, not failed: a plain re-run does it again); an
+exception ends it FAILED with ``domgen.error``.
 """
 from __future__ import annotations
 
@@ -9,24 +16,40 @@ import contextlib
 import logging
 import math
 import os
+import socket
 import tempfile
+import threading
 import time
+import urllib.error
+import urllib.request
+from importlib import metadata
 from pathlib import Path
 from typing import Iterator
 
-import mlflow
-from mlflow.entities import Run
-from mlflow.tracking import MlflowClient
+# fail fast on an unreachable server instead of MLflow's default 7 retries x 120 s (set before mlflow reads them)
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
-from domgen.config import config_hash, flatten
-from domgen.errors import DomgenError
+import mlflow  # noqa: E402
+from mlflow.entities import Run, ViewType  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from domgen.config import config_hash, flatten  # noqa: E402
+from domgen.errors import DomgenError  # noqa: E402
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 TAG = "domgen."
+# MLflow 3 opens an experiment in its GenAI view (traces) unless told it holds model-training runs
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+INTERRUPTED = f"{TAG}interrupted"
+LEASE_PERIODS = 3  # a heartbeat older than this many periods means the owner is gone
 
-for _noisy in ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent", "mlflow.utils.requirements_utils"):
-    logging.getLogger(_noisy).setLevel(logging.WARNING)
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+for _noisy in ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent", "mlflow.utils.requirements_utils",
+               "mlflow.tracking._tracking_service.client", "urllib3.connectionpool"):
+    logging.getLogger(_noisy).setLevel(logging.ERROR)
 
 
 def configure(tracking_uri: str | None = None) -> str:
@@ -37,20 +60,78 @@ def configure(tracking_uri: str | None = None) -> str:
     return uri
 
 
+def tracking_uri() -> str:
+    """The URI the store is configured with."""
+    return mlflow.get_tracking_uri()
+
+
+def check_store_exists(uri: str) -> None:
+    """For commands that read runs: a local SQLite store that does not exist is one sentence (and is not created)."""
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        raise DomgenError(f"there is no MLflow store at {uri}; run an experiment first, or pass --tracking-uri of the store that holds the runs")
+
+
+def check_server(uri: str, timeout: float = 5.0) -> None:
+    """One sentence, within seconds, when an ``http(s)://`` tracking server does not answer its health check."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as reply:
+            if reply.status == 200:
+                return
+            problem = f"HTTP {reply.status}"
+    except urllib.error.HTTPError as exc:
+        problem = f"HTTP {exc.code}"
+    except (OSError, ValueError) as exc:
+        problem = str(getattr(exc, "reason", exc)) or type(exc).__name__
+    raise DomgenError(f"the MLflow tracking server {uri} does not answer ({problem}); start it "
+                      "(`mlflow server --host 127.0.0.1 --port PORT`) or pass another --tracking-uri")
+
+
+def versions() -> dict[str, str]:
+    """The versions a run's numbers depend on; recorded as tags on every run."""
+    out = {}
+    for tag, package in (("domgen_version", "domgen"), ("smp_version", "segmentation_models_pytorch"), ("torch_version", "torch")):
+        try:
+            out[f"{TAG}{tag}"] = metadata.version(package.replace("_", "-")) if package != "torch" else __import__("torch").__version__
+        except metadata.PackageNotFoundError:
+            out[f"{TAG}{tag}"] = "unknown"
+    return out
+
+
 def experiment_id(name: str) -> str:
-    """The id of experiment ``name``, created if needed (artifacts beside a local SQLite store)."""
+    """The id of experiment ``name``, created if needed (artifacts beside a local SQLite store), tagged so
+    MLflow's UI shows the runs table."""
     client = MlflowClient()
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    uri = mlflow.get_tracking_uri()
-    location = None
-    if uri.startswith("sqlite:"):
-        location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts" / name).resolve().as_uri()
+    if exp is None:
+        uri = mlflow.get_tracking_uri()
+        location = None
+        if uri.startswith("sqlite:"):
+            location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts" / name).resolve().as_uri()
+        try:
+            exp_id = client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
+        except MlflowException:  # created meanwhile by a parallel worker
+            exp_id = client.get_experiment_by_name(name).experiment_id
+        return exp_id
+    if exp.tags.get("mlflow.experimentKind") != EXPERIMENT_KIND["mlflow.experimentKind"]:
+        for key, value in EXPERIMENT_KIND.items():  # experiments made by an older domgen
+            client.set_experiment_tag(exp.experiment_id, key, value)
+    return exp.experiment_id
+
+
+def get_experiment(name: str):
+    """The experiment called ``name`` or None (never creates one)."""
+    return MlflowClient().get_experiment_by_name(name)
+
+
+def get_run(run_id: str, what: str = "run") -> Run:
+    """The run ``run_id``, or one sentence when the store does not know it."""
     try:
-        return client.create_experiment(name, artifact_location=location)
-    except mlflow.exceptions.MlflowException:  # created meanwhile by a parallel worker
-        return client.get_experiment_by_name(name).experiment_id
+        return MlflowClient().get_run(run_id)
+    except MlflowException:
+        raise DomgenError(f"{what} {run_id} is not in the MLflow store at {mlflow.get_tracking_uri()}; pass the id of an "
+                          "existing run (see `domgen ui`) or the right --tracking-uri") from None
 
 
 def find_run(exp_id: str, config_hash: str, status: str | None = "FINISHED") -> Run | None:
@@ -77,7 +158,7 @@ def runs_of(exp_id: str, query: str = "", status: str | None = "FINISHED") -> li
     out, token = [], None
     client = MlflowClient()
     while True:
-        page = client.search_runs([exp_id], query, max_results=1000, page_token=token)
+        page = client.search_runs([exp_id], query, max_results=1000, page_token=token, run_view_type=ViewType.ACTIVE_ONLY)
         out.extend(page)
         token = page.token
         if not token:
@@ -89,33 +170,172 @@ def tags(**values) -> dict[str, str]:
     return {f"{TAG}{k}": str(v) for k, v in values.items() if v is not None}
 
 
-@contextlib.contextmanager
-def tracked_run(exp_id: str, name: str, cfg: dict, run_tags: dict[str, str], parent_run_id: str | None = None) -> Iterator[Run]:
-    """Start a run (nested under ``parent_run_id``), log the whole resolved config as params.
+def set_tag(run_id: str, key: str, value) -> None:
+    MlflowClient().set_tag(run_id, key, str(value))
 
-    A run that raises is marked FAILED, so a re-run does not mistake it for finished work.
-    """
-    client = MlflowClient()
-    all_tags = dict(run_tags)
+
+# ---------------------------------------------------------------- leases
+def heartbeat_seconds() -> float:
+    from domgen.settings import environment
+
+    return environment("DOMGEN_HEARTBEAT_SECONDS") or 30.0
+
+
+def owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _lease_tags() -> dict[str, str]:
+    return {f"{TAG}owner": owner(), f"{TAG}heartbeat": f"{time.time():.3f}", f"{TAG}lease_seconds": f"{heartbeat_seconds():g}"}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def is_stale(run: Run, now: float | None = None) -> bool:
+    """A RUNNING run whose owner is gone: its process has died (same host) or its heartbeat is too old."""
+    if run.info.status != "RUNNING":
+        return False
+    t = run.data.tags
+    host, _, pid = t.get(f"{TAG}owner", "").rpartition(":")
+    if host == socket.gethostname() and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+        return True
+    try:
+        beat, lease = float(t[f"{TAG}heartbeat"]), float(t.get(f"{TAG}lease_seconds", 30))
+    except (KeyError, ValueError):
+        return True  # no lease at all: written by a domgen without leases, and nobody refreshes it
+    return (now or time.time()) - beat > LEASE_PERIODS * lease
+
+
+def close_stale(runs: list[Run], reason: str) -> list[str]:
+    """End the stale ones among ``runs`` as interrupted (KILLED); live ones of other drivers are left alone."""
+    client, closed = MlflowClient(), []
+    for run in runs:
+        if run.info.run_id == _current_run_id() or not is_stale(run):
+            continue
+        client.set_tag(run.info.run_id, INTERRUPTED, "true")
+        client.set_tag(run.info.run_id, f"{TAG}error", f"interrupted: {reason}")
+        client.set_terminated(run.info.run_id, "KILLED")
+        closed.append(run.info.run_id)
+    return closed
+
+
+def close_stale_of_hash(exp_id: str, h: str) -> list[str]:
+    return close_stale(runs_of(exp_id, f"tags.`domgen.config_hash` = '{h}'", status="RUNNING"),
+                       "its driver stopped (kill -9, crash or lost machine) while it ran")
+
+
+def close_stale_children(exp_id: str, parent_id: str) -> list[str]:
+    return close_stale(runs_of(exp_id, f"tags.`mlflow.parentRunId` = '{parent_id}'", status="RUNNING"),
+                       "its driver stopped (kill -9, crash or lost machine) while it ran")
+
+
+_local = threading.local()
+
+
+def _current_run_id() -> str | None:
+    return getattr(_local, "run_id", None)
+
+
+class _Heartbeat:
+    """Refreshes ``domgen.heartbeat`` of one run from a daemon thread until stopped."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id, self.period = run_id, heartbeat_seconds()
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._beat, name=f"domgen-heartbeat-{run_id[:8]}", daemon=True)
+
+    def _beat(self) -> None:
+        client = MlflowClient()
+        while not self.stop_event.wait(self.period):
+            with contextlib.suppress(Exception):  # a missed beat is harmless; three in a row free the lease
+                client.set_tag(self.run_id, f"{TAG}heartbeat", f"{time.time():.3f}")
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop_event.set()
+        self.thread.join(timeout=5)
+
+
+# ---------------------------------------------------------------- runs
+def _create(exp_id: str, name: str, cfg: dict, run_tags: dict[str, str], parent_run_id: str | None) -> Run:
+    all_tags = {**run_tags, **versions(), **_lease_tags()}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
-    run = client.create_run(exp_id, run_name=name, tags=all_tags)
+    run = MlflowClient().create_run(exp_id, run_name=name, tags=all_tags)
     log_config(run.info.run_id, cfg)
+    return run
+
+
+def _first(run: Run) -> tuple:
+    return (run.info.start_time or 0, run.info.run_id)
+
+
+def claim_run(exp_id: str, name: str, cfg: dict, run_tags: dict[str, str], parent_run_id: str | None = None) -> Run | None:
+    """A new run for ``run_tags['domgen.config_hash']``, or None when that work is finished or live elsewhere.
+
+    Stale attempts are closed first. Two drivers that create a run for the same hash at the same moment both
+    look again afterwards; the later one (start time, then run id) deletes its run and returns None.
+    """
+    h = run_tags[f"{TAG}config_hash"]
+    if find_run(exp_id, h) is not None:
+        return None
+    close_stale_of_hash(exp_id, h)
+    if runs_of(exp_id, f"tags.`domgen.config_hash` = '{h}'", status="RUNNING"):
+        return None
+    run = _create(exp_id, name, cfg, run_tags, parent_run_id)
+    rivals = [r for r in runs_of(exp_id, f"tags.`domgen.config_hash` = '{h}'", status=None)
+              if r.info.run_id != run.info.run_id and r.info.status in ("RUNNING", "FINISHED")]
+    if any(r.info.status == "FINISHED" or _first(r) < _first(run) for r in rivals):
+        MlflowClient().delete_run(run.info.run_id)
+        return None
+    return run
+
+
+@contextlib.contextmanager
+def tracked_run(exp_id: str, name: str, cfg: dict, run_tags: dict[str, str], parent_run_id: str | None = None) -> Iterator[Run]:
+    """Start a run (nested under ``parent_run_id``), log the whole resolved config as params; see ``finishing``."""
+    run = _create(exp_id, name, cfg, run_tags, parent_run_id)
     with finishing(run.info.run_id):
         yield run
 
 
 @contextlib.contextmanager
 def finishing(run_id: str) -> Iterator[str]:
-    """Mark ``run_id`` FINISHED when the block ends; FAILED (KILLED on Ctrl-C), with the error as a tag, when it raises."""
+    """Hold the run's lease while the block runs; then FINISHED, or KILLED + ``domgen.interrupted`` on Ctrl-C /
+    SIGTERM, or FAILED with the error as a tag."""
     client = MlflowClient()
+    previous = _current_run_id()
+    _local.run_id = run_id
     try:
-        yield run_id
+        with _Heartbeat(run_id):
+            yield run_id
     except BaseException as exc:
-        client.set_tag(run_id, f"{TAG}error", f"{type(exc).__name__}: {exc}"[:5000])
-        client.set_terminated(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        interrupted = isinstance(exc, (KeyboardInterrupt, SystemExit))
+        with contextlib.suppress(Exception):  # the store itself may be what failed
+            if interrupted:
+                client.set_tag(run_id, INTERRUPTED, "true")
+            client.set_tag(run_id, f"{TAG}error", f"{type(exc).__name__}: {exc}"[:5000])
+            client.set_terminated(run_id, "KILLED" if interrupted else "FAILED")
         raise
+    finally:
+        _local.run_id = previous
     client.set_terminated(run_id, "FINISHED")
+
+
+def is_interrupted(run: Run) -> bool:
+    """KILLED runs are interrupted work (Ctrl-C, SIGTERM, a closed stale run), never failures."""
+    return run.info.status == "KILLED" or run.data.tags.get(INTERRUPTED) == "true"
 
 
 def log_config(run_id: str, cfg: dict) -> None:
@@ -128,7 +348,9 @@ def log_config(run_id: str, cfg: dict) -> None:
 def start_or_resume_run(exp_id: str, name: str, cfg: dict, run_tags: dict[str, str]) -> tuple[str, bool]:
     """(run id, already finished) of the run tagged ``run_tags['domgen.config_hash']``.
 
-    A finished one is returned as is; an unfinished one (crash, ``kill -9``) is reopened, not duplicated.
+    A finished one is returned as is; an unfinished one (Ctrl-C, SIGTERM, ``kill -9``) is reopened, not
+    duplicated, its stale children are closed (so only they are redone), and a change of domgen / smp
+    version since it started is said on stderr and kept as a tag.
     """
     h = run_tags[f"{TAG}config_hash"]
     done = find_run(exp_id, h)
@@ -136,12 +358,26 @@ def start_or_resume_run(exp_id: str, name: str, cfg: dict, run_tags: dict[str, s
         return done.info.run_id, True
     old = find_run(exp_id, h, status=None)
     client = MlflowClient()
-    if old is not None:
-        client.update_run(old.info.run_id, status="RUNNING")
-        return old.info.run_id, False
-    run = client.create_run(exp_id, run_name=name, tags=run_tags)
-    log_config(run.info.run_id, cfg)
-    return run.info.run_id, False
+    if old is None:
+        return _create(exp_id, name, cfg, run_tags, None).info.run_id, False
+    run_id = old.info.run_id
+    now = versions()
+    changed = [f"{k[len(TAG):]} {old.data.tags[k]} -> {v}" for k, v in now.items() if k in old.data.tags and old.data.tags[k] != v]
+    if changed:
+        import click
+
+        click.echo(f"warning: resuming run {run_id} with different versions ({'; '.join(changed)}); "
+                   "its finished children keep the numbers of the old versions", err=True)
+        client.set_tag(run_id, f"{TAG}resumed_with_versions", "; ".join(changed)[:5000])
+    close_stale_children(exp_id, run_id)
+    client.update_run(run_id, status="RUNNING")
+    for key, value in _lease_tags().items():
+        client.set_tag(run_id, key, value)
+    return run_id, False
+
+
+def end_run(run_id: str, status: str = "FINISHED") -> None:
+    MlflowClient().set_terminated(run_id, status)
 
 
 def log_metrics(run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
@@ -154,6 +390,14 @@ def log_metrics(run_id: str, metrics: dict[str, float], step: int | None = None)
 
 def log_artifact_file(run_id: str, path: Path, artifact_path: str | None = None) -> None:
     MlflowClient().log_artifact(run_id, str(path), artifact_path)
+
+
+def log_artifact_folder(run_id: str, folder: Path, artifact_path: str | None = None) -> None:
+    MlflowClient().log_artifacts(run_id, str(folder), artifact_path)
+
+
+def metric_history(run_id: str, key: str) -> list:
+    return MlflowClient().get_metric_history(run_id, key)
 
 
 @contextlib.contextmanager
@@ -171,14 +415,12 @@ def epoch_logger(run_id: str):
     return lambda record: log_metrics(run_id, {k: v for k, v in record.items() if k != "epoch"}, step=record["epoch"])
 
 
-def set_tag(run_id: str, key: str, value: str) -> None:
-    MlflowClient().set_tag(run_id, key, value)
+def tracking_error(exc: BaseException) -> str | None:
+    """One sentence for a fault of the tracking store itself (unreachable, failing, unknown run), else None."""
+    import requests
 
-
-def get_run(run_id: str) -> Run:
-    """The run ``run_id``; an unknown id is one sentence, not an MLflow traceback."""
-    try:
-        return MlflowClient().get_run(run_id)
-    except mlflow.exceptions.MlflowException:
-        raise DomgenError(f"run {run_id} does not exist in the tracking store {mlflow.get_tracking_uri()}; "
-                          "copy a run id from `domgen ui` or the command's output") from None
+    if isinstance(exc, MlflowException) or isinstance(exc, requests.exceptions.RequestException):
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        return (f"the MLflow tracking store at {tracking_uri()} failed ({first}); finished runs are kept - "
+                "re-run the same command when the store answers again")
+    return None

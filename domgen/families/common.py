@@ -1,0 +1,169 @@
+"""What every experiment family does: check inputs before MLflow, prepare datasets, hash runs by content,
+open (or resume) the round's parent run, and end it.
+
+A run's identity is the hash of its resolved config with every path replaced by the contents it points
+at: the suite by the listing of the dataset files it uses (relative names, sizes, SHA-256 of each file,
+and how they are read - not where they lie), a splits file and an init checkpoint by their SHA-256. Moving
+a dataset or renaming a checkpoint keeps the hash; changing one file changes it.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from domgen.config import config_hash
+from domgen.data.registry import load_cases, load_suite
+from domgen.errors import DomgenError
+from domgen.preprocessing.slices import SlicePreprocessing, SliceSet, prepare_slices
+from domgen.tracking import mlflow_store as store
+
+CHECKPOINT = "model/checkpoint.pt"
+# spec fields that say where a dataset lies, not what it is: left out of its digest
+_LOCATION_FIELDS = ("name", "root", "suite_file", "description")
+
+
+@functools.lru_cache(maxsize=4096)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's contents (cached per path, size and modification time)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DomgenError(f"{path} does not exist; pass an existing file")
+    stat = path.stat()
+    return _file_sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+def dataset_digest(spec) -> str:
+    """The contents of one dataset: every file under its root (relative name, SHA-256) and how it is read."""
+    root = Path(spec.root)
+    if not root.is_dir():
+        raise DomgenError(f"dataset {spec.name}: folder {root} does not exist; fix `root` in the suite file or run `domgen data check {spec.name}`")
+    listing = [(p.relative_to(root).as_posix(), file_digest(p)) for p in sorted(root.rglob("*")) if p.is_file()]
+    how = {k: v for k, v in asdict(spec).items() if k not in _LOCATION_FIELDS}
+    blob = json.dumps({"files": listing, "spec": how}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def suite_digest(suite_name: str, datasets: list[str]) -> dict[str, str]:
+    """``{dataset: digest}`` of the suite datasets a run reads."""
+    suite = load_suite(suite_name)
+    return {name: dataset_digest(suite.get(name)) for name in sorted(set(datasets))}
+
+
+# config keys that name a place; with ``content_digest`` attached, their contents stand in for them in hashes
+PATH_KEYS = ("suite", "splits_file", "init_checkpoint")
+
+
+def content_digest(cfg: dict, datasets: list[str]) -> dict:
+    """What the path-valued settings point at: ``{"datasets": {name: digest}, "splits_file": sha, "init_checkpoint": sha}``."""
+    out: dict = {}
+    if cfg.get("suite") is not None and datasets:
+        out["datasets"] = suite_digest(str(cfg["suite"]), datasets)
+    for key in PATH_KEYS[1:]:
+        if cfg.get(key):
+            out[key] = file_digest(cfg[key])
+    return out
+
+
+def with_content_digests(cfg: dict, datasets: list[str]) -> dict:
+    """A copy of ``cfg`` with ``content_digest`` attached (logged with the params; ``hashed_view`` uses it)."""
+    return {**cfg, "content_digest": content_digest(cfg, datasets)}
+
+
+def hashed_view(cfg: dict) -> dict:
+    """What a hash should see: with ``content_digest`` attached, the paths are left out (their contents are in)."""
+    if "content_digest" not in cfg:
+        return cfg
+    return {k: v for k, v in cfg.items() if k not in PATH_KEYS}
+
+
+def identity(cfg: dict, datasets: list[str]) -> dict:
+    """``cfg`` as hashed: ``suite`` -> the digests of ``datasets``; ``splits_file``, ``init_checkpoint`` -> their SHA-256."""
+    out = copy.deepcopy(cfg)
+    if cfg.get("suite") is not None and datasets:
+        out["suite"] = suite_digest(str(cfg["suite"]), datasets)
+    for key in ("splits_file", "init_checkpoint"):
+        if cfg.get(key):
+            out[key] = {"sha256": file_digest(cfg[key])}
+    return out
+
+
+# config keys naming suite datasets, per family ("source" may be a comma list or "all")
+DATASET_KEYS = {"leave-one-out": ("source", "targets"), "transfer": ("target",), "benchmark": ("train_dataset", "test_dataset")}
+
+
+def dataset_names(value) -> list[str]:
+    items = value.split(",") if isinstance(value, str) else list(value or [])
+    return [str(v).strip() for v in items if str(v).strip() and str(v).strip() != "all"]
+
+
+def check_datasets(cfg: dict) -> None:
+    """Every dataset the config names exists in its suite: one sentence before any MLflow run or file."""
+    keys = DATASET_KEYS.get(cfg.get("family"), ())
+    if cfg.get("suite") is None or not keys:
+        return
+    suite = load_suite(cfg["suite"])
+    for key in keys:
+        for name in dataset_names(cfg.get(key)):
+            suite.get(name)
+
+
+def child_hash(cfg: dict, **identity_) -> str:
+    """A child run's identity: the round's (hashed) config plus what picks the child (fold, phase, target, ...)."""
+    return config_hash({"config": cfg, **identity_})
+
+
+def prepare_dataset(suite, name: str, pre: SlicePreprocessing, progress: bool) -> SliceSet:
+    """Read one suite dataset and make its slices (the one place a family turns files into a SliceSet)."""
+    cases = load_cases(suite.get(name), progress=progress)
+    if not cases:
+        raise DomgenError(f"dataset {name} of suite {suite.path} has no cases; run `domgen data check {name}`")
+    return prepare_slices(cases, pre)
+
+
+def checkpoint_of_run(run_id: str, dest: Path) -> Path:
+    """The ``model/checkpoint.pt`` artifact of a domgen run."""
+    store.get_run(run_id)
+    try:
+        return store.download_artifact(run_id, CHECKPOINT, dest)
+    except Exception as exc:  # MLflow raises several types for a missing artifact
+        raise DomgenError(f"run {run_id} has no {CHECKPOINT} artifact ({type(exc).__name__}); pass the id of a run that saved "
+                          "its model (see the MLflow UI) or --checkpoint PATH") from None
+
+
+def open_round(experiment: str, name: str, cfg: dict, hashed: dict, round_tags: dict) -> tuple[str, str, str, bool]:
+    """The common preamble: (experiment id, round hash, parent run id, finished already).
+
+    A finished round with the same hash is returned as is; an interrupted one is reopened with its stale
+    children closed, so only they are redone.
+    """
+    exp_id = store.experiment_id(experiment)
+    h = config_hash(hashed)
+    parent_id, finished = store.start_or_resume_run(exp_id, name, cfg, {**round_tags, **store.tags(config_hash=h, role="round")})
+    return exp_id, h, parent_id, finished
+
+
+def export_run(run_id: str, fmt: str, out: Path | None = None) -> Path:
+    """Export a run's ``model/checkpoint.pt`` (default ``exports/<run>-<arch>-<encoder><ext>``); see ``domgen.models.export``."""
+    from domgen.models.checkpoint import load_checkpoint
+    from domgen.models.export import FORMATS, export_checkpoint
+
+    if fmt not in FORMATS:
+        raise DomgenError(f"--format {fmt} is not one of {', '.join(FORMATS)}")
+    with store.artifact_dir() as tmp:
+        checkpoint = checkpoint_of_run(run_id, tmp)
+        if out is None:
+            _, ckpt = load_checkpoint(checkpoint)
+            out = Path("exports") / f"{run_id}-{ckpt['model']['arch']}-{ckpt['model']['encoder']}{FORMATS[fmt]}"
+        return export_checkpoint(checkpoint, fmt, Path(out))

@@ -1,0 +1,47 @@
+"""Checkpoints: a model's config beside its state dict, so any domgen checkpoint rebuilds its own model.
+
+They belong with the models (tracking logs them as artifacts but the models layer never imports tracking).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from domgen.errors import DomgenError
+from domgen.models import build_model
+
+
+def save_checkpoint(path: Path, model, model_cfg: dict, **extra) -> Path:
+    """A self-describing checkpoint: the model config beside the state dict (atomic write)."""
+    tmp = path.with_suffix(".part")
+    # a model loaded from a checkpoint (or a Multi-encoder) knows its own config better than the caller's profile
+    model_cfg = getattr(model, "domgen_model_config", None) or model_cfg
+    torch.save({"model": dict(model_cfg), "state_dict": model.state_dict(), **extra}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: Path) -> tuple[torch.nn.Module, dict]:
+    """(model, checkpoint dict) from a file written by ``save_checkpoint``."""
+    if not Path(path).is_file():
+        raise DomgenError(f"checkpoint {path} does not exist; pass a checkpoint.pt from a domgen run (MLflow artifact model/checkpoint.pt)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt zip / pickle
+        raise DomgenError(f"cannot read checkpoint {path} ({type(exc).__name__}); it is corrupt or not a domgen checkpoint") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "state_dict" not in ckpt:
+        raise DomgenError(f"{path} is not a domgen checkpoint (no 'model'/'state_dict'); use model/checkpoint.pt from a domgen run")
+    cfg = dict(ckpt["model"])
+    cfg["encoder_weights"] = "none"  # the state dict holds every weight
+    build = build_model
+    if cfg.get("multi_encoder"):
+        from domgen.models.multi_encoder import MultiEncoderModel as build
+    model = build(**{k: cfg[k] for k in ("arch", "encoder", "encoder_weights", "in_channels") if k in cfg})
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as exc:
+        raise DomgenError(f"checkpoint {path} does not match its model config ({str(exc).splitlines()[0]})") from None
+    model.domgen_model_config = cfg
+    return model, ckpt

@@ -1,0 +1,464 @@
+"""Every setting of every experiment family in one table: type, default, allowed values, which families.
+
+Like DomainBed's ``hparams_registry``: a profile (``experiments/<family>/*.yaml``), its ``--set`` overrides
+and the command-line flags are merged into one nested dict and checked here once, by ``validate``, before
+any file is written or any MLflow run exists. A wrong value is one ``DomgenError`` sentence naming the
+key (and its flag), the value and what is allowed. Adding a family's fields is adding rows to ``SETTINGS``.
+
+Choices that come from a registry (losses, normalisations, lung-mask providers, architectures, encoders,
+transfer strategies) are read from that registry when checked, so the table never goes stale.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from domgen.errors import DomgenError
+
+LOO, TRANSFER, BENCHMARK = "leave-one-out", "transfer", "benchmark"
+ALL = (LOO, TRANSFER, BENCHMARK)
+TRAINING = (LOO, TRANSFER, BENCHMARK)
+
+
+# ---------------------------------------------------------------- registries read when checked
+def _losses():
+    from domgen.training.trainer import LOSSES
+    return list(LOSSES)
+
+
+def _augmentations():
+    from domgen.training.augment import AUGMENTATIONS
+    return list(AUGMENTATIONS)
+
+
+def _normalisations():
+    from domgen.preprocessing.intensity import NORMALISATIONS
+    return list(NORMALISATIONS)
+
+
+def _lung_masks():
+    from domgen.preprocessing.lung_mask import LUNG_MASK_PROVIDERS
+    return list(LUNG_MASK_PROVIDERS)
+
+
+def _architectures():
+    from domgen.models import ARCHITECTURES
+    return list(ARCHITECTURES)
+
+
+def _encoders():
+    from domgen.models import encoder_names
+    return encoder_names()
+
+
+def _empty_conventions():
+    from domgen.evaluation.metrics import EMPTY_CONVENTIONS
+    return list(EMPTY_CONVENTIONS)
+
+
+def _strategies():
+    from domgen.methods.transfer import STRATEGIES
+    return list(STRATEGIES)
+
+
+def _mixes():
+    from domgen.methods.pseudolabel import MIXES
+    return list(MIXES)
+
+
+def _confidence_scores():
+    from domgen.methods.confidence import CONFIDENCE_SCORES
+    return list(CONFIDENCE_SCORES)
+
+
+def _benchmark_experiments():
+    from domgen.families.benchmark import EXPERIMENTS
+    return list(EXPERIMENTS)
+
+
+def _benchmark_weights():
+    from domgen.families.benchmark import WEIGHTS
+    return list(WEIGHTS)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One profile field. ``kind``: int | float | bool | choice | str | names | path | mapping | floats."""
+
+    key: str
+    kind: str
+    default: Any
+    families: tuple[str, ...]
+    help: str
+    choices: Sequence[str] | Callable[[], Sequence[str]] | None = None
+    low: float | None = None  # inclusive unless low_open
+    high: float | None = None  # inclusive unless high_open
+    low_open: bool = False
+    high_open: bool = False
+    nullable: bool = False
+    flag: str | None = None  # the command-line flag that sets it, named in errors
+    ignore_case: bool = False  # choices compared case-insensitively, stored as the registry spells them
+
+    def allowed(self) -> list[str]:
+        return list(self.choices() if callable(self.choices) else self.choices or [])
+
+    def describe(self) -> str:
+        """What is allowed, in words (for errors and the README table)."""
+        if self.kind in ("choice", "names"):
+            allowed = self.allowed()
+            text = ("one of " if self.kind == "choice" else "names (a list or comma-separated) from ") + (
+                ", ".join(allowed) if len(allowed) <= 12 else ", ".join(allowed[:12]) + f", ... ({len(allowed)} in all)")
+        elif self.kind in ("int", "float", "floats"):
+            noun = {"int": "an integer", "float": "a number", "floats": "a list of numbers"}[self.kind]
+            bounds = []
+            if self.low is not None:
+                bounds.append(f"{'>' if self.low_open else '>='} {self.low:g}")
+            if self.high is not None:
+                bounds.append(f"{'<' if self.high_open else '<='} {self.high:g}")
+            text = noun + (" " + " and ".join(bounds) if bounds else "")
+        elif self.kind == "bool":
+            text = "true or false"
+        elif self.kind == "path":
+            text = "a path to an existing file"
+        elif self.kind == "mapping":
+            text = "a mapping of names"
+        else:
+            text = "a text value"
+        return text + (" (or null)" if self.nullable else "")
+
+
+def S(key, kind, default, families, help, **kw) -> Setting:  # noqa: N802 - a table row
+    return Setting(key, kind, default, tuple(families), help, **kw)
+
+
+_PROB = {"low": 0.0, "high": 1.0}
+SETTINGS: list[Setting] = [
+    # ------------------------------------------------------------ every family
+    S("family", "str", None, ALL, "the family this profile belongs to"),
+    S("profile", "str", None, ALL, "the profile's name (set from the file name)"),
+    S("suite", "str", "synthetic", ALL, "'synthetic' or a path to a suite YAML", nullable=True, flag="--suite"),
+    S("seed", "int", 0, ALL, "base seed (fold k uses seed + k)", low=0, flag="--seed"),
+    S("device", "choice", "cpu", ALL, "where to train", choices=("cpu", "cuda"), flag="--device"),
+    S("threads", "int", None, ALL, "torch threads per trial (null: the cores divided by the workers)", low=1, nullable=True),
+    # preprocessing
+    S("preprocessing.image_size", "int", 64, ALL, "slice side in pixels after resizing; a multiple of what the architecture needs",
+      low=8),
+    S("preprocessing.lung_mask", "choice", "threshold", ALL, "lung-mask provider", choices=_lung_masks, flag="--lung-mask"),
+    S("preprocessing.lungmask_weights", "path", None, ALL, "weights file for the lungmask provider", nullable=True,
+      flag="--lungmask-weights"),
+    S("preprocessing.normalisation", "choice", "zscore", ALL, "intensity normalisation", choices=_normalisations),
+    S("preprocessing.min_lung_pixels", "int", 1, ALL, "keep slices with at least this many lung pixels", low=0),
+    S("preprocessing.mask_to_lung", "bool", True, (LOO, TRANSFER), "zero the input outside the lungs"),
+    S("preprocessing.target", "choice", "lesion", (LOO, TRANSFER), "what is segmented", choices=("lesion", "lung")),
+    S("preprocessing.keep_slices", "choice", "lung", (LOO,), "which slices enter the sets", choices=("all", "lung", "lesion"),
+      flag="--keep-slices"),
+    # train
+    S("train.epochs", "int", 6, ALL, "maximum epochs", low=1),
+    S("train.batch_size", "int", 16, ALL, "slices per batch", low=1),
+    S("train.lr", "float", 1e-3, ALL, "Adam learning rate", low=0.0, low_open=True),
+    S("train.patience", "int", 5, ALL, "epochs without improvement before stopping (null: never stop early)", low=1, nullable=True),
+    S("train.loss", "choice", "dice+bce", ALL, "training loss", choices=_losses),
+    S("train.select_by", "choice", "val_dsc", ALL, "which epoch is kept", choices=("val_dsc", "val_loss")),
+    S("train.augment", "choice", "enshaei", ALL, "augmentation recipe", choices=_augmentations),
+    S("train.schedule", "choice", "constant", ALL, "learning-rate schedule", choices=("constant", "poly")),
+    S("train.poly_power", "float", 0.9, ALL, "power of the poly schedule", low=0.0, low_open=True),
+    S("train.precision", "choice", "fp32", ALL, "arithmetic precision of training", choices=("fp32", "bf16", "auto")),
+    S("train.channels_last", "bool", False, ALL, "channels-last memory format"),
+    # evaluation
+    S("evaluation.empty", "choice", "both-empty-one", ALL, "per-slice ratio when its denominator is 0", choices=_empty_conventions),
+    S("evaluation.dice_eps", "float", 0.0, ALL, "eps added to Dice's numerator and denominator", low=0.0),
+    S("evaluation.nsd_tolerance_mm", "float", 3.0, (LOO, TRANSFER), "NSD tolerance in mm", low=0.0, low_open=True),
+    S("evaluation.surface", "bool", True, (LOO, TRANSFER), "compute NSD and HD95"),
+    S("evaluation.cutoff_candidates", "floats", None, (LOO,), "cut-offs tried on the in-domain test set (null: 0.05..0.95)",
+      low=0.0, high=1.0, low_open=True, high_open=True, nullable=True),
+    S("evaluation.cutoff", "float", 0.5, (TRANSFER,), "probability cut-off", low=0.0, high=1.0, low_open=True, high_open=True),
+    S("evaluation.threshold", "float", 0.5, (BENCHMARK,), "probability cut-off", low=0.0, high=1.0, low_open=True, high_open=True),
+    S("evaluation.resolution", "choice", "model", (BENCHMARK,), "score at the model's size or the original", choices=("model", "original")),
+    S("evaluation.sample_slices", "int", 4, (BENCHMARK,), "test slices kept for the report's mask grid", low=0),
+    # model
+    S("model.arch", "choice", "linknet", (LOO, TRANSFER), "smp architecture", choices=_architectures, ignore_case=True, flag="--arch"),
+    S("model.encoder", "choice", "resnet34", (LOO, TRANSFER), "smp encoder", choices=_encoders, flag="--encoder"),
+    S("model.encoder_weights", "str", "none", (LOO, TRANSFER), "none | imagenet | PATH to an encoder state dict",
+      flag="--encoder-weights"),
+    S("model.in_channels", "int", 1, (LOO, TRANSFER), "input channels", low=1),
+    # ------------------------------------------------------------ leave-one-out (Enshaei et al.)
+    S("source", "str", "A", (LOO,), "source dataset(s): a name, a comma list or 'all'", flag="--source"),
+    S("targets", "names", None, (LOO,), "unseen datasets (null: every other COVID dataset)", nullable=True, flag="--targets"),
+    S("folds", "int", 2, (LOO, TRANSFER), "number of folds (k-fold needs 2 or more)", low=1, flag="--folds"),
+    S("split.train", "float", 0.6, (LOO,), "train fraction of a fold", low=0.0, high=1.0, low_open=True),
+    S("split.val", "float", 0.1, (LOO,), "validation fraction of a fold", **_PROB),
+    S("split.test", "float", 0.3, (LOO,), "test fraction of a fold", low=0.0, high=1.0, low_open=True),
+    S("split.protocol", "choice", "kfold", (LOO,), "how folds are drawn", choices=("kfold", "repeated-holdout")),
+    S("splits_file", "path", None, (LOO,), "a splits.json to use instead of drawing folds", nullable=True),
+    S("init_checkpoint", "path", None, (LOO,), "start from this domgen checkpoint", nullable=True, flag="--init-checkpoint"),
+    S("init_run", "str", None, (LOO,), "start from the model of this MLflow run", nullable=True, flag="--init-run"),
+    S("pseudolabel.ci_min", "float", 0.8, (LOO,), "keep pseudo-labels with Certainty Index >= this", **_PROB, flag="--ci-min"),
+    S("pseudolabel.min_pixels", "int", 50, (LOO,), "drop slices with fewer pixels above the cut-off", low=0, flag="--min-pixels"),
+    S("pseudolabel.min_pixels_at", "int", None, (LOO,), "image side min_pixels is counted at (null: original)", low=1, nullable=True),
+    S("pseudolabel.top_k", "int", None, (LOO,), "at most this many pseudo-labelled slices per target", low=1, nullable=True,
+      flag="--top-k"),
+    S("pseudolabel.top_fraction", "float", None, (LOO,), "at most this fraction of the ranked slices", low=0.0, high=1.0,
+      low_open=True, nullable=True, flag="--top-fraction"),
+    S("pseudolabel.mix", "choice", "source+pseudo", (LOO,), "what the retraining sees", choices=_mixes, flag="--mix"),
+    S("pseudolabel.rounds", "int", 1, (LOO,), "select-and-retrain rounds", low=1, flag="--rounds"),
+    S("pseudolabel.ci_rule", "choice", "fixed", (LOO,), "how the CI threshold is chosen", choices=("fixed", "indomain-quantile")),
+    S("pseudolabel.ci_quantile", "float", 0.5, (LOO,), "quantile of the in-domain CI for ci_rule indomain-quantile", **_PROB,
+      flag="--ci-quantile"),
+    S("pseudolabel.confidence", "choice", "ci", (LOO,), "the score that ranks the slices", choices=_confidence_scores,
+      flag="--confidence"),
+    S("pseudolabel.filters", "mapping", None, (LOO,), "minimums of other confidence scores, e.g. {tta: 0.9}", nullable=True,
+      flag="--filter"),
+    S("pseudolabel.per_patient_max", "int", None, (LOO,), "at most this many pseudo-labelled slices per patient", low=1,
+      nullable=True, flag="--per-patient-max"),
+    S("pseudolabel.min_patients", "int", None, (LOO,), "select nothing unless the slices come from this many patients", low=1,
+      nullable=True, flag="--min-patients"),
+    S("pseudolabel.size_strata", "int", None, (LOO,), "lesion-size strata the selection is spread over", low=2, nullable=True,
+      flag="--size-strata"),
+    S("pseudolabel.select_by", "choice", "source-val", (LOO,), "how the retrained weights are chosen",
+      choices=("last", "source-val", "pseudo-val"), flag="--select-by"),
+    S("pseudolabel.pseudo_val_fraction", "float", 0.2, (LOO,), "pseudo-labelled patients held out with select_by pseudo-val",
+      low=0.0, high=1.0, low_open=True, high_open=True),
+    S("pseudolabel.seeds", "int", 1, (LOO,), "retraining repeats with other seeds", low=1, flag="--seeds"),
+    S("pseudolabel.track_target_slices", "int", 64, (LOO,), "target slices whose DSC is logged per retraining epoch (0: none, "
+      "null: all)", low=0, nullable=True),
+    # ------------------------------------------------------------ transfer (Wang et al.)
+    S("target", "str", "A", (TRANSFER,), "the COVID target dataset", flag="--target"),
+    S("pretrain", "names", None, (TRANSFER,), "pretrained models (keys of pretrain_datasets, or multi)", flag="--pretrain"),
+    S("strategies", "names", None, (TRANSFER,), "transfer strategies", choices=_strategies, flag="--strategy"),
+    S("pretrain_datasets", "mapping", None, (TRANSFER,), "pretrained model -> suite dataset"),
+    S("val_fraction", "float", 0.0, (TRANSFER,), "patients of a fold's train part held out for validation", low=0.0, high=1.0,
+      high_open=True),
+    S("keep_checkpoints", "names", None, (TRANSFER,), "strategies whose fold models are logged", choices=_strategies, nullable=True),
+    S("pretraining.val_fraction", "float", 0.2, (TRANSFER,), "patients of each pretraining dataset held out", low=0.0, high=1.0,
+      high_open=True),
+    S("pretraining.train", "mapping", None, (TRANSFER,), "overrides of the train section for pretraining (train.* keys)"),
+    # ------------------------------------------------------------ benchmark (Bizopoulos et al.)
+    S("train_dataset", "str", "D", (BENCHMARK,), "training + validation dataset"),
+    S("test_dataset", "str", "C", (BENCHMARK,), "test dataset"),
+    S("split.method", "choice", "random", (BENCHMARK,), "patient-wise train/validation split", choices=("random", "ordered")),
+    S("split.val_fraction", "float", 0.2, (BENCHMARK,), "validation fraction of the patients", low=0.0, high=1.0, low_open=True,
+      high_open=True),
+    S("grid.experiments", "names", None, (BENCHMARK,), "experiments of the grid", choices=_benchmark_experiments, flag="--experiments"),
+    S("grid.archs", "names", None, (BENCHMARK,), "architectures of the grid", choices=_architectures, ignore_case=True, flag="--archs"),
+    S("grid.encoders", "names", None, (BENCHMARK,), "encoders of the grid", choices=_encoders, flag="--encoders"),
+    S("grid.weights", "names", None, (BENCHMARK,), "encoder weights of the grid", choices=_benchmark_weights, flag="--weights"),
+    S("save_checkpoint", "bool", True, (BENCHMARK,), "log model/checkpoint.pt per configuration"),
+]
+TABLE: dict[tuple[str, str], Setting] = {(fam, s.key): s for s in SETTINGS for fam in s.families}
+FAMILIES_WITH_SETTINGS = sorted({fam for s in SETTINGS for fam in s.families})
+
+# Environment variables domgen reads, checked the same way.
+ENVIRONMENT: dict[str, Setting] = {
+    "DOMGEN_THREADS": S("DOMGEN_THREADS", "int", None, ALL, "torch threads of this process", low=1),
+    "DOMGEN_HEARTBEAT_SECONDS": S("DOMGEN_HEARTBEAT_SECONDS", "float", 30.0, ALL,
+                                  "how often a live run refreshes its lease tag", low=0.1),
+}
+
+
+# ---------------------------------------------------------------- checking
+def _name(setting: Setting) -> str:
+    return f"{setting.key} ({setting.flag})" if setting.flag else setting.key
+
+
+def _fail(setting: Setting, value, what: str | None = None) -> DomgenError:
+    shown = repr(value) if isinstance(value, str) else str(value)
+    fix = f"--set {setting.key}=..." if not setting.flag else f"{setting.flag} or --set {setting.key}=..."
+    return DomgenError(f"{_name(setting)} = {shown} {what or 'is not allowed'}; give {setting.describe()} ({fix})")
+
+
+def _number(setting: Setting, value, integer: bool):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _fail(setting, value, "is not " + ("an integer" if integer else "a number"))
+    if integer and (isinstance(value, float) and not value.is_integer()):
+        raise _fail(setting, value, "is not an integer")
+    value = int(value) if integer else float(value)
+    if not math.isfinite(value):
+        raise _fail(setting, value, "is not finite")
+    if setting.low is not None and (value <= setting.low if setting.low_open else value < setting.low):
+        raise _fail(setting, value, "is too small")
+    if setting.high is not None and (value >= setting.high if setting.high_open else value > setting.high):
+        raise _fail(setting, value, "is too large")
+    return value
+
+
+def _choice(setting: Setting, value) -> str:
+    allowed = setting.allowed()
+    if not isinstance(value, str):
+        raise _fail(setting, value, "is not a name")
+    if value in allowed:
+        return value
+    if setting.ignore_case:
+        lowered = {a.lower(): a for a in allowed}
+        if value.strip().lower() in lowered:
+            return lowered[value.strip().lower()]
+    raise _fail(setting, value, "is not a known name")
+
+
+def check_value(setting: Setting, value):
+    """``value`` coerced to the setting's type, or one ``DomgenError`` sentence."""
+    if value is None:
+        if setting.nullable or setting.kind in ("str", "names", "mapping") and setting.default is None:
+            return None
+        raise _fail(setting, value, "may not be empty")
+    kind = setting.kind
+    if kind in ("int", "float"):
+        return _number(setting, value, kind == "int")
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise _fail(setting, value, "is not true or false")
+        return value
+    if kind == "choice":
+        return _choice(setting, value)
+    if kind == "str":
+        if isinstance(value, (dict, list, bool)):
+            raise _fail(setting, value, "is not a text value")
+        return str(value)
+    if kind == "path":
+        if not isinstance(value, str) or not Path(value).expanduser().is_file():
+            raise _fail(setting, value, "is not an existing file")
+        return value
+    if kind == "names":
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise _fail(setting, value, "is not a list of names")
+        names = [str(v).strip() for v in items if str(v).strip()]
+        if not names:
+            raise _fail(setting, value, "is empty")
+        if setting.choices is not None:
+            names = [_choice(setting, n) for n in names]
+        out = list(dict.fromkeys(names))  # a name given twice is one entry, not two runs
+        return out if not isinstance(value, str) else out
+    if kind == "floats":
+        if not isinstance(value, (list, tuple)) or not value:
+            raise _fail(setting, value, "is not a list of numbers")
+        return [_number(setting, v, False) for v in value]
+    if kind == "mapping":
+        if not isinstance(value, dict):
+            raise _fail(setting, value, "is not a mapping")
+        return value
+    raise ValueError(f"setting {setting.key} has unknown kind {kind}")
+
+
+def _walk(cfg: dict, prefix: str = ""):
+    for key, value in cfg.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and dotted not in ("pretrain_datasets", "pretraining.train", "pseudolabel.filters"):
+            yield from _walk(value, dotted + ".")
+        else:
+            yield dotted, value
+
+
+def _set(cfg: dict, dotted: str, value) -> None:
+    node = cfg
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def required_multiple(arch: str) -> int:
+    """The factor the image side must be a multiple of for ``arch``: 2 ** encoder depth (smp's output stride)."""
+    from domgen.models import ARCHITECTURES
+
+    return 2 ** int(ARCHITECTURES[arch][1].get("encoder_depth", 5))
+
+
+def _check_image_size(cfg: dict, family: str) -> None:
+    size = cfg.get("preprocessing", {}).get("image_size")
+    if size is None:
+        return
+    archs = cfg.get("grid", {}).get("archs", []) if family == BENCHMARK else [cfg.get("model", {}).get("arch")]
+    for arch in [a for a in archs if a]:
+        multiple = required_multiple(arch)
+        if size % multiple:
+            lower, upper = size // multiple * multiple, (size // multiple + 1) * multiple
+            raise DomgenError(f"preprocessing.image_size = {size} cannot be taken by {arch} (its encoder halves the image "
+                              f"{int(math.log2(multiple))} times, so the side must be a multiple of {multiple}); "
+                              f"use --set preprocessing.image_size={upper}" + (f" or {lower}" if lower else ""))
+
+
+def _check_cross_fields(cfg: dict, family: str) -> None:
+    split = cfg.get("split") or {}
+    if family == LOO and all(isinstance(split.get(k), (int, float)) for k in ("train", "val", "test")):
+        total = split["train"] + split["val"] + split["test"]
+        if abs(total - 1.0) > 1e-6:
+            raise DomgenError(f"split.train + split.val + split.test = {total:g}, not 1; fix the fractions (e.g. --set split.val=...)")
+    if cfg.get("init_checkpoint") and cfg.get("init_run"):
+        raise DomgenError("give at most one of --init-run and --init-checkpoint")
+    if family == LOO and split.get("protocol") == "kfold" and isinstance(cfg.get("folds"), int) and cfg["folds"] < 2:
+        raise DomgenError(f"folds = {cfg['folds']} cannot make a k-fold split; use --folds 2 or more, or "
+                          "--set split.protocol=repeated-holdout for independent train/val/test splits")
+    filters = (cfg.get("pseudolabel") or {}).get("filters") or {}
+    if family == LOO:
+        known = _confidence_scores()
+        for name, minimum in filters.items():
+            if name not in known:
+                raise DomgenError(f"pseudolabel.filters (--filter) names {name!r}, not a confidence score; use one of {', '.join(known)}")
+            if isinstance(minimum, bool) or not isinstance(minimum, (int, float)) or not math.isfinite(minimum):
+                raise DomgenError(f"pseudolabel.filters (--filter) {name}={minimum!r} is not a number; give e.g. --filter {name}=0.9")
+
+
+def validate(cfg: dict) -> dict:
+    """``cfg`` with every value checked against ``SETTINGS`` and coerced to its type (in place; returned).
+
+    Keys the table does not list for the profile's family are refused (a typo in a profile is not silently
+    ignored); a family with no rows at all (one being added) only has its known keys checked.
+    """
+    family = cfg.get("family")
+    strict = family in FAMILIES_WITH_SETTINGS
+    checks = []
+    for dotted, value in list(_walk(cfg)):
+        setting = TABLE.get((family, dotted)) or (None if strict else next((s for s in SETTINGS if s.key == dotted), None))
+        if setting is None:
+            if strict:
+                raise DomgenError(f"setting {dotted} is not a {family} setting; remove it from the profile "
+                                  f"(the settings of each family are listed in domgen/settings.py)")
+            continue
+        checks.append((setting, dotted, value))
+    # plain values first: a wrong number is said before the registries (torch, smp, MONAI) are imported
+    for setting, dotted, value in sorted(checks, key=lambda c: callable(c[0].choices)):
+        _set(cfg, dotted, check_value(setting, value))
+    if family == TRANSFER and isinstance(cfg.get("pretraining", {}).get("train"), dict):
+        for key, value in cfg["pretraining"]["train"].items():
+            setting = TABLE.get((TRANSFER, f"train.{key}"))
+            if setting is None:
+                raise DomgenError(f"setting pretraining.train.{key} is not a train setting; use the keys of the train section")
+            cfg["pretraining"]["train"][key] = check_value(setting, value)
+    _check_image_size(cfg, family)
+    _check_cross_fields(cfg, family)
+    return cfg
+
+
+def environment(name: str):
+    """The value of environment variable ``name`` checked against ``ENVIRONMENT`` (None when unset or empty)."""
+    setting = ENVIRONMENT[name]
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        value = float(raw) if setting.kind == "float" else int(raw)
+    except ValueError:
+        raise DomgenError(f"environment variable {name}={raw!r} is not {'a number' if setting.kind == 'float' else 'an integer'}; "
+                          f"set it to {setting.describe()} or unset it") from None
+    try:
+        return check_value(setting, value)
+    except DomgenError:
+        raise DomgenError(f"environment variable {name}={raw} is out of range; set it to {setting.describe()} or unset it") from None
+
+
+def build(cls, section: dict, **override):
+    """A settings dataclass (TrainSettings, SlicePreprocessing, EvaluationSettings, ...) from a validated section:
+    the section's keys that are fields of ``cls``, then ``override``."""
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in {**section, **override}.items() if k in names})
+
+
+def markdown_table() -> str:
+    """The settings as a Markdown table (key, families, type and allowed values, default, meaning)."""
+    rows = ["| key | families | allowed | default | meaning |", "|---|---|---|---|---|"]
+    for s in SETTINGS:
+        rows.append(f"| `{s.key}` | {', '.join(s.families)} | {s.describe()} | `{s.default}` | {s.help} |")
+    return "\n".join(rows)
