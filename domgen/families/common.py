@@ -129,7 +129,12 @@ def prepare_dataset(suite, name: str, pre: SlicePreprocessing, progress: bool) -
     cases = load_cases(suite.get(name), progress=progress)
     if not cases:
         raise DomgenError(f"dataset {name} of suite {suite.path} has no cases; run `domgen data check {name}`")
-    return prepare_slices(cases, pre)
+    slices = prepare_slices(cases, pre)
+    if not len(slices):
+        raise DomgenError(f"every slice of dataset {name} was dropped by preprocessing.keep_slices={pre.keep_slices} "
+                          f"(lung-mask provider {pre.lung_mask} found no lung?); run `domgen data check {name}` and use "
+                          "--set preprocessing.keep_slices=all or another --lung-mask")
+    return slices
 
 
 def checkpoint_of_run(run_id: str, dest: Path) -> Path:

@@ -13,7 +13,6 @@ config (and of the contents of the files it reads), so an interrupted experiment
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from domgen.config import config_hash
+from domgen.families import common
+from domgen.families.common import CHECKPOINT, checkpoint_of_run, file_digest, hashed_view, prepare_dataset, with_content_digests
 from domgen.data.registry import load_cases, load_suite
 from domgen.errors import DomgenError
 from domgen.evaluation.cutoff import DEFAULT_CANDIDATES, best_cutoff
@@ -41,7 +41,6 @@ from domgen.training.trainer import TrainSettings, predict_model_size, seed_ever
 
 FAMILY = "leave-one-out"
 EXPERIMENT = "domgen-leave-one-out"
-CHECKPOINT = "model/checkpoint.pt"
 SPLIT_PROTOCOLS = ("kfold", "repeated-holdout")
 
 
@@ -63,16 +62,9 @@ class Round:
     pretrained: object = None  # the init_run / init_checkpoint model, loaded once; None: a fresh model per fold
 
 
-def file_digest(path: str | Path) -> str:
-    """sha256 of a file's contents: an edited splits file or checkpoint at the same path is a new input."""
-    path = Path(path)
-    if not path.is_file():
-        raise DomgenError(f"{path} does not exist; check the path")
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def child_hash(cfg: dict, **identity) -> str:
+    """A child run's identity: the round's config with its files replaced by their contents, plus what picks the child."""
+    return common.child_hash(hashed_view(cfg), **identity)
 
 
 def covid_names(suite) -> list[str]:
@@ -114,18 +106,6 @@ def round_config(cfg: dict, suite, source: str) -> dict:
     return out
 
 
-def prepare_dataset(suite, name: str, pre: SlicePreprocessing, progress: bool) -> SliceSet:
-    cases = load_cases(suite.get(name), progress=progress)
-    if not cases:
-        raise DomgenError(f"dataset {name} of suite {suite.path} has no cases; run `domgen data check {name}`")
-    slices = prepare_slices(cases, pre)
-    if not len(slices):
-        raise DomgenError(f"every slice of dataset {name} was dropped by preprocessing.keep_slices={pre.keep_slices} "
-                          f"(lung-mask provider {pre.lung_mask} found no lung?); run `domgen data check {name}` and use "
-                          "--set preprocessing.keep_slices=all or another --lung-mask")
-    return slices
-
-
 def _check_split_patients(cfg: dict, folds: list[dict], source: SliceSet) -> None:
     """A splits file may name only patients of the source, and none whose slices were all dropped."""
     per_patient = source.report.get("per_patient", {})
@@ -157,10 +137,6 @@ def fold_splits(cfg: dict, source: SliceSet) -> list[dict]:
         # independent patient-wise 60/10/30 splits, one per fold with seed + fold (domgen < 0.2's scheme)
         return [{"fold": k, **train_val_test_split(patients, fractions, seed=cfg["seed"] + k)} for k in range(cfg["folds"])]
     raise DomgenError(f"split.protocol {protocol!r} is unknown; use one of {', '.join(SPLIT_PROTOCOLS)}")
-
-
-def child_hash(cfg: dict, **identity) -> str:
-    return config_hash({"config": cfg, **identity})
 
 
 def _model_of(run_id: str, tmp: Path):
@@ -388,19 +364,10 @@ def slice_counts(prepared: dict[str, SliceSet]) -> dict[str, float]:
     return out
 
 
-def resolve_inputs(cfg: dict) -> dict:
-    """The config plus the digests of the files it reads, so an edited file at the same path is new work."""
-    out = copy.deepcopy(cfg)
-    digests = {key: file_digest(cfg[key]) for key in ("splits_file", "init_checkpoint") if cfg.get(key)}
-    if digests:
-        out["input_digests"] = digests
-    return out
-
-
 def run_round(cfg: dict, suite, prepared: dict[str, SliceSet], pre: SlicePreprocessing, progress: bool,
               experiment_id: str | None = None) -> str:
     """Run (or resume) the round of ``cfg['source']``; returns its run id."""
-    exp_id, h, finished = store.round_lookup(EXPERIMENT, cfg)
+    exp_id, h, finished = store.round_lookup(EXPERIMENT, hashed_view(cfg))
     if finished:
         return finished
     source = prepared[cfg["source"]]
@@ -434,13 +401,13 @@ def run_round(cfg: dict, suite, prepared: dict[str, SliceSet], pre: SlicePreproc
 def run_leave_one_out(cfg: dict, progress: bool = True) -> str:
     """Run (or resume) the experiment: one round per source. Returns the run whose tables to print: the round's
     run for one source, the experiment run (rounds listed in its tag ``domgen.rounds``) for several."""
-    cfg = resolve_inputs(cfg)
     # every input is read and checked before any run exists, so a bad file leaves nothing behind
     suite = load_suite(cfg["suite"])
     sources = source_names(suite, cfg)
     if len(sources) > 1 and cfg.get("splits_file"):
         raise DomgenError("a splits file describes the folds of one source; use --splits-file (or splits_file) with a single --source")
-    rounds = [round_config(cfg, suite, s) for s in sources]
+    # a round is identified by the contents of the datasets and files it reads, not their paths
+    rounds = [with_content_digests(rc, [rc["source"], *rc["targets"]]) for rc in (round_config(cfg, suite, s) for s in sources)]
     pre = SlicePreprocessing.from_config(cfg["preprocessing"])
     needed = list(dict.fromkeys(n for rc in rounds for n in [rc["source"], *rc["targets"]]))
     prepared = {n: prepare_dataset(suite, n, pre, progress) for n in needed}
@@ -449,7 +416,8 @@ def run_leave_one_out(cfg: dict, progress: bool = True) -> str:
             _check_split_patients(rc, read_splits(Path(rc["splits_file"]))["folds"], prepared[rc["source"]])
     if len(rounds) == 1:
         return run_round(rounds[0], suite, prepared, pre, progress)
-    exp_id, h, finished = store.round_lookup(EXPERIMENT, cfg)
+    cfg = with_content_digests(cfg, list(dict.fromkeys(n for rc in rounds for n in [rc["source"], *rc["targets"]])))
+    exp_id, h, finished = store.round_lookup(EXPERIMENT, hashed_view(cfg))
     if finished:
         return finished
     parent_id, _ = store.start_or_resume_run(exp_id, f"{FAMILY} {','.join(sources)}", cfg,
@@ -461,15 +429,6 @@ def run_leave_one_out(cfg: dict, progress: bool = True) -> str:
             store.set_tag(parent_id, "domgen.rounds", json.dumps(round_ids))
         log_tables(parent_id, leave_one_out_tables(parent_id))
     return parent_id
-
-
-def checkpoint_of_run(run_id: str, dest: Path) -> Path:
-    """The checkpoint artifact of a domgen run (a fold's source model or an enhanced model)."""
-    try:
-        return store.download_artifact(run_id, CHECKPOINT, dest)
-    except Exception as exc:  # MLflow raises several types for unknown runs / missing artifacts
-        raise DomgenError(f"run {run_id} has no {CHECKPOINT} artifact ({type(exc).__name__}); pass the run id of a finished "
-                          "leave-one-out fold run (see the MLflow UI) or --checkpoint PATH") from None
 
 
 def _pseudolabel_round(checkpoint: Path, target: str, pseudolabel: dict, suite: str | None, device: str | None, progress: bool):
