@@ -165,6 +165,9 @@ SETTINGS: list[Setting] = [
     S("train.augment", "choice", "enshaei", ALL, "augmentation recipe", choices=_augmentations),
     S("train.schedule", "choice", "constant", ALL, "learning-rate schedule", choices=("constant", "poly")),
     S("train.poly_power", "float", 0.9, ALL, "power of the poly schedule", low=0.0, low_open=True),
+    S("train.optimizer", "choice", "adam", ALL, "optimiser", choices=("adam", "sgd")),
+    S("train.momentum", "float", 0.99, ALL, "SGD momentum", low=0.0, high=1.0, high_open=True),
+    S("train.nesterov", "bool", True, ALL, "SGD with Nesterov momentum"),
     S("train.precision", "choice", "fp32", ALL, "arithmetic precision of training", choices=("fp32", "bf16", "auto")),
     S("train.channels_last", "bool", False, ALL, "channels-last memory format"),
     # evaluation
@@ -231,6 +234,8 @@ SETTINGS: list[Setting] = [
     S("pretrain_datasets", "mapping", None, (TRANSFER,), "pretrained model -> suite dataset"),
     S("val_fraction", "float", 0.0, (TRANSFER,), "patients of a fold's train part held out for validation", low=0.0, high=1.0,
       high_open=True),
+    S("strategy_train", "mapping", None, (TRANSFER,), "train.* settings a strategy changes, e.g. {continual: {lr: 0.01}}",
+      nullable=True),
     S("keep_checkpoints", "names", None, (TRANSFER,), "strategies whose fold models are logged", choices=_strategies, nullable=True),
     S("pretraining.val_fraction", "float", 0.2, (TRANSFER,), "patients of each pretraining dataset held out", low=0.0, high=1.0,
       high_open=True),
@@ -345,7 +350,7 @@ def check_value(setting: Setting, value):
 def _walk(cfg: dict, prefix: str = ""):
     for key, value in cfg.items():
         dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and dotted not in ("pretrain_datasets", "pretraining.train", "pseudolabel.filters"):
+        if isinstance(value, dict) and dotted not in ("pretrain_datasets", "pretraining.train", "pseudolabel.filters", "strategy_train"):
             yield from _walk(value, dotted + ".")
         else:
             yield dotted, value
@@ -421,6 +426,18 @@ def validate(cfg: dict) -> dict:
     # plain values first: a wrong number is said before the registries (torch, smp, MONAI) are imported
     for setting, dotted, value in sorted(checks, key=lambda c: callable(c[0].choices)):
         _set(cfg, dotted, check_value(setting, value))
+    if family == TRANSFER and isinstance(cfg.get("strategy_train"), dict):
+        from domgen.methods.transfer import STRATEGIES
+
+        for strategy, section in cfg["strategy_train"].items():
+            if strategy not in STRATEGIES or not isinstance(section, dict):
+                raise DomgenError(f"strategy_train.{strategy} must be a transfer strategy ({', '.join(STRATEGIES)}) mapped to train.* "
+                                  "settings, e.g. {continual: {lr: 0.01, schedule: poly}}")
+            for key, value in section.items():
+                setting = TABLE.get((TRANSFER, f"train.{key}"))
+                if setting is None:
+                    raise DomgenError(f"setting strategy_train.{strategy}.{key} is not a train setting; use the keys of the train section")
+                section[key] = check_value(setting, value)
     if family == TRANSFER and isinstance(cfg.get("pretraining", {}).get("train"), dict):
         for key, value in cfg["pretraining"]["train"].items():
             setting = TABLE.get((TRANSFER, f"train.{key}"))

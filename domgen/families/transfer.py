@@ -171,7 +171,7 @@ def run_strategy(r: TransferRound, fold: dict, strategy: str, pretrain_name: str
         return
     with store.finishing(run.info.run_id), store.artifact_dir() as tmp:
         seed_everything(cfg["seed"] + k)
-        model, overrides = prepare_strategy(strategy, r.pretrained_model(pretrain_name), cfg["model"])
+        model, overrides = prepare_strategy(strategy, r.pretrained_model(pretrain_name), cfg["model"], cfg.get("strategy_train"))
         train_settings = settings.build(TrainSettings, cfg["train"], seed=cfg["seed"] + k, device=cfg["device"], **overrides)
         store.log_config(run.info.run_id, {"strategy_train": overrides})
         trainable, total = count_parameters(model)
@@ -205,7 +205,9 @@ def check_inputs(cfg: dict) -> tuple[object, list[str], list[str]]:
     if not pretrains and any(STRATEGIES[s].needs_pretrained for s in strategies):
         raise DomgenError("the strategies other than scratch start from a pretrained model; pass --pretrain, e.g. --pretrain multi")
     for name in pretrains:
-        pretrain_datasets(suite, cfg, name)
+        if cfg["target"] in pretrain_datasets(suite, cfg, name):
+            raise DomgenError(f"the target {cfg['target']} is also a pretraining dataset of {name!r} (pretrain_datasets); the "
+                              "transferred model would have seen the test patients - pick another --target or --pretrain")
     return suite, strategies, pretrains
 
 

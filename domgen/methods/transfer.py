@@ -19,7 +19,7 @@ from domgen.models.multi_encoder import MultiEncoderModel
 @dataclass(frozen=True)
 class Strategy:
     prepare: Callable[[nn.Module | None, dict], nn.Module]
-    settings: dict = field(default_factory=dict)  # TrainSettings overrides
+    settings: dict = field(default_factory=dict)  # default TrainSettings changes; a profile's strategy_train replaces them
     needs_pretrained: bool = True
     description: str = ""
 
@@ -52,11 +52,14 @@ STRATEGIES: dict[str, Strategy] = {
 }
 
 
-def prepare_strategy(name: str, pretrained: nn.Module | None, model_cfg: dict) -> tuple[nn.Module, dict]:
-    """(model ready to train, TrainSettings overrides) for strategy ``name``."""
+def prepare_strategy(name: str, pretrained: nn.Module | None, model_cfg: dict,
+                     strategy_train: dict | None = None) -> tuple[nn.Module, dict]:
+    """(model ready to train, TrainSettings overrides) for strategy ``name``; ``strategy_train`` (the profile's
+    ``strategy_train`` section) replaces the strategy's built-in changes, so they are visible and settable."""
     if name not in STRATEGIES:
         raise DomgenError(f"unknown transfer strategy '{name}'; choose from {', '.join(STRATEGIES)}")
     strategy = STRATEGIES[name]
     if strategy.needs_pretrained and pretrained is None:
         raise DomgenError(f"strategy '{name}' starts from a pretrained model; pass --pretrain with at least one model")
-    return strategy.prepare(pretrained, model_cfg), dict(strategy.settings)
+    changes = strategy.settings if strategy_train is None or name not in strategy_train else strategy_train[name]
+    return strategy.prepare(pretrained, model_cfg), dict(changes)

@@ -1,4 +1,4 @@
-"""The training loop: Adam, early stopping on validation loss, best weights by a chosen criterion.
+"""The training loop: Adam (or SGD), early stopping on validation loss, best weights by a chosen criterion.
 
 Defaults follow Enshaei et al. (Dice + BCE, lr 1e-3, patience 5, keep best validation DSC); Bizopoulos
 et al. use soft Dice and keep the lowest validation loss; Wang et al.'s Continual Learning uses the poly
@@ -43,6 +43,9 @@ class TrainSettings:
     augment: str = "enshaei"
     seed: int = 0
     device: str = "cpu"
+    optimizer: str = "adam"  # an OPTIMIZERS name: adam (Enshaei, Bizopoulos) | sgd (Wang et al.: nnU-Net's SGD)
+    momentum: float = 0.99  # sgd only
+    nesterov: bool = True  # sgd only
     precision: str = "fp32"  # a PRECISIONS name: fp32 | bf16 | auto
     channels_last: bool = False  # NHWC activations (faster convolutions on CPU with oneDNN)
 
@@ -124,6 +127,13 @@ def autocast(precision: str, device: str):
 
 def to_memory_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+OPTIMIZERS: dict[str, Callable[[list, "TrainSettings"], torch.optim.Optimizer]] = {
+    "adam": lambda params, s: torch.optim.Adam(params, lr=s.lr),
+    # Wang et al. (nnU-Net): SGD, lr 0.01, Nesterov momentum 0.99, with the poly schedule
+    "sgd": lambda params, s: torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, nesterov=s.nesterov and s.momentum > 0),
+}
 
 
 def poly_lr(base_lr: float, epoch: int, max_epochs: int, power: float = 0.9) -> float:
@@ -279,7 +289,7 @@ def train(
     mark_speed_settings(model, precision, settings.channels_last)
     loss_fn = LOSSES[settings.loss]()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=settings.lr)
+    optimizer = OPTIMIZERS[settings.optimizer](params, settings)
     loader = DataLoader(
         SliceDataset(train_set, settings.augment, settings.seed),
         batch_size=settings.batch_size, shuffle=True, drop_last=len(train_set) > settings.batch_size,

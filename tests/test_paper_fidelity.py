@@ -1,4 +1,4 @@
-"""Bizopoulos et al.'s loss (Eq. 1) and metric conventions, against hand-computed values."""
+"""Papers as written: Bizopoulos et al.'s loss (Eq. 1) and metric conventions, Wang et al.'s optimiser and strategies."""
 from __future__ import annotations
 
 import numpy as np
@@ -36,3 +36,34 @@ def test_bizopoulos_sensitivity_of_false_positives_on_an_empty_slice_is_zero():
     assert nothing == {"dsc": 1.0, "sen": 1.0, "spc": 1.0, "iou": 1.0}
     regular = overlap_metrics(np.array([6, 2, 2, 90]), "bizopoulos")
     assert regular["dsc"] == pytest.approx(12 / 16) and regular["sen"] == pytest.approx(0.75)
+
+
+def test_sgd_optimiser_is_nesterov_with_the_papers_momentum():
+    from domgen.training.trainer import OPTIMIZERS, TrainSettings
+
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    sgd = OPTIMIZERS["sgd"](params, TrainSettings(optimizer="sgd", lr=0.01))
+    assert isinstance(sgd, torch.optim.SGD)
+    group = sgd.param_groups[0]
+    assert group["lr"] == 0.01 and group["momentum"] == 0.99 and group["nesterov"] is True
+    assert isinstance(OPTIMIZERS["adam"](params, TrainSettings()), torch.optim.Adam)
+
+
+def test_strategy_changes_come_from_the_profile():
+    from domgen.methods.transfer import prepare_strategy
+
+    cfg = {"arch": "linknet", "encoder": "resnet18", "encoder_weights": "none"}
+    _, built_in = prepare_strategy("scratch", None, cfg)
+    assert built_in == {}
+    _, changed = prepare_strategy("scratch", None, cfg, {"scratch": {"lr": 0.005}})
+    assert changed == {"lr": 0.005}
+
+
+def test_transfer_refuses_a_target_that_is_a_pretraining_dataset(tiny_suite, tmp_path):
+    from click.testing import CliRunner
+
+    from domgen.cli import main
+
+    out = CliRunner().invoke(main, ["transfer", "--target", "A", "--pretrain", "msd", "--strategy", "frozen", "--suite", str(tiny_suite),
+                                    "--set", "pretrain_datasets={msd: A}", "--tracking-uri", f"sqlite:///{tmp_path}/m.db", "--quiet"])
+    assert out.exit_code == 2 and "also a pretraining dataset" in out.output and out.output.count("\n") == 1
