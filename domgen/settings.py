@@ -18,8 +18,9 @@ from typing import Any, Callable, Sequence
 
 from domgen.errors import DomgenError
 
-LOO, TRANSFER, BENCHMARK = "leave-one-out", "transfer", "benchmark"
-ALL = (LOO, TRANSFER, BENCHMARK)
+LOO, TRANSFER, BENCHMARK, CV = "leave-one-out", "transfer", "benchmark", "cross_validate"
+ALL = (LOO, TRANSFER, BENCHMARK)  # the 2D families
+EVERY = (*ALL, CV)
 TRAINING = (LOO, TRANSFER, BENCHMARK)
 
 
@@ -86,7 +87,7 @@ def _benchmark_weights():
 
 @dataclass(frozen=True)
 class Setting:
-    """One profile field. ``kind``: int | float | bool | choice | str | names | path | mapping | floats."""
+    """One profile field. ``kind``: int | float | bool | choice | str | names | path | mapping | floats | ints | bools."""
 
     key: str
     kind: str
@@ -111,8 +112,8 @@ class Setting:
             allowed = self.allowed()
             text = ("one of " if self.kind == "choice" else "names (a list or comma-separated) from ") + (
                 ", ".join(allowed) if len(allowed) <= 12 else ", ".join(allowed[:12]) + f", ... ({len(allowed)} in all)")
-        elif self.kind in ("int", "float", "floats"):
-            noun = {"int": "an integer", "float": "a number", "floats": "a list of numbers"}[self.kind]
+        elif self.kind in ("int", "float", "floats", "ints"):
+            noun = {"int": "an integer", "float": "a number", "floats": "a list of numbers", "ints": "a list of integers"}[self.kind]
             bounds = []
             if self.low is not None:
                 bounds.append(f"{'>' if self.low_open else '>='} {self.low:g}")
@@ -121,6 +122,8 @@ class Setting:
             text = noun + (" " + " and ".join(bounds) if bounds else "")
         elif self.kind == "bool":
             text = "true or false"
+        elif self.kind == "bools":
+            text = "a list of true/false"
         elif self.kind == "path":
             text = "a path to an existing file"
         elif self.kind == "mapping":
@@ -137,11 +140,11 @@ def S(key, kind, default, families, help, **kw) -> Setting:  # noqa: N802 - a ta
 _PROB = {"low": 0.0, "high": 1.0}
 SETTINGS: list[Setting] = [
     # ------------------------------------------------------------ every family
-    S("family", "str", None, ALL, "the family this profile belongs to"),
-    S("profile", "str", None, ALL, "the profile's name (set from the file name)"),
-    S("suite", "str", "synthetic", ALL, "'synthetic' or a path to a suite YAML", nullable=True, flag="--suite"),
-    S("seed", "int", 0, ALL, "base seed (fold k uses seed + k)", low=0, flag="--seed"),
-    S("device", "choice", "cpu", ALL, "where to train", choices=("cpu", "cuda"), flag="--device"),
+    S("family", "str", None, EVERY, "the family this profile belongs to"),
+    S("profile", "str", None, EVERY, "the profile's name (set from the file name)"),
+    S("suite", "str", "synthetic", EVERY, "'synthetic' or a path to a suite YAML", nullable=True, flag="--suite"),
+    S("seed", "int", 0, EVERY, "base seed (fold k uses seed + k)", low=0, flag="--seed"),
+    S("device", "choice", "cpu", EVERY, "where to train", choices=("cpu", "cuda"), flag="--device"),
     S("threads", "int", None, ALL, "torch threads per trial (null: the cores divided by the workers)", low=1, nullable=True),
     # preprocessing
     S("preprocessing.image_size", "int", 64, ALL, "slice side in pixels after resizing; a multiple of what the architecture needs",
@@ -251,6 +254,42 @@ SETTINGS: list[Setting] = [
     S("grid.encoders", "names", None, (BENCHMARK,), "encoders of the grid", choices=_encoders, flag="--encoders"),
     S("grid.weights", "names", None, (BENCHMARK,), "encoder weights of the grid", choices=_benchmark_weights, flag="--weights"),
     S("save_checkpoint", "bool", True, (BENCHMARK,), "log model/checkpoint.pt per configuration"),
+    # ------------------------------------------------------------ cross-validate (Müller et al., 3D)
+    S("source", "str", "A", (CV,), "the k-fold training dataset (volumes)", flag="--source"),
+    S("external", "str", "B", (CV,), "the external test dataset (null: none)", nullable=True, flag="--external"),
+    S("folds", "int", 3, (CV,), "k of the k-fold cross-validation", low=2, flag="--folds"),
+    S("save_predictions", "bool", True, (CV,), "log label maps as NIfTI"),
+    S("model.arch", "choice", "unet3d", (CV,), "3D architecture", choices=("unet3d",)),
+    S("model.features", "ints", None, (CV,), "filters per level, e.g. [32, 64, 128, 256, 512]", low=1),
+    S("model.in_channels", "int", 1, (CV,), "input channels", low=1),
+    S("model.classes", "int", 3, (CV,), "classes (background, lung, lesion)", low=2),
+    S("preprocessing.enabled", "bool", True, (CV,), "the paper's preprocessing (false: stored intensities and grid)"),
+    S("preprocessing.clip_hu", "floats", None, (CV,), "HU clip range [low, high]"),
+    S("preprocessing.spacing", "floats", None, (CV,), "voxel size x, y, z in mm", low=0.0, low_open=True),
+    S("preprocessing.lung_mask", "choice", "reference", (CV,), "where the lung class comes from", choices=_lung_masks,
+      flag="--lung-mask"),
+    S("train.patch_size", "ints", None, (CV,), "patch size x, y, z in voxels", low=1),
+    S("train.batch_size", "int", 2, (CV,), "patches per batch", low=1),
+    S("train.iterations_per_epoch", "int", 150, (CV,), "iterations per epoch", low=1),
+    S("train.epochs", "int", 30, (CV,), "maximum epochs", low=1),
+    S("train.lr", "float", 1e-3, (CV,), "Adam learning rate", low=0.0, low_open=True),
+    S("train.plateau_factor", "float", 0.1, (CV,), "reduce-on-plateau factor", low=0.0, high=1.0, low_open=True, high_open=True),
+    S("train.plateau_patience", "int", 15, (CV,), "reduce-on-plateau patience (epochs)", low=1),
+    S("train.min_lr", "float", 1e-5, (CV,), "smallest learning rate", low=0.0),
+    S("train.early_stopping_patience", "int", 100, (CV,), "epochs without improvement before stopping", low=1),
+    S("train.sampler", "choice", "uniform", (CV,), "patch sampler", choices=("uniform", "foreground"), flag="--sampler"),
+    S("train.augment", "bool", True, (CV,), "on-the-fly augmentation"),
+    S("train.augment_p", "float", 0.15, (CV,), "probability of each augmentation", **_PROB),
+    S("train.tversky_alpha", "float", 0.5, (CV,), "Tversky alpha", **_PROB),
+    S("train.tversky_beta", "float", 0.5, (CV,), "Tversky beta", **_PROB),
+    S("inference.overlap", "float", 0.5, (CV,), "sliding-window overlap", low=0.0, high=1.0, high_open=True),
+    S("inference.sw_batch_size", "int", 4, (CV,), "patches per sliding-window batch", low=1),
+    S("evaluation.nsd_tolerance_mm", "float", 3.0, (CV,), "NSD tolerance in mm", low=0.0, low_open=True),
+    S("evaluation.empty", "choice", "nan", (CV,), "ratio when its denominator is 0", choices=_empty_conventions),
+    S("evaluation.surface", "bool", True, (CV,), "compute NSD and HD95"),
+    S("ablation.folds", "ints", None, (CV,), "k values of the sensitivity analysis", low=2),
+    S("ablation.preprocessing", "bools", None, (CV,), "preprocessing on/off of the sensitivity analysis"),
+    S("ablation.augmentation", "bools", None, (CV,), "augmentation on/off of the sensitivity analysis"),
 ]
 TABLE: dict[tuple[str, str], Setting] = {(fam, s.key): s for s in SETTINGS for fam in s.families}
 FAMILIES_WITH_SETTINGS = sorted({fam for s in SETTINGS for fam in s.families})
@@ -336,10 +375,14 @@ def check_value(setting: Setting, value):
             names = [_choice(setting, n) for n in names]
         out = list(dict.fromkeys(names))  # a name given twice is one entry, not two runs
         return out if not isinstance(value, str) else out
-    if kind == "floats":
+    if kind in ("floats", "ints"):
         if not isinstance(value, (list, tuple)) or not value:
-            raise _fail(setting, value, "is not a list of numbers")
-        return [_number(setting, v, False) for v in value]
+            raise _fail(setting, value, "is not a list of " + ("numbers" if kind == "floats" else "integers"))
+        return [_number(setting, v, kind == "ints") for v in value]
+    if kind == "bools":
+        if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, bool) for v in value):
+            raise _fail(setting, value, "is not a list of true/false")
+        return list(value)
     if kind == "mapping":
         if not isinstance(value, dict):
             raise _fail(setting, value, "is not a mapping")

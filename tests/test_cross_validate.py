@@ -154,7 +154,7 @@ def _clean_error(result, *needles):
     (["--external", "D"], ["unrelated 2D slices"]),
     (["--external", "A"], ["--external A is the source"]),
     (["--source", "Z"], ["dataset 'Z' is not in suite"]),
-    (["--folds", "1"], ["Cannot make 1 folds"]),
+    (["--folds", "1"], ["folds (--folds) = 1 is too small"]),
     (["--folds", "9"], ["Cannot make 9 folds of 4 patients"]),
     (["--encoder-weights", "imagenet"], ["--encoder-weights"]),
     (["--set", "train.patch_size=[15, 16, 8]"], ["multiples of 2"]),

@@ -34,7 +34,7 @@ from domgen.preprocessing.lung_mask import get_lung_mask_provider
 from domgen.preprocessing.splits import kfold_splits, write_splits
 from domgen.preprocessing.volume import Volume, VolumePreprocessing, case_affine, prepare_volume, require_volume, to_case_grid, to_zyx
 from domgen.tracking import mlflow_store as store
-from domgen.tracking.artifacts import save_checkpoint
+from domgen.models.checkpoint import save_checkpoint
 from domgen.tracking.cross_validate_report import cross_validate_tables
 from domgen.tracking.report import log_tables
 from domgen.training.volume_trainer import VolumeTrainSettings, check_patch_fits, predict_volume, train_volumes
