@@ -228,6 +228,8 @@ SETTINGS: list[Setting] = [
     S("pseudolabel.pseudo_val_fraction", "float", 0.2, (LOO,), "pseudo-labelled patients held out with select_by pseudo-val",
       low=0.0, high=1.0, low_open=True, high_open=True),
     S("pseudolabel.seeds", "int", 1, (LOO,), "retraining repeats with other seeds", low=1, flag="--seeds"),
+    S("pseudolabel.retrain_epochs", "int", None, (LOO,), "epochs of each retraining from the fold model (null: train.epochs)",
+      low=1, nullable=True),
     S("pseudolabel.track_target_slices", "int", 64, (LOO,), "target slices whose DSC is logged per retraining epoch (0: none, "
       "null: all)", low=0, nullable=True),
     # ------------------------------------------------------------ transfer (Wang et al.)

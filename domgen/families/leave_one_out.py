@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +60,7 @@ class Round:
     pl_settings: PseudoLabelSettings
     progress: bool
     pretrained: object = None  # the init_run / init_checkpoint model, loaded once; None: a fresh model per fold
+    predicted: dict = field(default_factory=dict)  # (fold, target) -> the fold model's model-size probabilities
 
 
 def child_hash(cfg: dict, **identity) -> str:
@@ -215,6 +216,7 @@ def evaluate_target(r: Round, fold: dict, name: str, model, cutoff: float, limit
     tags = store.tags(family=FAMILY, source=r.cfg["source"], target=name, fold=k, phase="baseline", config_hash=h, role="unseen")
     with store.tracked_run(r.exp_id, f"fold {k} | {name} baseline", r.cfg, tags, r.parent_id) as run, store.artifact_dir() as tmp:
         small = predict_model_size(model, slices, device=r.cfg["device"], progress=r.progress, desc=f"fold {k} predict {name}")
+        r.predicted[(k, name, start)] = small  # the enhancement of this fold starts from the same model
         probs = to_original_size(small, slices)
         summary, per_slice = evaluate(probs, slices, cutoff, r.eval_settings)
         ranking, _ = rank_target(model, slices, cutoff, settings, r.cfg["device"], small=small)
@@ -285,7 +287,8 @@ def _enhance_once(r: Round, fold: dict, name: str, model, cutoff: float, limit: 
     pl = r.pl_settings.with_ci_limit(limit)
     tags = store.tags(family=FAMILY, source=r.cfg["source"], target=name, fold=k, phase="enhanced", config_hash=h, role="unseen",
                       repeat=repeat)
-    settings = TrainSettings.from_config(r.cfg["train"], seed=r.cfg["seed"] + k + 1000 * repeat, device=r.cfg["device"])
+    settings = TrainSettings.from_config(r.cfg["train"], seed=r.cfg["seed"] + k + 1000 * repeat, device=r.cfg["device"],
+                                         **({"epochs": pl.retrain_epochs} if pl.retrain_epochs else {}))
     with store.tracked_run(r.exp_id, f"fold {k} | {name} enhanced" + (f" | seed {repeat}" if repeat else ""), r.cfg, tags,
                            r.parent_id) as run, store.artifact_dir() as tmp:
         history: list[dict] = []
@@ -298,7 +301,7 @@ def _enhance_once(r: Round, fold: dict, name: str, model, cutoff: float, limit: 
         monitor = target_monitor(slices, cutoff, settings.device, r.cfg["pseudolabel"].get("track_target_slices", 64), r.cfg["seed"])
         model_out, rankings = enhance(copy.deepcopy(model), r.source.of_patients(fold["train"]), r.source.of_patients(fold["val"]),
                                       slices, cutoff, pl, settings, progress=r.progress, on_epoch=on_epoch, monitor=monitor,
-                                      reviewed=None if review is None else review.slices)
+                                      reviewed=None if review is None else review.slices, small=r.predicted.get((k, name, start)))
         small = predict_model_size(model_out, slices, device=settings.device)
         probs = to_original_size(small, slices)
         summary, per_slice = evaluate(probs, slices, cutoff, r.eval_settings)

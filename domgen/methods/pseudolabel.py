@@ -49,6 +49,7 @@ class PseudoLabelSettings:
     select_by: str = "source-val"
     pseudo_val_fraction: float = 0.2  # with select_by pseudo-val: the share of pseudo-labelled patients held out
     seeds: int = 1  # retraining repeats with seeds seed + fold + 1000 * s
+    retrain_epochs: int | None = None  # epochs of each retraining (None: train.epochs); it starts from the fold model
 
     @classmethod
     def from_config(cls, cfg: dict) -> "PseudoLabelSettings":
@@ -157,11 +158,13 @@ def hold_out_patients(pseudo: SliceSet, fraction: float, seed: int) -> tuple[Sli
 
 def enhance(model, source_train: SliceSet, source_val: SliceSet, target: SliceSet, cutoff: float,
             settings: PseudoLabelSettings, train_settings: TrainSettings, progress: bool = True,
-            on_epoch=None, monitor=None, reviewed: SliceSet | None = None) -> tuple[object, list[pd.DataFrame]]:
+            on_epoch=None, monitor=None, reviewed: SliceSet | None = None,
+            small: np.ndarray | None = None) -> tuple[object, list[pd.DataFrame]]:
     """Select-and-retrain ``settings.rounds`` times; returns the retrained model and each round's ranking.
 
     ``reviewed``: the first round trains on these slices (a radiologist's corrected masks) instead of the
-    raw predictions. ``monitor(model)`` adds per-epoch metrics (target DSC for plots), never used to choose."""
+    raw predictions. ``monitor(model)`` adds per-epoch metrics (target DSC for plots), never used to choose.
+    ``small``: the starting model's model-size probabilities of ``target``, when already predicted."""
     if settings.mix not in MIXES:
         raise ValueError(f"mix must be one of {MIXES}")
     if settings.ci_rule not in CI_RULES:
@@ -172,7 +175,7 @@ def enhance(model, source_train: SliceSet, source_val: SliceSet, target: SliceSe
         raise ValueError(f"confidence must be one of {tuple(CONFIDENCE_SCORES)}")
     rankings = []
     for round_index in range(settings.rounds):
-        ranking, small = rank_target(model, target, cutoff, settings, train_settings.device)
+        ranking, small = rank_target(model, target, cutoff, settings, train_settings.device, small=small if round_index == 0 else None)
         rankings.append(ranking.assign(round=round_index))
         if reviewed is not None and round_index == 0:
             pseudo = reviewed
