@@ -99,8 +99,20 @@ def build_model_3d(cfg: dict) -> nn.Module:
     return model
 
 
+def save_checkpoint_3d(path, model: nn.Module, **extra):
+    """A self-describing 3D checkpoint: the model's config beside its state dict (atomic write)."""
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    tmp = path.with_suffix(".part")
+    torch.save({"model": dict(model.domgen_model_config), "state_dict": model.state_dict(), **extra}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
 def load_checkpoint_3d(path) -> nn.Module:
-    """The 3D model of a checkpoint written by ``domgen.tracking.artifacts.save_checkpoint``."""
+    """The 3D model of a checkpoint written by ``save_checkpoint_3d``."""
     from pathlib import Path
 
     if not Path(path).is_file():
