@@ -38,7 +38,7 @@ from domgen.tracking.cross_validate_report import cross_validate_tables
 from domgen.tracking.report import log_tables
 from domgen.training.volume_trainer import VolumeTrainSettings, check_patch_fits, predict_volume, train_volumes
 
-FAMILY = "cross_validate"
+FAMILY = "cross-validate"
 EXPERIMENT = "domgen-cross-validate"
 CHECKPOINT = "model/checkpoint.pt"
 VALIDATION, EXTERNAL = "validation", "external"
