@@ -173,7 +173,7 @@ def test_cli_errors_are_one_sentence_and_leave_no_run(tiny_suite, error_store, e
     assert _runs(uri) == []
 
 
-def test_volume_without_slice_spacing_is_refused(tmp_path):
+def test_volume_without_slice_spacing_is_refused(tmp_path, error_store):
     from domgen.data.case import Case
     from domgen.data.readers import WRITERS
     from domgen.data.registry import DatasetSpec
@@ -187,7 +187,7 @@ def test_volume_without_slice_spacing_is_refused(tmp_path):
     suite = tmp_path / "suite.yaml"
     suite.write_text(yaml.safe_dump({"datasets": {n: {"format": "nifti", "root": n, "images": "images", "lesions": "labels",
                                                       "lungs": "lungs"} for n in ("V", "W")}}))
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = error_store
     result = CliRunner().invoke(main, ["cross-validate", "--source", "V", "--external", "W", "--folds", "2", "--suite", str(suite),
                                        "--tracking-uri", uri, *TINY])
     _clean_error(result, "slice spacing of W/p0 is unknown")

@@ -138,3 +138,33 @@ def test_training_lowers_the_loss_and_is_deterministic():
         train_volumes(UNet3d(1, 3, (4, 8)), volumes, VolumeTrainSettings(patch_size=(15, 16, 8), epochs=1))
     with pytest.raises(DomgenError, match="train.sampler"):
         VolumeTrainSettings.from_config({"sampler": "random"})
+
+
+def test_multi_encoder_3d_trains_its_own_encoder_and_decoder_only(tmp_path):
+    from domgen.models.unet3d import MultiEncoderUNet3d, load_checkpoint_3d, save_checkpoint_3d
+
+    torch.manual_seed(0)
+    pretrained = build_model_3d({"features": [4, 8, 16]})
+    model = MultiEncoderUNet3d.from_pretrained(pretrained)
+    enc = {k: v.clone() for k, v in pretrained.encoder.state_dict().items()}
+    assert all(torch.equal(model.adapted_encoder.state_dict()[k], v) for k, v in enc.items())
+    assert not any(p.requires_grad for p in model.adapted_encoder.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    own = sum(p.numel() for p in model.encoder.parameters()) + sum(p.numel() for p in model.decoder.parameters())
+    assert trainable == own
+    # the decoder takes the doubled channels of both encoders at every level
+    assert model.decoder.up[0].in_channels == 2 * 16 and model.decoder.blocks[-1][0].in_channels == 4 + 2 * 4
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    model.train()
+    x, y = torch.randn(2, 1, 8, 8, 8), torch.randint(0, 3, (2, 1, 8, 8, 8)).float()
+    for _ in range(2):
+        optimizer.zero_grad()
+        TverskyCrossEntropyLoss()(model(x), y).backward()
+        optimizer.step()
+    # the adapted encoder (weights and BatchNorm statistics) is untouched, the own encoder has learnt
+    assert all(torch.equal(model.adapted_encoder.state_dict()[k], v) for k, v in enc.items())
+    assert not all(torch.equal(model.encoder.state_dict()[k], v) for k, v in enc.items())
+    back = load_checkpoint_3d(save_checkpoint_3d(tmp_path / "m.pt", model))
+    assert isinstance(back, MultiEncoderUNet3d)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), model.eval()(x))

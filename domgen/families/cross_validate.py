@@ -29,17 +29,16 @@ from domgen.data.registry import load_cases, load_suite
 from domgen.errors import DomgenError
 from domgen.evaluation.metrics import EMPTY_CONVENTIONS
 from domgen.evaluation.volume_metrics import volume_metrics
-from domgen.models.unet3d import build_model_3d, load_checkpoint_3d
+from domgen.models.unet3d import build_model_3d, load_checkpoint_3d, save_checkpoint_3d
 from domgen.preprocessing.lung_mask import get_lung_mask_provider
 from domgen.preprocessing.splits import kfold_splits, write_splits
 from domgen.preprocessing.volume import Volume, VolumePreprocessing, case_affine, prepare_volume, require_volume, to_case_grid, to_zyx
 from domgen.tracking import mlflow_store as store
-from domgen.models.checkpoint import save_checkpoint
 from domgen.tracking.cross_validate_report import cross_validate_tables
 from domgen.tracking.report import log_tables
 from domgen.training.volume_trainer import VolumeTrainSettings, check_patch_fits, predict_volume, train_volumes
 
-FAMILY = "cross_validate"
+FAMILY = "cross-validate"
 EXPERIMENT = "domgen-cross-validate"
 CHECKPOINT = "model/checkpoint.pt"
 VALIDATION, EXTERNAL = "validation", "external"
@@ -199,7 +198,7 @@ def train_fold(r: Round, fold: dict) -> None:
         store.log_metrics(run.info.run_id, {**metrics, "epochs_run": result.epochs_run, "seconds_per_iteration": result.seconds_per_iteration,
                                             "n_train_volumes": len(train_set), "final_loss": result.history[-1]["loss"]})
         log_set_results(run.info.run_id, rows, tmp)
-        store.log_artifact_file(run.info.run_id, save_checkpoint(tmp / "checkpoint.pt", result.model, cfg["model"], fold=fold), "model")
+        store.log_artifact_file(run.info.run_id, save_checkpoint_3d(tmp / "checkpoint.pt", result.model, fold=fold), "model")
 
 
 def fold_probabilities(r: Round, k: int) -> list[np.ndarray]:

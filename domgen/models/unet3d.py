@@ -82,6 +82,43 @@ class UNet3d(nn.Module):
         return self.decoder(self.encoder(x))
 
 
+
+class MultiEncoderUNet3d(nn.Module):
+    """Wang et al.'s Multi-encoder on the 3D U-Net: ``encoder`` (trainable) and ``adapted_encoder`` (frozen, always
+    in eval mode), both copies of a pretrained encoder, their features concatenated at every level into one
+    decoder built for the doubled channels (the 3D counterpart of ``domgen.models.multi_encoder``)."""
+
+    def __init__(self, in_channels: int = 1, classes: int = 3, features: tuple[int, ...] = (32, 64, 128, 256, 512)) -> None:
+        super().__init__()
+        self.encoder = UNet3dEncoder(in_channels, features)
+        self.adapted_encoder = UNet3dEncoder(in_channels, features)
+        self.adapted_encoder.requires_grad_(False)
+        self.decoder = UNet3dDecoder(tuple(features), classes, skip_features=tuple(2 * f for f in features))
+
+    @classmethod
+    def from_pretrained(cls, pretrained: UNet3d, classes: int = 3) -> "MultiEncoderUNet3d":
+        features = pretrained.encoder.features
+        in_channels = pretrained.encoder.levels[0][0].in_channels
+        model = cls(in_channels, classes, features)
+        model.encoder.load_state_dict(pretrained.encoder.state_dict())
+        model.adapted_encoder.load_state_dict(pretrained.encoder.state_dict())
+        model.domgen_model_config = {"arch": "unet3d", "features": list(features), "in_channels": in_channels, "classes": classes,
+                                     "dims": 3, "multi_encoder": True}
+        return model
+
+    @property
+    def divisor(self) -> int:
+        return 2 ** (len(self.encoder.features) - 1)
+
+    def train(self, mode: bool = True) -> "MultiEncoderUNet3d":
+        super().train(mode)
+        self.adapted_encoder.eval()  # its BatchNorm statistics are part of the pretrained weights
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        own, adapted = self.encoder(x), self.adapted_encoder(x)
+        return self.decoder([torch.cat([a, b], dim=1) for a, b in zip(own, adapted)])
+
 ARCHITECTURES_3D = {"unet3d": UNet3d}
 
 
@@ -99,8 +136,20 @@ def build_model_3d(cfg: dict) -> nn.Module:
     return model
 
 
+def save_checkpoint_3d(path, model: nn.Module, **extra):
+    """A self-describing 3D checkpoint: the model's config beside its state dict (atomic write)."""
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    tmp = path.with_suffix(".part")
+    torch.save({"model": dict(model.domgen_model_config), "state_dict": model.state_dict(), **extra}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
 def load_checkpoint_3d(path) -> nn.Module:
-    """The 3D model of a checkpoint written by ``domgen.tracking.artifacts.save_checkpoint``."""
+    """The 3D model of a checkpoint written by ``save_checkpoint_3d``."""
     from pathlib import Path
 
     if not Path(path).is_file():
@@ -111,7 +160,12 @@ def load_checkpoint_3d(path) -> nn.Module:
         raise DomgenError(f"cannot read checkpoint {path} ({type(exc).__name__}); it is corrupt or not a domgen checkpoint") from None
     if not isinstance(ckpt, dict) or ckpt.get("model", {}).get("dims") != 3 or "state_dict" not in ckpt:
         raise DomgenError(f"{path} is not a domgen 3D checkpoint; use model/checkpoint.pt of a cross-validate fold run")
-    model = build_model_3d(ckpt["model"])
+    cfg = ckpt["model"]
+    if cfg.get("multi_encoder"):
+        model = MultiEncoderUNet3d(int(cfg.get("in_channels", 1)), int(cfg.get("classes", 3)), tuple(cfg["features"]))
+        model.domgen_model_config = dict(cfg)
+    else:
+        model = build_model_3d(cfg)
     model.load_state_dict(ckpt["state_dict"])
     model.eval()
     return model
