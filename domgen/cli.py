@@ -572,11 +572,11 @@ def cross_validate(source, external, folds, sampler, ablation, suite, profile, s
 
     if encoder_weights is not None:
         raise DomgenError("--encoder-weights applies to the 2D smp encoders; the 3D U-Net of cross-validate starts from random weights")
+    if external is not None:  # through the overrides, so the external dataset is checked with the others
+        overrides = (*overrides, f"external={'null' if external.lower() == 'none' else external}")
     cfg = _resolve("cross_validate", profile, overrides, **{
         "source": source, "folds": folds, "suite": suite, "seed": seed, "device": device, "train.sampler": sampler,
         "preprocessing.lung_mask": lung_mask})
-    if external is not None:
-        cfg["external"] = None if external.lower() == "none" else external
     if lungmask_weights is not None:
         raise DomgenError("--lungmask-weights is not used by cross-validate; lung masks come from --lung-mask (reference or threshold)")
     _threads(cfg["device"])

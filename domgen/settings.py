@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 
 from domgen.errors import DomgenError
 
-LOO, TRANSFER, BENCHMARK, CV = "leave-one-out", "transfer", "benchmark", "cross_validate"
+LOO, TRANSFER, BENCHMARK, CV = "leave-one-out", "transfer", "benchmark", "cross-validate"
 ALL = (LOO, TRANSFER, BENCHMARK)  # the 2D families
 EVERY = (*ALL, CV)
 TRAINING = (LOO, TRANSFER, BENCHMARK)

@@ -101,7 +101,7 @@ def identity(cfg: dict, datasets: list[str]) -> dict:
 
 # config keys naming suite datasets, per family ("source" may be a comma list or "all")
 DATASET_KEYS = {"leave-one-out": ("source", "targets"), "transfer": ("target",), "benchmark": ("train_dataset", "test_dataset"),
-                "cross_validate": ("source", "external")}
+                "cross-validate": ("source", "external")}
 
 
 def dataset_names(value) -> list[str]:
