@@ -341,8 +341,17 @@ def ui(tracking_uri, port):
     """Start the MLflow UI on 127.0.0.1 for the domgen store."""
     import subprocess
 
+    from domgen.families import FAMILIES
+    from domgen.tracking import mlflow_store as store
+
     uri = _tracking(tracking_uri)
-    click.echo(f"MLflow UI for {uri} at http://127.0.0.1:{port}")
+    base = f"http://127.0.0.1:{port}"
+    click.echo(f"MLflow UI for {uri} at {store.ui_url(base)}")
+    if not uri.startswith("sqlite:///") or Path(uri[len("sqlite:///"):]).is_file():
+        for family in FAMILIES.values():
+            exp = store.get_experiment(family.experiment)
+            if exp is not None:
+                click.echo(f"  {family.experiment:22s} {store.ui_url(base, exp.experiment_id)}")
     subprocess.run([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)], check=False)
 
 

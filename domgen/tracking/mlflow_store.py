@@ -42,8 +42,11 @@ from domgen.errors import DomgenError  # noqa: E402
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 TAG = "domgen."
-# MLflow 3 opens an experiment in its GenAI view (traces) unless told it holds model-training runs
+# MLflow 3 opens an experiment in its GenAI view (traces, token usage) unless told it holds model-training runs:
+# the experiment tag says so where the UI reads it; where the UI has its GenAI / Model-training switch (3.x), the
+# switch wins and is set by the page address, so domgen prints addresses with ``UI_VIEW``
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+UI_VIEW = "workflowType=machine_learning"
 INTERRUPTED = f"{TAG}interrupted"
 LEASE_PERIODS = 3  # a heartbeat older than this many periods means the owner is gone
 
@@ -63,6 +66,11 @@ def configure(tracking_uri: str | None = None) -> str:
 def tracking_uri() -> str:
     """The URI the store is configured with."""
     return mlflow.get_tracking_uri()
+
+
+def ui_url(base: str, exp_id: str | None = None) -> str:
+    """The MLflow UI address of an experiment (or the experiment list) in its training-runs view."""
+    return f"{base.rstrip('/')}/#/experiments{'/' + exp_id if exp_id else ''}?{UI_VIEW}"
 
 
 def check_store_exists(uri: str) -> None:
