@@ -1,20 +1,15 @@
 """The ``domgen`` command line. Every user mistake ends as one sentence on stderr and exit code 2."""
 from __future__ import annotations
 
-import signal
 import sys
 from pathlib import Path
 
 import click
 
+from domgen import interrupts
 from domgen.errors import DomgenError
 
 DEVICE = click.Choice(["cpu", "cuda"])
-
-
-def _sigterm(signum, frame):
-    # SIGTERM (`timeout`, a scheduler, `kill`) ends the work like Ctrl-C: the current run is marked interrupted
-    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
 
 class DomgenGroup(click.Group):
@@ -22,7 +17,8 @@ class DomgenGroup(click.Group):
     ``interrupted`` and exit code 130 (the current run is marked interrupted, a plain re-run resumes)."""
 
     def invoke(self, ctx):
-        previous = signal.signal(signal.SIGTERM, _sigterm) if ctx.parent is None else None
+        # SIGTERM (`timeout`, a scheduler, `kill`) ends the work like Ctrl-C: the current run is marked interrupted
+        previous = interrupts.install() if ctx.parent is None else None
         try:
             return super().invoke(ctx)
         except DomgenError as exc:
@@ -41,7 +37,7 @@ class DomgenGroup(click.Group):
             sys.exit(2)
         finally:
             if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+                interrupts.restore(previous)
 
 
 @click.group(cls=DomgenGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

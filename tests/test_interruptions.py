@@ -85,7 +85,7 @@ def test_interrupted_then_plain_rerun_finishes_without_duplicates(family, sig, t
         assert "interrupted" in stderr and "Traceback" not in stderr
         after = {r[0]: r for r in _runs(db)}
         # the interrupted run is ended as interrupted (KILLED + tag), not failed and not left RUNNING
-        assert all(after[i][1] in ("KILLED", "FINISHED") for i in live)
+        assert all(after[i][1] in ("KILLED", "FINISHED") for i in live), ([after[i] for i in live], stderr[-1500:])
         assert not [r for r in after.values() if r[1] == "RUNNING"]
         store.configure(uri)
         killed = [MlflowClient().get_run(i) for i in live if after[i][1] == "KILLED"]
