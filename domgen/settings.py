@@ -336,10 +336,14 @@ def _set(cfg: dict, dotted: str, value) -> None:
 
 
 def required_multiple(arch: str) -> int:
-    """The factor the image side must be a multiple of for ``arch``: 2 ** encoder depth (smp's output stride)."""
+    """The factor the image side must be a multiple of for ``arch``, as smp checks it: 2 ** encoder depth (the
+    output stride) for models with ``requires_divisible_input_shape``, 1 for those that resize their skips (Unet)."""
     from domgen.models import ARCHITECTURES
 
-    return 2 ** int(ARCHITECTURES[arch][1].get("encoder_depth", 5))
+    cls, params = ARCHITECTURES[arch]
+    if not getattr(cls, "requires_divisible_input_shape", True):
+        return 1
+    return 2 ** int(params.get("encoder_depth", 5))
 
 
 def _check_image_size(cfg: dict, family: str) -> None:
@@ -349,7 +353,7 @@ def _check_image_size(cfg: dict, family: str) -> None:
     archs = cfg.get("grid", {}).get("archs", []) if family == BENCHMARK else [cfg.get("model", {}).get("arch")]
     for arch in [a for a in archs if a]:
         multiple = required_multiple(arch)
-        if size % multiple:
+        if multiple > 1 and size % multiple:
             lower, upper = size // multiple * multiple, (size // multiple + 1) * multiple
             raise DomgenError(f"preprocessing.image_size = {size} cannot be taken by {arch} (its encoder halves the image "
                               f"{int(math.log2(multiple))} times, so the side must be a multiple of {multiple}); "
