@@ -181,7 +181,7 @@ SETTINGS: list[Setting] = [
     # ------------------------------------------------------------ leave-one-out (Enshaei et al.)
     S("source", "str", "A", (LOO,), "source dataset(s): a name, a comma list or 'all'", flag="--source"),
     S("targets", "names", None, (LOO,), "unseen datasets (null: every other COVID dataset)", nullable=True, flag="--targets"),
-    S("folds", "int", 2, (LOO, TRANSFER), "number of folds", low=2, flag="--folds"),
+    S("folds", "int", 2, (LOO,), "number of folds (each a patient-wise train/val/test split)", low=1, flag="--folds"),
     S("split.train", "float", 0.6, (LOO,), "train fraction of a fold", low=0.0, high=1.0, low_open=True),
     S("split.val", "float", 0.1, (LOO,), "validation fraction of a fold", **_PROB),
     S("split.test", "float", 0.3, (LOO,), "test fraction of a fold", low=0.0, high=1.0, low_open=True),
@@ -202,6 +202,7 @@ SETTINGS: list[Setting] = [
     S("pseudolabel.ci_quantile", "float", 0.5, (LOO,), "quantile of the in-domain CI for ci_rule indomain-quantile", **_PROB),
     # ------------------------------------------------------------ transfer (Wang et al.)
     S("target", "str", "A", (TRANSFER,), "the COVID target dataset", flag="--target"),
+    S("folds", "int", 5, (TRANSFER,), "inverse k-fold: train on 1/k of the patients, test on the rest", low=2, flag="--folds"),
     S("pretrain", "names", None, (TRANSFER,), "pretrained models (keys of pretrain_datasets, or multi)", flag="--pretrain"),
     S("strategies", "names", None, (TRANSFER,), "transfer strategies", choices=_strategies, flag="--strategy"),
     S("pretrain_datasets", "mapping", None, (TRANSFER,), "pretrained model -> suite dataset"),
