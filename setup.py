@@ -5,7 +5,6 @@ setup(
     version="0.1.0",
     description="Domain-generalisation experiments for COVID-19 lesion segmentation on chest CT",
     packages=find_packages(include=["domgen", "domgen.*"]),
-    package_data={"domgen": ["suites/*.yaml"]},
     python_requires=">=3.11",
     install_requires=[
         "torch==2.14.1",

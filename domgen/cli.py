@@ -1,21 +1,16 @@
 """The ``domgen`` command line. Every user mistake ends as one sentence on stderr and exit code 2."""
 from __future__ import annotations
 
-import signal
 import sys
 from pathlib import Path
 
 import click
 import numpy as np
 
+from domgen import interrupts
 from domgen.errors import DomgenError
 
 DEVICE = click.Choice(["cpu", "cuda"])
-
-
-def _sigterm(signum, frame):
-    # SIGTERM (`timeout`, a scheduler, `kill`) ends the work like Ctrl-C: the current run is marked interrupted
-    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
 
 class DomgenGroup(click.Group):
@@ -23,7 +18,8 @@ class DomgenGroup(click.Group):
     ``interrupted`` and exit code 130 (the current run is marked interrupted, a plain re-run resumes)."""
 
     def invoke(self, ctx):
-        previous = signal.signal(signal.SIGTERM, _sigterm) if ctx.parent is None else None
+        # SIGTERM (`timeout`, a scheduler, `kill`) ends the work like Ctrl-C: the current run is marked interrupted
+        previous = interrupts.install() if ctx.parent is None else None
         try:
             return super().invoke(ctx)
         except DomgenError as exc:
@@ -42,7 +38,7 @@ class DomgenGroup(click.Group):
             sys.exit(2)
         finally:
             if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+                interrupts.restore(previous)
 
 
 @click.group(cls=DomgenGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -471,8 +467,17 @@ def ui(tracking_uri, port):
     """Start the MLflow UI on 127.0.0.1 for the domgen store."""
     import subprocess
 
+    from domgen.families import FAMILIES
+    from domgen.tracking import mlflow_store as store
+
     uri = _tracking(tracking_uri)
-    click.echo(f"MLflow UI for {uri} at http://127.0.0.1:{port}")
+    base = f"http://127.0.0.1:{port}"
+    click.echo(f"MLflow UI for {uri} at {store.ui_url(base)}")
+    if not uri.startswith("sqlite:///") or Path(uri[len("sqlite:///"):]).is_file():
+        for family in FAMILIES.values():
+            exp = store.get_experiment(family.experiment)
+            if exp is not None:
+                click.echo(f"  {family.experiment:22s} {store.ui_url(base, exp.experiment_id)}")
     subprocess.run([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)], check=False)
 
 

@@ -193,7 +193,7 @@ SETTINGS: list[Setting] = [
     # ------------------------------------------------------------ leave-one-out (Enshaei et al.)
     S("source", "str", "A", (LOO,), "source dataset(s): a name, a comma list or 'all'", flag="--source"),
     S("targets", "names", None, (LOO,), "unseen datasets (null: every other COVID dataset)", nullable=True, flag="--targets"),
-    S("folds", "int", 2, (LOO, TRANSFER), "number of folds (k-fold needs 2 or more)", low=1, flag="--folds"),
+    S("folds", "int", 2, (LOO,), "number of folds (k-fold needs 2 or more; repeated-holdout 1 or more)", low=1, flag="--folds"),
     S("split.train", "float", 0.6, (LOO,), "train fraction of a fold", low=0.0, high=1.0, low_open=True),
     S("split.val", "float", 0.1, (LOO,), "validation fraction of a fold", **_PROB),
     S("split.test", "float", 0.3, (LOO,), "test fraction of a fold", low=0.0, high=1.0, low_open=True),
@@ -234,6 +234,7 @@ SETTINGS: list[Setting] = [
       "null: all)", low=0, nullable=True),
     # ------------------------------------------------------------ transfer (Wang et al.)
     S("target", "str", "A", (TRANSFER,), "the COVID target dataset", flag="--target"),
+    S("folds", "int", 5, (TRANSFER,), "inverse k-fold: train on 1/k of the patients, test on the rest", low=2, flag="--folds"),
     S("pretrain", "names", None, (TRANSFER,), "pretrained models (keys of pretrain_datasets, or multi)", flag="--pretrain"),
     S("strategies", "names", None, (TRANSFER,), "transfer strategies", choices=_strategies, flag="--strategy"),
     S("pretrain_datasets", "mapping", None, (TRANSFER,), "pretrained model -> suite dataset"),
@@ -410,10 +411,14 @@ def _set(cfg: dict, dotted: str, value) -> None:
 
 
 def required_multiple(arch: str) -> int:
-    """The factor the image side must be a multiple of for ``arch``: 2 ** encoder depth (smp's output stride)."""
+    """The factor the image side must be a multiple of for ``arch``, as smp checks it: 2 ** encoder depth (the
+    output stride) for models with ``requires_divisible_input_shape``, 1 for those that resize their skips (Unet)."""
     from domgen.models import ARCHITECTURES
 
-    return 2 ** int(ARCHITECTURES[arch][1].get("encoder_depth", 5))
+    cls, params = ARCHITECTURES[arch]
+    if not getattr(cls, "requires_divisible_input_shape", True):
+        return 1
+    return 2 ** int(params.get("encoder_depth", 5))
 
 
 def _check_image_size(cfg: dict, family: str) -> None:
@@ -423,7 +428,7 @@ def _check_image_size(cfg: dict, family: str) -> None:
     archs = cfg.get("grid", {}).get("archs", []) if family == BENCHMARK else [cfg.get("model", {}).get("arch")]
     for arch in [a for a in archs if a]:
         multiple = required_multiple(arch)
-        if size % multiple:
+        if multiple > 1 and size % multiple:
             lower, upper = size // multiple * multiple, (size // multiple + 1) * multiple
             raise DomgenError(f"preprocessing.image_size = {size} cannot be taken by {arch} (its encoder halves the image "
                               f"{int(math.log2(multiple))} times, so the side must be a multiple of {multiple}); "

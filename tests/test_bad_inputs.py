@@ -24,7 +24,7 @@ from domgen.tracking import mlflow_store as store
 # the rows of the issue's table (and one per family), also run as separate processes
 ISSUE_ROWS = {"epochs not a number", "image size smp cannot take", "unknown loss", "DOMGEN_THREADS not a number",
               "report of an unknown run", "ci-min above 1", "top-k negative", "unreachable tracking server",
-              "image size unet cannot take"}
+              "image size linknet cannot take"}
 
 
 def _rows(suite: Path, bad: dict[str, Path]) -> list[tuple[str, list[str], dict, str]]:
@@ -60,7 +60,7 @@ def _rows(suite: Path, bad: dict[str, Path]) -> list[tuple[str, list[str], dict,
         ("unknown architecture in a grid", [*bm[:-8], "--archs", "Unet,foo"], {}, "'foo'"),
         ("unknown encoder", [*bm[:-6], "--encoders", "nosuch", "--weights", "random", "--experiments", "lung"], {}, "nosuch"),
         ("zero workers", [*bm, "--workers", "0"], {}, "--workers"),
-        ("image size unet cannot take", [*bm, "--set", "preprocessing.image_size=48"], {}, "multiple of 32"),
+        ("image size linknet cannot take", [*bm[:-8], "--archs", "Linknet", "--set", "preprocessing.image_size=48"], {}, "multiple of 32"),
         ("threshold above 1", [*bm, "--set", "evaluation.threshold=2"], {}, "threshold"),
         ("report of an unknown run", ["report", "--run-id", "deadbeef"], {}, "deadbeef"),
         ("report of an unknown experiment", ["report", "--experiment", "nosuch"], {}, "nosuch"),

@@ -205,3 +205,46 @@ def test_killed_sweep_resumes_without_duplicate_runs(suite, tmp_path):
     exp = MlflowClient().get_experiment_by_name(bm.EXPERIMENT)
     sweeps = store.runs_of(exp.experiment_id, "tags.`domgen.role` = 'sweep'", status=None)
     assert len(sweeps) == 1 and sweeps[0].info.status == "FINISHED"  # the killed sweep's parent was resumed
+
+
+def test_retry_overrides_apply_to_the_failed_configurations_of_the_same_sweep(finished_sweep):
+    """--retry-failed --set train.batch_size=1 (the out-of-memory recipe): same sweep, same hashes, only the failed redone."""
+    uri, cfg, first = finished_sweep
+    store.configure(uri)
+    before = {r.info.run_id for r in _runs(uri)}
+    retried = bm.run_benchmark(cfg, retry_failed=True, progress=False, retry_with={"train.batch_size": 1})
+    assert (retried.finished, retried.skipped, len(retried.failed)) == (0, 4, 4)  # offline ImageNet fails again
+    new = [r for r in _runs(uri) if r.info.run_id not in before]
+    assert len(new) == 4 and all(r.data.tags["domgen.weights"] == "imagenet" for r in new)
+    assert all(r.data.tags["domgen.retry_overrides"] == "train.batch_size=1" and r.data.params["train.batch_size"] == "1" for r in new)
+    old_hashes = {r.data.tags["domgen.config_hash"] for r in _runs(uri, "FAILED") if r.info.run_id in before}
+    assert {r.data.tags["domgen.config_hash"] for r in new} == old_hashes
+    with pytest.raises(bm.DomgenError, match="train.lr"):
+        bm.retry_overrides(cfg, {"train.lr": 0.1})
+
+
+def test_per_epoch_times_are_one_value_per_epoch_and_their_mean_has_its_own_key(finished_sweep):
+    uri, cfg, _ = finished_sweep
+    store.configure(uri)
+    run = _runs(uri, "FINISHED")[0]
+    history = MlflowClient().get_metric_history(run.info.run_id, "val_seconds")
+    assert [m.step for m in history] == list(range(1, len(history) + 1)) or [m.step for m in history] == list(range(len(history)))
+    assert run.data.metrics["val_seconds_per_epoch"] == pytest.approx(np.mean([m.value for m in history]))
+
+
+def test_report_defaults_to_the_newest_finished_sweep(finished_sweep):
+    from domgen.tracking.benchmark_report import sweep_parent
+
+    uri, cfg, result = finished_sweep
+    store.configure(uri)
+    exp = MlflowClient().get_experiment_by_name(bm.EXPERIMENT)
+    unfinished = MlflowClient().create_run(exp.experiment_id, tags=store.tags(role="sweep", sweep_hash="other"))
+    assert sweep_parent(exp.experiment_id).info.run_id != unfinished.info.run_id
+    assert sweep_parent(exp.experiment_id).info.status == "FINISHED"
+    MlflowClient().set_terminated(unfinished.info.run_id, "KILLED")
+
+
+def test_grid_names_are_case_insensitive_and_counted_once():
+    cfg = bm.resolve(load_profile("benchmark", "quick"), experiments="lung", archs="Unet,Linknet,unet", encoders="resnet18,resnet18",
+                     weights="random")
+    assert [c.name for c in bm.expand_grid(cfg)] == ["lung | unet | resnet18 | random", "lung | linknet | resnet18 | random"]

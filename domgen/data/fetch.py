@@ -126,7 +126,8 @@ PUBLIC_DATASETS: dict[str, PublicDataset] = {
               lungs: lungs
               intensity: hu
               patient_id: '^(?P<patient>medseg100)$'   # one volume of 100 slices from different patients
-              lesion_labels: {1: ground_glass, 2: consolidation, 3: pleural_effusion}  # 3 is not a COVID lesion
+              lesion_labels: {1: ground_glass, 2: consolidation}
+              ignore_labels: [3]          # 3 = pleural effusion: not a COVID lesion, read as background
               lesion_kind: covid
         """),
     ),
@@ -147,9 +148,10 @@ PUBLIC_DATASETS: dict[str, PublicDataset] = {
               images: rp_im
               lesions: rp_msk
               lungs: rp_lung_msk
-              intensity: hu               # check with `domgen check-data`: values should reach about -1000
+              intensity: hu               # check with `domgen data check medseg-radiopaedia-9 --suite ...`: about -1000 in air
               patient_id: '^(?P<patient>\\d+)$'
-              lesion_labels: {1: ground_glass, 2: consolidation, 3: pleural_effusion}
+              lesion_labels: {1: ground_glass, 2: consolidation}
+              ignore_labels: [3]          # 3 = pleural effusion: not a COVID lesion, read as background
               lesion_kind: covid
         """),
     ),

@@ -19,7 +19,6 @@ FORMATS = ("nifti", "dicom", "slices")
 LESION_KINDS = ("covid", "tumour", "effusion")
 MASK_SCALES = ("auto", "index")
 DEFAULT_PATIENT_ID = r"^(?P<patient>[A-Za-z0-9_-]+?)(_(?P<slice>\d+))?$"
-BUILTIN_SUITES = Path(__file__).resolve().parent.parent / "suites"
 
 _REQUIRED_KEYS = ("format", "root")
 _KNOWN_KEYS = {
@@ -102,7 +101,7 @@ class Suite:
 
 
 def load_suite(name_or_path: str | Path) -> Suite:
-    """Load a suite: a path to a YAML file, the name of a built-in suite, or ``synthetic``."""
+    """Load a suite: a path to a YAML file, or ``synthetic`` (the generated suite, the only built-in one)."""
     text = str(name_or_path)
     if text == "synthetic":
         # Imported here: the generator is heavy and only needed for the built-in suite.
@@ -111,9 +110,6 @@ def load_suite(name_or_path: str | Path) -> Suite:
         path = Path(ensure_synthetic_suite())
     else:
         path = Path(text).expanduser()
-        builtin = BUILTIN_SUITES / f"{text}.yaml"
-        if not path.is_file() and path.suffix == "" and builtin.is_file():
-            path = builtin
     if not path.is_file():
         raise DomgenError(
             f"suite file {path} does not exist; give the path to a suite YAML file or 'synthetic'"

@@ -20,7 +20,7 @@ from itertools import product
 import numpy as np
 import torch
 
-from domgen import settings
+from domgen import interrupts, settings
 from domgen.config import config_hash
 from domgen.data.registry import load_cases, load_suite
 from domgen.errors import DomgenError
@@ -212,6 +212,7 @@ def run_job(job: dict) -> dict:
     configuration's own failure: it is recorded in MLflow and returned as ``{"status": "failed", "reason": ...}``.
     A configuration finished meanwhile, or live in another driver, is left alone (``done`` / ``elsewhere``)."""
     store.configure(job["tracking_uri"])
+    interrupts.install()  # a worker process too: Ctrl-C never lands inside a write to the store
     if job.get("threads"):
         torch.set_num_threads(int(job["threads"]))
     cfg, configuration = job["cfg"], Configuration(**job["configuration"])
@@ -224,6 +225,7 @@ def run_job(job: dict) -> dict:
     started = time.perf_counter()
     run = store.claim_run(exp_id, configuration.name, {**base_config(run_cfg), **configuration.identity()}, run_tags, job["parent_id"])
     if run is None:
+        interrupts.check()
         return {"status": "done" if store.find_run(exp_id, h) is not None else "elsewhere", "hash": h}
     try:
         with store.finishing(run.info.run_id):

@@ -39,11 +39,16 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 from domgen.config import config_hash, flatten  # noqa: E402
 from domgen.errors import DomgenError  # noqa: E402
+from domgen import interrupts  # noqa: E402
+from domgen.interrupts import shield, shielded  # noqa: E402
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 TAG = "domgen."
-# MLflow 3 opens an experiment in its GenAI view (traces) unless told it holds model-training runs
+# MLflow 3 opens an experiment in its GenAI view (traces, token usage) unless told it holds model-training runs:
+# the experiment tag says so where the UI reads it; where the UI has its GenAI / Model-training switch (3.x), the
+# switch wins and is set by the page address, so domgen prints addresses with ``UI_VIEW``
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+UI_VIEW = "workflowType=machine_learning"
 INTERRUPTED = f"{TAG}interrupted"
 LEASE_PERIODS = 3  # a heartbeat older than this many periods means the owner is gone
 
@@ -63,6 +68,11 @@ def configure(tracking_uri: str | None = None) -> str:
 def tracking_uri() -> str:
     """The URI the store is configured with."""
     return mlflow.get_tracking_uri()
+
+
+def ui_url(base: str, exp_id: str | None = None) -> str:
+    """The MLflow UI address of an experiment (or the experiment list) in its training-runs view."""
+    return f"{base.rstrip('/')}/#/experiments{'/' + exp_id if exp_id else ''}?{UI_VIEW}"
 
 
 def check_store_exists(uri: str) -> None:
@@ -99,6 +109,7 @@ def versions() -> dict[str, str]:
     return out
 
 
+@shield
 def experiment_id(name: str) -> str:
     """The id of experiment ``name``, created if needed (artifacts beside a local SQLite store), tagged so
     MLflow's UI shows the runs table."""
@@ -120,11 +131,13 @@ def experiment_id(name: str) -> str:
     return exp.experiment_id
 
 
+@shield
 def get_experiment(name: str):
     """The experiment called ``name`` or None (never creates one)."""
     return MlflowClient().get_experiment_by_name(name)
 
 
+@shield
 def get_run(run_id: str, what: str = "run") -> Run:
     """The run ``run_id``, or one sentence when the store does not know it."""
     try:
@@ -134,6 +147,7 @@ def get_run(run_id: str, what: str = "run") -> Run:
                           "existing run (see `domgen ui`) or the right --tracking-uri") from None
 
 
+@shield
 def find_run(exp_id: str, config_hash: str, status: str | None = "FINISHED") -> Run | None:
     """The newest run of ``exp_id`` tagged with ``config_hash`` (and ``status``), or None."""
     query = f"tags.`domgen.config_hash` = '{config_hash}'"
@@ -151,6 +165,7 @@ def round_lookup(experiment: str, cfg: dict) -> tuple[str, str, str | None]:
     return exp_id, h, done.info.run_id if done is not None else None
 
 
+@shield
 def runs_of(exp_id: str, query: str = "", status: str | None = "FINISHED") -> list[Run]:
     """All runs of an experiment matching an MLflow filter string (paged)."""
     if status:
@@ -170,6 +185,7 @@ def tags(**values) -> dict[str, str]:
     return {f"{TAG}{k}": str(v) for k, v in values.items() if v is not None}
 
 
+@shield
 def set_tag(run_id: str, key: str, value) -> None:
     MlflowClient().set_tag(run_id, key, str(value))
 
@@ -214,6 +230,7 @@ def is_stale(run: Run, now: float | None = None) -> bool:
     return (now or time.time()) - beat > LEASE_PERIODS * lease
 
 
+@shield
 def close_stale(runs: list[Run], reason: str) -> list[str]:
     """End the stale ones among ``runs`` as interrupted (KILLED); live ones of other drivers are left alone."""
     client, closed = MlflowClient(), []
@@ -268,6 +285,7 @@ class _Heartbeat:
 
 
 # ---------------------------------------------------------------- runs
+@shield(hold=True)  # a new run is handed over before a held Ctrl-C is raised
 def _create(exp_id: str, name: str, cfg: dict, run_tags: dict[str, str], parent_run_id: str | None) -> Run:
     all_tags = {**run_tags, **versions(), **_lease_tags()}
     if parent_run_id:
@@ -281,6 +299,7 @@ def _first(run: Run) -> tuple:
     return (run.info.start_time or 0, run.info.run_id)
 
 
+@shield(hold=True)  # a new run is handed over before a held Ctrl-C is raised
 def claim_run(exp_id: str, name: str, cfg: dict, run_tags: dict[str, str], parent_run_id: str | None = None) -> Run | None:
     """A new run for ``run_tags['domgen.config_hash']``, or None when that work is finished or live elsewhere.
 
@@ -319,10 +338,12 @@ def finishing(run_id: str) -> Iterator[str]:
     _local.run_id = run_id
     try:
         with _Heartbeat(run_id):
+            interrupts.check()  # one held while the run was created ends it here, as interrupted
             yield run_id
     except BaseException as exc:
         interrupted = isinstance(exc, (KeyboardInterrupt, SystemExit))
-        with contextlib.suppress(Exception):  # the store itself may be what failed
+        # a second Ctrl-C while the run is being closed is dropped: the run is ending anyway
+        with shielded(discard=True), contextlib.suppress(Exception):  # the store itself may be what failed
             if interrupted:
                 client.set_tag(run_id, INTERRUPTED, "true")
             client.set_tag(run_id, f"{TAG}error", f"{type(exc).__name__}: {exc}"[:5000])
@@ -330,7 +351,8 @@ def finishing(run_id: str) -> Iterator[str]:
         raise
     finally:
         _local.run_id = previous
-    client.set_terminated(run_id, "FINISHED")
+    with shielded():
+        client.set_terminated(run_id, "FINISHED")
 
 
 def is_interrupted(run: Run) -> bool:
@@ -338,6 +360,7 @@ def is_interrupted(run: Run) -> bool:
     return run.info.status == "KILLED" or run.data.tags.get(INTERRUPTED) == "true"
 
 
+@shield
 def log_config(run_id: str, cfg: dict) -> None:
     """The whole resolved config as params (MLflow takes at most 100 a call and 6000 characters a value)."""
     items = [mlflow.entities.Param(k, v[:6000]) for k, v in flatten(cfg).items()]
@@ -345,6 +368,7 @@ def log_config(run_id: str, cfg: dict) -> None:
         MlflowClient().log_batch(run_id, params=items[start:start + 100])
 
 
+@shield(hold=True)  # a new run is handed over before a held Ctrl-C is raised
 def start_or_resume_run(exp_id: str, name: str, cfg: dict, run_tags: dict[str, str]) -> tuple[str, bool]:
     """(run id, already finished) of the run tagged ``run_tags['domgen.config_hash']``.
 
@@ -376,10 +400,12 @@ def start_or_resume_run(exp_id: str, name: str, cfg: dict, run_tags: dict[str, s
     return run_id, False
 
 
+@shield
 def end_run(run_id: str, status: str = "FINISHED") -> None:
     MlflowClient().set_terminated(run_id, status)
 
 
+@shield
 def log_metrics(run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
     """Finite values only (NaN means 'undefined' and is left out)."""
     items = [mlflow.entities.Metric(k, float(v), int(time.time() * 1000), step or 0)
@@ -388,14 +414,17 @@ def log_metrics(run_id: str, metrics: dict[str, float], step: int | None = None)
         MlflowClient().log_batch(run_id, metrics=items[start:start + 500])
 
 
+@shield
 def log_artifact_file(run_id: str, path: Path, artifact_path: str | None = None) -> None:
     MlflowClient().log_artifact(run_id, str(path), artifact_path)
 
 
+@shield
 def log_artifact_folder(run_id: str, folder: Path, artifact_path: str | None = None) -> None:
     MlflowClient().log_artifacts(run_id, str(folder), artifact_path)
 
 
+@shield
 def metric_history(run_id: str, key: str) -> list:
     return MlflowClient().get_metric_history(run_id, key)
 
@@ -406,6 +435,7 @@ def artifact_dir() -> Iterator[Path]:
         yield Path(tmp)
 
 
+@shield
 def download_artifact(run_id: str, path: str, dest: Path) -> Path:
     return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(dest)))
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from mlflow.tracking import MlflowClient
 
 from domgen.errors import DomgenError
 from domgen.tracking import mlflow_store as store
@@ -83,8 +82,7 @@ def _is_fresh(run) -> bool:
 
 def comparison_rounds(round_id: str | None = None) -> tuple[object, object]:
     """(a round from a fresh model, the newest round from a Multi-encoder transfer model) with the same config otherwise."""
-    client = MlflowClient()
-    loo, transfer = (client.get_experiment_by_name(n) for n in (LEAVE_ONE_OUT_EXPERIMENT, TRANSFER_EXPERIMENT))
+    loo, transfer = (store.get_experiment(n) for n in (LEAVE_ONE_OUT_EXPERIMENT, TRANSFER_EXPERIMENT))
     how = ("run `domgen transfer --target A --pretrain multi --strategy multi-encoder`, then `domgen leave-one-out --source A` "
            "and `domgen leave-one-out --source A --init-run RUN_ID` with the id of a multi-encoder fold run")
     if loo is None or transfer is None:
