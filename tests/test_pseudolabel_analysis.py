@@ -134,7 +134,7 @@ def fold_round(tmp_path_factory, tiny_suite):
     tmp = tmp_path_factory.mktemp("analysis")
     uri = f"sqlite:///{tmp}/mlflow.db"
     out = CliRunner().invoke(main, ["leave-one-out", "--source", "A", "--targets", "B", "--suite", str(tiny_suite), "--tracking-uri", uri,
-                                    "--seeds", "2", "--select-by", "last", *TINY])
+                                    "--seeds", "2", "--select-by", "last", *TINY, "--set", "pseudolabel.retrain_epochs=2"])
     assert out.exit_code == 0, out.output
     runs = _runs(uri)
     return {"uri": uri, "tmp": tmp, "runs": runs, "output": out.output,
@@ -147,7 +147,7 @@ def test_seeds_last_weights_and_target_curves(fold_round):
     client = MlflowClient()
     for run in enhanced:
         assert "unused_dsc" in run.data.metrics or run.data.metrics["n_slices_unused"] == 0
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "target_dsc")] == [0]
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "target_dsc")] == [0, 1]  # one per retraining epoch
         assert "plots/retraining_curves.png" in {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
         assert run.data.params["pseudolabel.select_by"] == "last"
     assert "change over seeds x folds" in fold_round["output"]

@@ -41,9 +41,11 @@ def test_values_are_coerced_and_names_normalised():
         settings.validate({**load_profile("benchmark", "quick"), "colour": "blue"})
 
 
-def test_a_family_without_rows_is_only_checked_on_known_keys():
-    cfg = {"family": "cross-validate", "train": {"epochs": 3, "new_key": 1}}
+def test_the_volume_family_has_its_own_rows():
+    cfg = {"family": "cross-validate", "train": {"epochs": 3}}
     assert settings.validate(cfg)["train"]["epochs"] == 3
+    with pytest.raises(DomgenError, match="train.new_key is not a cross-validate setting"):
+        settings.validate({"family": "cross-validate", "train": {"epochs": 3, "new_key": 1}})
     with pytest.raises(DomgenError, match="train.epochs"):
         settings.validate({"family": "cross-validate", "train": {"epochs": 0}})
 

@@ -194,6 +194,9 @@ def test_leave_one_out_from_a_transfer_model_and_the_four_way_comparison(tiny_ro
     base = ["leave-one-out", "--source", "A", "--targets", "B", "--folds", "1", "--set", "split.protocol=repeated-holdout", "--suite", str(tiny_round["suite"]),
             "--tracking-uri", uri, "--set", "model.encoder=resnet18", *TINY]
     bad = runner.invoke(main, [*base, "--init-run", "0123456789abcdef"])
+    assert bad.exit_code == 2 and "is not in the MLflow store" in bad.output
+    parent = next(r for r in _runs(uri, "domgen-transfer") if r.data.tags["domgen.role"] == "round")
+    bad = runner.invoke(main, [*base, "--init-run", parent.info.run_id])  # a run that exists but saved no model
     assert bad.exit_code == 2 and "no model/checkpoint.pt" in bad.output
     for extra in ([], ["--init-run", multi.info.run_id]):
         result = runner.invoke(main, [*base, *extra], catch_exceptions=False)

@@ -45,7 +45,7 @@ FAMILIES: dict[str, Family] = {
                         "domgen.tracking.benchmark_report:benchmark_tables", "domgen.tracking.benchmark_report:family_report"),
     "cross-validate": Family("cross-validate", "domgen-cross-validate", "cross_validate", "round", "domgen.families.cross_validate",
                              "domgen.tracking.cross_validate_report:cross_validate_tables"),
-    "confidence": Family("confidence", "domgen-confidence", "leave_one_out", "analysis", "domgen.families.confidence",
+    "confidence": Family("confidence", "domgen-confidence", "confidence", "analysis", "domgen.families.confidence",
                          "domgen.families.confidence:confidence_tables"),
 }
 
