@@ -439,11 +439,33 @@ def transfer(target, pretrain, strategy, folds, arch, encoder, suite, profile, s
 @click.option("--tracking-uri", default=None)
 @click.option("--compare", is_flag=True, help="Unseen DSC/SEN/SPC: baseline, + CI pseudo-labels, Multi-encoder transfer, + both "
               "(leave-one-out rounds without and with --init-run; --run-id picks the latter).")
-def report(experiment, run_id, out, tracking_uri, compare):
+@click.option("--against-paper", is_flag=True, help="Benchmark only: each finished configuration's Sens/Spec/Dice (%) beside "
+              "Bizopoulos et al.'s published Table II and the difference (pp).")
+@click.option("--paper-table", type=click.Path(path_type=Path), default=None,
+              help="With --against-paper: CSV of the published Table II (columns experiment, architecture, encoder, sensitivity, "
+              "specificity, dice, source; optional weights; values in %). domgen ships none.")
+def report(experiment, run_id, out, tracking_uri, compare, against_paper, paper_table):
     """Rebuild the paper's tables from MLflow alone; writes Markdown, CSV and LaTeX (benchmark: also figures)."""
     from domgen.families import family_of_experiment
     from domgen.tracking.report import to_markdown, write_tables
 
+    if paper_table is not None and not against_paper:
+        raise DomgenError("--paper-table is read only with --against-paper; add --against-paper")
+    if against_paper:
+        from domgen.tracking.benchmark_report import EXPERIMENT, against_paper_report, load_paper_table
+
+        if compare:
+            raise DomgenError("give at most one of --compare and --against-paper")
+        if experiment != EXPERIMENT:
+            raise DomgenError(f"--against-paper compares the benchmark with Bizopoulos et al.'s Table II; use it with "
+                              f"--experiment {EXPERIMENT}, not {experiment}")
+        paper = load_paper_table(paper_table)  # a bad table fails before the store is opened
+        _tracking(tracking_uri, existing=True)
+        built = against_paper_report(out, run_id, paper)
+        click.echo(f"\nSweep {built['parent_id']} against the published Table II (ours minus paper; Sens/Spec/Dice in %, "
+                   f"differences in percentage points)\n\n{to_markdown(built['shown'])}\n\n{built['summary']}\n"
+                   f"wrote {len(built['files'])} files to {built['folder']}")
+        return
     family = None if compare else family_of_experiment(experiment)
     _tracking(tracking_uri, existing=True)
     if compare:
