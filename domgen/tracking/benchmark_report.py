@@ -81,7 +81,7 @@ def _percent(value: float) -> str:
 
 
 def _mean_std(values, scale: float = 1.0, digits: int = 2) -> str:
-    """"mean ± std" (population std, as before) of the finite values times ``scale``; the mean alone for one value."""
+    """"mean ± std" (population std, as before) of the finite values times ``scale``; "-" when there are none."""
     arr = np.asarray(values, dtype=float) * scale
     arr = arr[np.isfinite(arr)]
     if arr.size == 0:
@@ -445,7 +445,7 @@ def load_paper_table(path: Path | None = None) -> pd.DataFrame:
         path = PAPER_TABLE
     path = Path(path)
     if not path.is_file():
-        raise _paper_error(path, "does not exist")
+        raise _paper_error(path, "does not exist or is not a file")
     try:
         df = pd.read_csv(path, comment="#", dtype=str, skipinitialspace=True, keep_default_na=False)
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
