@@ -276,6 +276,24 @@ def test_report_rebuilds_the_transfer_tables(tiny_round, tmp_path):
     assert (tmp_path / "domgen-transfer" / parent.info.run_id / "table1.tex").is_file()
 
 
+def test_trained_patients_of_a_run_logged_before_train_patients_json(tiny_round):
+    # an older fold run has no train_patients.json: its fold's train part comes from the round's splits.json
+    from domgen.families.common import trained_patients
+
+    runs = _runs(tiny_round["uri"], "domgen-transfer")
+    parent = next(r for r in runs if r.data.tags["domgen.role"] == "round")
+    pre = next(r for r in runs if r.data.tags.get("domgen.pretrain") == "msd" and r.data.tags["domgen.role"] == "pretrain")
+    old = MlflowClient().create_run(parent.info.experiment_id, tags={
+        "mlflow.parentRunId": parent.info.run_id, "domgen.family": "transfer", "domgen.phase": "transfer", "domgen.fold": "1",
+        "domgen.target": "A", "domgen.init_run": pre.info.run_id})
+    try:
+        seen = trained_patients(old.info.run_id)
+    finally:
+        MlflowClient().delete_run(old.info.run_id)  # out of the runs the other tests count
+    assert seen["A"] == set(json.loads(tiny_round["splits"].read_text())["folds"][1]["train"])
+    assert seen["tumour"] == trained_patients(pre.info.run_id)["tumour"] and "effusion" not in seen
+
+
 def test_leave_one_out_from_a_transfer_model_and_the_four_way_comparison(tiny_round, tmp_path):
     runner, uri = CliRunner(), tiny_round["uri"]
     multi = next(r for r in _runs(uri, "domgen-transfer") if r.data.tags.get("domgen.strategy") == "multi-encoder")
