@@ -393,9 +393,11 @@ def confidence(target, run_id, checkpoint, top_k, suite, device, tracking_uri, q
 
 
 # ---------------------------------------------------------------- transfer
-TRANSFER_CAPTIONS = {"table1": "Table I - DSC and NSD per fold (mean ± std over test patients) and overall (over folds)",
-                     "table2": "Table II - sensitivity, F1 (pooled DSC) and accuracy, mean ± std over folds",
-                     "table3": "Table III - multi-lesion model: strategies, parameters and seconds per epoch"}
+TRANSFER_CAPTIONS = {"table1": "Table I - DSC and NSD (3 mm, per case in 3D), mean ± std over the test cases of each fold and of "
+                               "all folds; NSD per slice: the older 2D per-slice NSD",
+                     "table2": "Table II - sensitivity, F1 and accuracy per case, mean ± std over the test cases of all folds",
+                     "table3": "Table III - multi-lesion model: strategies, parameters and seconds per epoch",
+                     "note": "Note"}
 
 
 @main.command("transfer")
@@ -405,8 +407,10 @@ TRANSFER_CAPTIONS = {"table1": "Table I - DSC and NSD per fold (mean ± std over
 @click.option("--folds", type=int, default=None, help="Inverse k-fold by patient: train on 1/k, test on the rest (5: 20 %/80 %).")
 @click.option("--arch", default=None, help="smp architecture: linknet | unet | fpn | pspnet.")
 @click.option("--encoder", default=None, help="smp encoder name, e.g. resnet34.")
+@click.option("--splits-file", type=click.Path(), default=None,
+              help="A splits.json giving the folds (each fold's train part, test the rest) instead of drawing --folds.")
 @_common_run_options
-def transfer(target, pretrain, strategy, folds, arch, encoder, suite, profile, seed, device, encoder_weights, lung_mask,
+def transfer(target, pretrain, strategy, folds, arch, encoder, splits_file, suite, profile, seed, device, encoder_weights, lung_mask,
              lungmask_weights, tracking_uri, overrides, quiet):
     """Pretrain on non-COVID lung lesions, then train the COVID target with each transfer strategy (Wang et al.).
 
@@ -416,7 +420,7 @@ def transfer(target, pretrain, strategy, folds, arch, encoder, suite, profile, s
     cfg = _resolve("transfer", profile, overrides, **{
         "target": target, "pretrain": pretrain, "strategies": strategy, "folds": folds, "suite": suite, "seed": seed,
         "device": device, "model.arch": arch, "model.encoder": encoder, "model.encoder_weights": encoder_weights,
-        "preprocessing.lung_mask": lung_mask, "preprocessing.lungmask_weights": lungmask_weights})
+        "preprocessing.lung_mask": lung_mask, "preprocessing.lungmask_weights": lungmask_weights, "splits_file": splits_file})
     from domgen.families.transfer import EXPERIMENT, check_inputs, run_transfer
     from domgen.tracking.report import to_markdown
     from domgen.tracking.transfer_report import transfer_tables

@@ -242,6 +242,8 @@ SETTINGS: list[Setting] = [
       high_open=True),
     S("strategy_train", "mapping", None, (TRANSFER,), "train.* settings a strategy changes, e.g. {continual: {lr: 0.01}}",
       nullable=True),
+    S("splits_file", "path", None, (TRANSFER,), "a splits.json of the inverse k-fold (train part, test the rest) instead of "
+      "drawing --folds folds", nullable=True, flag="--splits-file"),
     S("keep_checkpoints", "names", None, (TRANSFER,), "strategies whose fold models are logged", choices=_strategies, nullable=True),
     S("pretraining.val_fraction", "float", 0.2, (TRANSFER,), "patients of each pretraining dataset held out", low=0.0, high=1.0,
       high_open=True),

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -11,6 +12,9 @@ from mlflow.tracking import MlflowClient
 
 from domgen.cli import main
 from domgen.errors import DomgenError
+from domgen.evaluation.evaluate import EvaluationSettings, evaluate, per_case_metrics
+from domgen.preprocessing.slices import SliceSet
+from domgen.tracking.transfer_report import volume_note
 from domgen.methods.transfer import STRATEGIES, prepare_strategy
 from domgen.models import build_model
 from domgen.models.multi_encoder import MultiEncoderModel
@@ -88,21 +92,70 @@ def test_poly_schedule_gives_the_expected_learning_rates():
     assert [h["lr"] for h in result.history] == pytest.approx(expected, rel=1e-5)
 
 
+# ---------------------------------------------------------------- per-case metrics (Wang et al. report per scan)
+def _case_slices():
+    """Case p: three 8x8 slices at indices 3, 4, 6 (5 dropped), 0.7 mm pixels, 2.5 mm apart; case q: slices of two
+    sizes; case r: no slice spacing. Truth a 3x3 block, prediction the block one column to the right."""
+    def block(n, col):
+        m = np.zeros((n, n), np.uint8)
+        m[2:5, col:col + 3] = 1
+        return m
+    truths = [block(8, 2)] * 3 + [block(8, 2), block(6, 2)] + [block(8, 2)]
+    probs = [block(8, 3).astype(np.float32)] * 3 + [block(8, 3).astype(np.float32), block(6, 2).astype(np.float32),
+                                                     block(8, 3).astype(np.float32)]
+    ids = ["X/p/0003", "X/p/0004", "X/p/0006", "X/q/0000", "X/q/0001", "X/r/0000"]
+    n = len(ids)
+    slices = SliceSet(np.zeros((n, 1, 8, 8), np.float32), np.zeros((n, 8, 8), np.uint8), ids, [i.split("/")[1] for i in ids], ["X"] * n,
+                      truths, truths, [(0.7, 0.7)] * n, slice_spacings=[2.5] * 5 + [None])
+    return probs, slices
+
+
+def test_per_case_nsd_is_monais_3d_nsd_of_the_stacked_case_and_dsc_is_pooled():
+    from monai.metrics import compute_surface_dice
+
+    probs, slices = _case_slices()
+    settings = EvaluationSettings(nsd_tolerance_mm=3.0)
+    _, per_slice = evaluate(probs, slices, 0.5, settings)
+    cases = per_case_metrics(probs, slices, 0.5, settings, per_slice).set_index("patient_id")
+    # case p by hand: 6 of 9 pixels overlap on each of 3 slices -> TP 18, FP 9, FN 9, TN 3 * 64 - 36
+    p = cases.loc["p"]
+    assert (p.tp, p.fp, p.fn, p.tn) == (18, 9, 9, 156)
+    assert p.dsc == pytest.approx(2 / 3) and p.f1 == pytest.approx(2 / 3) and p.sen == pytest.approx(2 / 3)
+    assert p.acc == pytest.approx(174 / 192)
+    # MONAI on the hand-built volume: slices at z = 0, 1, 3 (index 5 left empty), spacing (2.5, 0.7, 0.7)
+    truth, pred = np.zeros((4, 8, 8), bool), np.zeros((4, 8, 8), bool)
+    for z, i in zip((0, 1, 3), range(3)):
+        truth[z], pred[z] = slices.truths[i] > 0, probs[i] > 0.5
+    onehot = lambda m: torch.from_numpy(np.stack([~m, m])[None].astype(np.float32))  # noqa: E731
+    expected = float(compute_surface_dice(onehot(pred), onehot(truth), class_thresholds=[3.0], spacing=[2.5, 0.7, 0.7]))
+    assert p.nsd == pytest.approx(expected) and p.nsd_mode == "3d" and np.isfinite(p.hd95)
+    assert p.nsd_slice == pytest.approx(per_slice[per_slice.patient_id == "p"].nsd.mean())
+    # cases whose slices make no volume take their mean per-slice NSD, and say why
+    assert cases.loc["q", "nsd_mode"] == "per-slice: slice sizes differ"
+    assert cases.loc["q", "nsd"] == pytest.approx(per_slice[per_slice.patient_id == "q"].nsd.mean())
+    assert cases.loc["r", "nsd_mode"] == "per-slice: slice spacing unknown"
+    note = volume_note(cases.reset_index())
+    assert "q (slice sizes differ)" in note and "r (slice spacing unknown)" in note and "p (" not in note
+
+
 # ---------------------------------------------------------------- end to end, read back from MLflow
 TINY = ["--set", "preprocessing.image_size=32", "--set", "train.epochs=1", "--set", "train.batch_size=4", "--quiet"]
 
 
 @pytest.fixture(scope="module")
 def tiny_round(tmp_path_factory, tiny_suite):
-    """One tiny round (2 folds, 1 epoch, 32 px, resnet18) on conftest's suite: A has 4 patients."""
+    """One tiny round (2 folds from a splits file, 1 epoch, 32 px, resnet18) on conftest's suite: A has 4 patients."""
     root, suite = tmp_path_factory.mktemp("transfer"), tiny_suite
     uri = f"sqlite:///{root}/mlflow.db"
-    args = ["transfer", "--target", "A", "--pretrain", "msd,multi", "--strategy", "scratch,frozen,multi-encoder", "--folds", "2",
-            "--encoder", "resnet18", "--suite", str(suite), "--tracking-uri", uri, "--set", "pretraining.train.epochs=1", *TINY]
+    splits = root / "splits.json"
+    splits.write_text(json.dumps({"folds": [{"fold": 0, "train": ["A_p000", "A_p001"], "val": [], "test": ["A_p002", "A_p003"]},
+                                            {"fold": 1, "train": ["A_p002", "A_p003"], "val": [], "test": ["A_p000", "A_p001"]}]}))
+    args = ["transfer", "--target", "A", "--pretrain", "msd,multi", "--strategy", "scratch,frozen,multi-encoder", "--splits-file",
+            str(splits), "--encoder", "resnet18", "--suite", str(suite), "--tracking-uri", uri, "--set", "pretraining.train.epochs=1", *TINY]
     result = CliRunner().invoke(main, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     store.configure(uri)
-    return {"root": root, "suite": suite, "uri": uri, "args": args, "output": result.output}
+    return {"root": root, "suite": suite, "uri": uri, "args": args, "output": result.output, "splits": splits}
 
 
 def _runs(uri: str, experiment: str) -> list:
@@ -112,6 +165,9 @@ def _runs(uri: str, experiment: str) -> list:
 
 
 def test_transfer_round_is_read_back_from_mlflow(tiny_round):
+    from domgen.families import common
+
+    folds_file = json.loads(tiny_round["splits"].read_text())["folds"]
     runs = _runs(tiny_round["uri"], "domgen-transfer")
     assert all(r.info.status == "FINISHED" for r in runs)
     by_role = {}
@@ -134,7 +190,7 @@ def test_transfer_round_is_read_back_from_mlflow(tiny_round):
             assert t["domgen.pretrain"] == "none" and "domgen.init_run" not in t
         else:
             assert t["domgen.init_run"] == pretrain[t["domgen.pretrain"]].info.run_id
-        for key in ("dsc", "nsd", "sen", "f1", "acc", "trainable_params", "total_params", "seconds_per_epoch"):
+        for key in ("dsc", "nsd", "slice_nsd", "sen", "f1", "acc", "pooled_f1", "trainable_params", "total_params", "seconds_per_epoch"):
             assert key in m, key
         assert 0.0 <= m["acc"] <= 1.0 and m["seconds_per_epoch"] > 0
         if t["domgen.strategy"] == "scratch":
@@ -142,19 +198,50 @@ def test_transfer_round_is_read_back_from_mlflow(tiny_round):
         else:
             assert m["trainable_params"] < m["total_params"]
     assert len(seen) == len(strategies)
-    # F1 is the DSC of the confusion pooled over the test slices: recompute it from the logged per-slice table
+    # pooled F1 is the DSC of the confusion pooled over the test slices: recompute it from the logged per-slice table
     run = next(r for r in strategies if r.data.tags["domgen.strategy"] == "frozen")
     path = store.download_artifact(run.info.run_id, "per_slice_metrics.csv", tiny_round["root"] / "dl")
     counts = pd.read_csv(path)[["tp", "fp", "fn", "tn"]].sum()
-    assert run.data.metrics["f1"] == pytest.approx(2 * counts.tp / (2 * counts.tp + counts.fp + counts.fn))
-    assert run.data.metrics["acc"] == pytest.approx((counts.tp + counts.tn) / counts.sum())
+    assert run.data.metrics["pooled_f1"] == pytest.approx(2 * counts.tp / (2 * counts.tp + counts.fp + counts.fn))
+    assert run.data.metrics["pooled_acc"] == pytest.approx((counts.tp + counts.tn) / counts.sum())
+    # the run's DSC, NSD, F1, ACC: mean ± std over its test cases, one row each in per_case.csv, NSD in 3D
+    cases = pd.read_csv(store.download_artifact(run.info.run_id, "per_case.csv", tiny_round["root"] / "dl"))
+    assert sorted(cases.patient_id) == sorted(json.loads(tiny_round["splits"].read_text())["folds"][int(run.data.tags["domgen.fold"])]["test"])
+    assert set(cases.nsd_mode) == {"3d"} and run.data.metrics["n_cases_nsd_per_slice"] == 0
+    for key in ("dsc", "nsd", "f1", "acc"):
+        values = cases[key].dropna()
+        assert run.data.metrics[key] == pytest.approx(values.mean()) and run.data.metrics[f"{key}_std"] == pytest.approx(values.std(ddof=0))
+    # each training run records the patients its model saw: the fold's train part, or each pretraining dataset's train + val
+    seen = json.loads(store.download_artifact(run.info.run_id, "train_patients.json", tiny_round["root"] / "dl").read_text())
+    assert seen == {"datasets": {"A": folds_file[int(run.data.tags["domgen.fold"])]["train"]}, "init_run": run.data.tags["domgen.init_run"]}
     # the paper's split: each fold trains on one part and tests on all the others; each patient trains in one fold
     folds = json.loads(store.download_artifact(by_role["round"][0].info.run_id, "splits.json", tiny_round["root"] / "dl").read_text())["folds"]
+    assert folds == folds_file  # the splits file's folds, and its contents (not its path) in the round's identity
+    params = by_role["round"][0].data.params
+    assert params["content_digest.splits_file"] == common.file_digest(tiny_round["splits"])
     everyone = set(folds[0]["train"]) | set(folds[0]["test"])
     assert len(everyone) == 4
     for fold in folds:
         assert set(fold["train"]) | set(fold["test"]) == everyone and not set(fold["train"]) & set(fold["test"])
     assert sorted(p for fold in folds for p in fold["train"]) == sorted(everyone)
+
+
+@pytest.mark.parametrize("folds, message", [
+    ([{"fold": 0, "train": ["A_p000"], "val": [], "test": ["A_p009"]}], "names patients not in A (A_p009)"),
+    ([{"fold": 0, "train": ["A_p000"], "val": [], "test": ["A_p001"]}, {"fold": 1, "train": ["A_p000"], "val": [], "test": ["A_p002"]}],
+     "trains on patient A_p000 in folds 0 and 1"),
+    ([{"fold": 0, "train": [], "val": [], "test": ["A_p001"]}], "fold 0 has no train patients"),
+    ([{"fold": 0, "train": ["A_p000"], "val": [], "test": ["A_p000"]}], "is in both train and test of fold 0"),
+])
+def test_a_wrong_transfer_splits_file_is_one_sentence_and_no_run(tiny_suite, tmp_path, folds, message):
+    path = tmp_path / "splits.json"
+    path.write_text(json.dumps({"folds": folds}))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    result = CliRunner().invoke(main, ["transfer", "--target", "A", "--strategy", "scratch", "--splits-file", str(path), "--suite",
+                                       str(tiny_suite), "--tracking-uri", uri, *TINY])
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, result.output
+    exp = store.get_experiment("domgen-transfer")
+    assert exp is None or not store.runs_of(exp.experiment_id, status=None)
 
 
 def test_multi_encoder_fold_models_are_checkpointed_and_rerun_resumes(tiny_round):
@@ -182,10 +269,29 @@ def test_report_rebuilds_the_transfer_tables(tiny_round, tmp_path):
     t1 = tables["table1"]
     assert list(zip(t1.strategy, t1["pretrained model"])) == [
         ("scratch", "none"), ("frozen", "msd"), ("frozen", "multi"), ("multi-encoder", "msd"), ("multi-encoder", "multi")]
-    assert {"DSC fold 0", "DSC fold 1", "DSC overall", "NSD fold 0", "NSD overall"} <= set(t1.columns)
+    assert {"DSC fold 0", "DSC fold 1", "DSC overall", "NSD fold 0", "NSD overall", "NSD per slice overall"} <= set(t1.columns)
+    assert "note" not in tables  # every synthetic case is a volume: no per-slice fallback to name
     assert list(tables["table2"].columns) == ["strategy", "pretrained model", "SEN", "F1", "ACC"]
     assert list(tables["table3"]["pretrained model"]) == ["none", "multi", "multi"]
     assert (tmp_path / "domgen-transfer" / parent.info.run_id / "table1.tex").is_file()
+
+
+def test_trained_patients_of_a_run_logged_before_train_patients_json(tiny_round):
+    # an older fold run has no train_patients.json: its fold's train part comes from the round's splits.json
+    from domgen.families.common import trained_patients
+
+    runs = _runs(tiny_round["uri"], "domgen-transfer")
+    parent = next(r for r in runs if r.data.tags["domgen.role"] == "round")
+    pre = next(r for r in runs if r.data.tags.get("domgen.pretrain") == "msd" and r.data.tags["domgen.role"] == "pretrain")
+    old = MlflowClient().create_run(parent.info.experiment_id, tags={
+        "mlflow.parentRunId": parent.info.run_id, "domgen.family": "transfer", "domgen.phase": "transfer", "domgen.fold": "1",
+        "domgen.target": "A", "domgen.init_run": pre.info.run_id})
+    try:
+        seen = trained_patients(old.info.run_id)
+    finally:
+        MlflowClient().delete_run(old.info.run_id)  # out of the runs the other tests count
+    assert seen["A"] == set(json.loads(tiny_round["splits"].read_text())["folds"][1]["train"])
+    assert seen["tumour"] == trained_patients(pre.info.run_id)["tumour"] and "effusion" not in seen
 
 
 def test_leave_one_out_from_a_transfer_model_and_the_four_way_comparison(tiny_round, tmp_path):
@@ -198,6 +304,24 @@ def test_leave_one_out_from_a_transfer_model_and_the_four_way_comparison(tiny_ro
     parent = next(r for r in _runs(uri, "domgen-transfer") if r.data.tags["domgen.role"] == "round")
     bad = runner.invoke(main, [*base, "--init-run", parent.info.run_id])  # a run that exists but saved no model
     assert bad.exit_code == 2 and "no model/checkpoint.pt" in bad.output
+    # the transfer fold model trained on A patients that the leave-one-out split tests in-domain: refused, no run made
+    from domgen.families.common import trained_patients
+
+    seen = trained_patients(multi.info.run_id)
+    fold_train = json.loads(tiny_round["splits"].read_text())["folds"][int(multi.data.tags["domgen.fold"])]["train"]
+    assert seen["A"] == set(fold_train) and {"tumour", "effusion"} <= set(seen)  # the fold, then its pretrained model
+    loo = store.get_experiment("domgen-leave-one-out")
+    before = len(store.runs_of(loo.experiment_id, status=None)) if loo else 0
+    bad = runner.invoke(main, [*base, "--set", "split.protocol=kfold", "--folds", "2", "--init-run", multi.info.run_id])
+    assert bad.exit_code == 2 and f"was trained on A patients {', '.join(sorted(fold_train))}" in bad.output, bad.output
+    assert "splits_file" in bad.output
+    loo = store.get_experiment("domgen-leave-one-out")
+    assert (len(store.runs_of(loo.experiment_id, status=None)) if loo else 0) == before
+    # the fix: a leave-one-out splits file that trains on the transfer fold's train patients and tests the others
+    rest = sorted({"A_p000", "A_p001", "A_p002", "A_p003"} - set(fold_train))
+    split = tmp_path / "loo_splits.json"
+    split.write_text(json.dumps({"folds": [{"fold": 0, "train": sorted(fold_train), "val": rest[:1], "test": rest[1:]}]}))
+    base = [*base, "--set", f"splits_file={split}"]
     for extra in ([], ["--init-run", multi.info.run_id]):
         result = runner.invoke(main, [*base, *extra], catch_exceptions=False)
         assert result.exit_code == 0, result.output

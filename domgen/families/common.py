@@ -148,6 +148,47 @@ def checkpoint_of_run(run_id: str, dest: Path) -> Path:
                           "its model (see the MLflow UI) or --checkpoint PATH") from None
 
 
+TRAIN_PATIENTS = "train_patients.json"  # per training run: {"datasets": {dataset: [patients]}, "init_run": run id or null}
+
+
+def _own_train_patients(run, tmp: Path) -> dict[str, list[str]]:
+    """The patients one run trained (or early-stopped) on: its ``train_patients.json``; for transfer runs logged before
+    that record, their ``splits.json`` (pretraining) or the round's fold (strategy runs); {} for other runs."""
+    tags = run.data.tags
+    (tmp / run.info.run_id).mkdir(exist_ok=True)
+    fetch = lambda run_id, name: json.loads(store.download_artifact(run_id, name, tmp / run.info.run_id).read_text())  # noqa: E731
+    try:
+        return fetch(run.info.run_id, TRAIN_PATIENTS)["datasets"]
+    except Exception:  # no such artifact: MLflow raises several types
+        pass
+    try:
+        if tags.get("domgen.family") == "transfer" and tags.get("domgen.phase") == "pretrain":
+            splits = fetch(run.info.run_id, "splits.json")
+            return {d: f["train"] + f["val"] for d, f in zip(splits["meta"]["datasets"], splits["folds"])}
+        if tags.get("domgen.family") == "transfer" and tags.get("domgen.phase") == "transfer":
+            folds = fetch(tags["mlflow.parentRunId"], "splits.json")["folds"]
+            fold = next(f for f in folds if str(f["fold"]) == tags.get("domgen.fold"))
+            return {tags["domgen.target"]: fold["train"] + fold["val"]}
+    except Exception:
+        pass
+    return {}
+
+
+def trained_patients(run_id: str) -> dict[str, set[str]]:
+    """``{dataset: patients}`` a run's model has seen in training or early stopping, following the chain of runs it
+    started from (a transfer fold model, then its pretrained model)."""
+    seen: dict[str, set[str]] = {}
+    visited = set()
+    with store.artifact_dir() as tmp:
+        while run_id and run_id not in visited:
+            visited.add(run_id)
+            run = store.get_run(run_id, "--init-run")
+            for dataset, patients in _own_train_patients(run, tmp).items():
+                seen.setdefault(dataset, set()).update(patients)
+            run_id = run.data.tags.get("domgen.init_run")
+    return seen
+
+
 def open_round(experiment: str, name: str, cfg: dict, hashed: dict, round_tags: dict) -> tuple[str, str, str, bool]:
     """The common preamble: (experiment id, round hash, parent run id, finished already).
 

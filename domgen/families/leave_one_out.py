@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from domgen.families import common
-from domgen.families.common import CHECKPOINT, checkpoint_of_run, file_digest, hashed_view, prepare_dataset, with_content_digests
+from domgen.families.common import CHECKPOINT, checkpoint_of_run, trained_patients, file_digest, hashed_view, prepare_dataset, with_content_digests
 from domgen.data.registry import load_cases, load_suite
 from domgen.errors import DomgenError
 from domgen.evaluation.cutoff import DEFAULT_CANDIDATES, best_cutoff
@@ -138,6 +138,20 @@ def fold_splits(cfg: dict, source: SliceSet) -> list[dict]:
         # independent patient-wise 60/10/30 splits, one per fold with seed + fold (domgen < 0.2's scheme)
         return [{"fold": k, **train_val_test_split(patients, fractions, seed=cfg["seed"] + k)} for k in range(cfg["folds"])]
     raise DomgenError(f"split.protocol {protocol!r} is unknown; use one of {', '.join(SPLIT_PROTOCOLS)}")
+
+
+def check_init_run_overlap(cfg: dict, source: SliceSet) -> None:
+    """Refuse an ``init_run`` whose model (or the model it started from) trained on source patients this round tests
+    in-domain: their in-domain scores, cut-off and CI limit would come from patients the model has seen."""
+    if not cfg.get("init_run"):
+        return
+    seen = trained_patients(cfg["init_run"]).get(cfg["source"], set())
+    tested = sorted({p for fold in fold_splits(cfg, source) for p in fold["test"]} & seen)
+    if tested:
+        names = ", ".join(tested[:5]) + (f" and {len(tested) - 5} more" if len(tested) > 5 else "")
+        raise DomgenError(f"--init-run {cfg['init_run']} was trained on {cfg['source']} patients {names}, whom this split tests "
+                          f"in-domain; pass --set splits_file=FILE keeping them out of every fold's test part (e.g. the init "
+                          f"run's train patients as train), or start from a model not trained on {cfg['source']}")
 
 
 def _model_of(run_id: str, tmp: Path):
@@ -417,6 +431,7 @@ def run_leave_one_out(cfg: dict, progress: bool = True) -> str:
     for rc in rounds:
         if rc.get("splits_file"):
             _check_split_patients(rc, read_splits(Path(rc["splits_file"]))["folds"], prepared[rc["source"]])
+        check_init_run_overlap(rc, prepared[rc["source"]])
     if len(rounds) == 1:
         return run_round(rounds[0], suite, prepared, pre, progress)
     cfg = with_content_digests(cfg, list(dict.fromkeys(n for rc in rounds for n in [rc["source"], *rc["targets"]])))

@@ -3,15 +3,21 @@
 Pretrain one model per non-COVID lesion dataset (MSD lung tumour, StructSeg lung GTV, NSCLC pleural
 effusion) and a multi-lesion model on all of them jointly; then, on the COVID target, compare training
 from scratch with four ways of reusing a pretrained model (``domgen.methods.transfer.STRATEGIES``) under
-Wang et al.'s inverse 5-fold protocol: each fold trains on 20 % of the patients and tests on the other 80 %.
+Wang et al.'s inverse 5-fold protocol: each fold trains on 20 % of the patients and tests on the other 80 %
+(drawn, or read from ``splits_file``). Every test case (patient) is scored as one volume
+(``domgen.evaluation.evaluate.per_case_metrics``); the tables give mean ± std over cases.
 
 MLflow (experiment ``domgen-transfer``): pretraining runs stand alone (phase ``pretrain``), found again by
 the hash of what they depend on, so every round and ``domgen leave-one-out --init-run`` can reference
-them by run id; a parent run per round holds one child per fold x strategy x pretrained model.
+them by run id; a parent run per round holds one child per fold x strategy x pretrained model. Every
+training run logs ``train_patients.json`` (the patients whose slices trained or early-stopped its model, per
+dataset, and the run it started from), which ``domgen leave-one-out --init-run`` checks against its test sets.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pandas as pd
 from torch import nn
@@ -20,13 +26,13 @@ from domgen import settings
 from domgen.config import config_hash
 from domgen.data.registry import load_suite
 from domgen.errors import DomgenError
-from domgen.evaluation.evaluate import EvaluationSettings, evaluate
+from domgen.evaluation.evaluate import EvaluationSettings, case_summary, evaluate, per_case_metrics
 from domgen.evaluation.metrics import overlap_metrics
-from domgen.families.common import checkpoint_of_run, child_hash, hashed_view, prepare_dataset, with_content_digests
+from domgen.families.common import TRAIN_PATIENTS, checkpoint_of_run, child_hash, hashed_view, prepare_dataset, with_content_digests
 from domgen.methods.transfer import STRATEGIES, prepare_strategy
 from domgen.models import build_model, count_parameters
 from domgen.preprocessing.slices import SlicePreprocessing, SliceSet
-from domgen.preprocessing.splits import inverse_kfold_splits, train_val_test_split, write_splits
+from domgen.preprocessing.splits import inverse_kfold_splits, read_splits, train_val_test_split, write_splits
 from domgen.tracking import mlflow_store as store
 from domgen.models.checkpoint import load_checkpoint, save_checkpoint
 from domgen.tracking.artifacts import log_evaluation_artifacts
@@ -125,15 +131,34 @@ def pretrain(exp_id: str, suite, cfg: dict, name: str, progress: bool = True) ->
         write_splits(tmp / "splits.json", splits, {"datasets": datasets, "suite": str(suite.path), "seed": cfg["seed"],
                                                    "protocol": "patient-wise train/val per pretraining dataset"})
         store.log_artifact_file(run.info.run_id, tmp / "splits.json")
+        log_train_patients(run.info.run_id, {d: [*s["train"], *s["val"]] for d, s in zip(datasets, splits)}, None, tmp)
         store.log_artifact_file(run.info.run_id, save_checkpoint(tmp / "checkpoint.pt", result.model, cfg["model"],
                                                                  pretrain=name, datasets=datasets), "model")
     return run.info.run_id
 
 
+def log_train_patients(run_id: str, datasets: dict[str, list[str]], init_run: str | None, tmp: Path) -> None:
+    """What the run's model has seen: its train and validation patients per dataset, and the model it started from."""
+    path = tmp / TRAIN_PATIENTS
+    path.write_text(json.dumps({"datasets": {d: sorted(p) for d, p in datasets.items()}, "init_run": init_run}, indent=2) + "\n")
+    store.log_artifact_file(run_id, path)
+
+
 def pooled_metrics(per_slice: pd.DataFrame) -> dict[str, float]:
-    """F1 and accuracy from the confusion counts pooled over all test slices (pixel-wise F1 = pooled DSC)."""
+    """F1 and accuracy from the confusion counts pooled over all test slices (pixel-wise F1 = pooled DSC); the
+    tables use the per-case ones, these stay as ``pooled_f1`` / ``pooled_acc``."""
     counts = per_slice[["tp", "fp", "fn", "tn"]].sum().to_numpy()
-    return {"f1": overlap_metrics(counts, "nan")["dsc"], "acc": float(counts[0] + counts[3]) / max(float(counts.sum()), 1.0)}
+    return {"pooled_f1": overlap_metrics(counts, "nan")["dsc"],
+            "pooled_acc": float(counts[0] + counts[3]) / max(float(counts.sum()), 1.0)}
+
+
+def case_metrics(probs: list, test: SliceSet, cutoff: float, eval_settings: EvaluationSettings,
+                 summary: dict[str, float], per_slice: pd.DataFrame) -> tuple[dict[str, float], pd.DataFrame]:
+    """(run metrics, per-case table): ``dsc nsd hd95 sen f1 acc`` are mean ± std over the test cases (Wang et al.
+    report per scan); ``slice_nsd`` / ``slice_hd95`` keep the mean over slices of the 2D per-slice values."""
+    cases = per_case_metrics(probs, test, cutoff, eval_settings, per_slice)
+    renamed = {f"slice_{k}": summary.pop(k) for k in ("nsd", "nsd_std", "hd95", "hd95_std") if k in summary}
+    return {**summary, **renamed, **case_summary(cases), **pooled_metrics(per_slice)}, cases
 
 
 @dataclass
@@ -184,16 +209,51 @@ def run_strategy(r: TransferRound, fold: dict, strategy: str, pretrain_name: str
         probs = to_original_size(predict_model_size(result.model, test, device=train_settings.device), test)
         cutoff = float(cfg["evaluation"].get("cutoff", 0.5))
         summary, per_slice = evaluate(probs, test, cutoff, r.eval_settings)
+        metrics, cases = case_metrics(probs, test, cutoff, r.eval_settings, summary, per_slice)
         train_seconds = [e["train_seconds"] for e in result.history if "train_seconds" in e]
         store.log_metrics(run.info.run_id, {
-            **summary, **pooled_metrics(per_slice), "cutoff": cutoff, "trainable_params": trainable, "total_params": total,
+            **metrics, "cutoff": cutoff, "trainable_params": trainable, "total_params": total,
             "seconds_per_epoch": result.seconds_per_epoch, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
             "train_seconds_per_epoch": sum(train_seconds) / len(train_seconds) if train_seconds else None})
         log_evaluation_artifacts(run.info.run_id, probs, test, cutoff, per_slice, None, tmp)
+        cases.to_csv(tmp / "per_case.csv", index=False)
+        store.log_artifact_file(run.info.run_id, tmp / "per_case.csv")
+        log_train_patients(run.info.run_id, {cfg["target"]: [*fold["train"], *fold["val"]]}, r.pretrain_runs.get(pretrain_name), tmp)
         if strategy in names_of(cfg.get("keep_checkpoints") or []):
             store.log_artifact_file(run.info.run_id, save_checkpoint(
                 tmp / "checkpoint.pt", result.model, cfg["model"], cutoff=cutoff, strategy=strategy, pretrain=pretrain_name,
                 fold=fold, preprocessing=cfg["preprocessing"]), "model")
+
+
+def split_file_folds(cfg: dict, target: SliceSet) -> list[dict]:
+    """The folds of ``splits_file``, checked as an inverse k-fold of the target: one sentence per fault."""
+    path = cfg["splits_file"]
+    folds = read_splits(Path(path))["folds"]  # layout, fold numbers, a patient in two parts of one fold
+    if not folds:
+        raise DomgenError(f"splits file {path} has no folds; give at least one fold with train and test patients")
+    per_patient = target.report.get("per_patient") or {p: [1, 1] for p in target.patients()}
+    trained_in: dict[str, int] = {}
+    for fold in folds:
+        k = fold["fold"]
+        named = [p for part in ("train", "val", "test") for p in fold[part]]
+        unknown = [p for p in named if p not in per_patient]
+        if unknown:
+            raise DomgenError(f"splits file {path} names patients not in {cfg['target']} ({', '.join(sorted(unknown)[:3])}); "
+                              f"use the patient ids of {cfg['target']} (see the round's splits.json) or fix the file")
+        emptied = [p for p in named if per_patient[p][0] == 0]
+        if emptied:
+            raise DomgenError(f"splits file {path} names patient {emptied[0]} of {cfg['target']}, whose slices were all dropped by "
+                              "preprocessing.keep_slices; use --set preprocessing.keep_slices=all or remove the patient from the file")
+        if not fold["train"]:
+            raise DomgenError(f"splits file {path}: fold {k} has no train patients; give every fold at least one train patient")
+        if not fold["test"]:
+            raise DomgenError(f"splits file {path}: fold {k} has no test patients; give every fold at least one test patient")
+        for p in [*fold["train"], *fold["val"]]:
+            if p in trained_in:
+                raise DomgenError(f"splits file {path} trains on patient {p} in folds {trained_in[p]} and {k}; in the inverse "
+                                  "k-fold the folds' train parts do not overlap - put each patient in one fold's train or val")
+            trained_in[p] = k
+    return folds
 
 
 def check_inputs(cfg: dict) -> tuple[object, list[str], list[str]]:
@@ -225,7 +285,10 @@ def run_transfer(cfg: dict, progress: bool = True) -> str:
     # the target's files are read before any run exists: an unreadable file is one sentence and leaves nothing behind
     target = prepare_dataset(suite, cfg["target"], settings.build(SlicePreprocessing, cfg["preprocessing"]), progress)
     exp_id = store.experiment_id(EXPERIMENT)
-    folds = inverse_kfold_splits(target.patients(), k=cfg["folds"], seed=cfg["seed"], val_fraction=cfg["val_fraction"])
+    if cfg.get("splits_file"):
+        folds = split_file_folds(cfg, target)
+    else:
+        folds = inverse_kfold_splits(target.patients(), k=cfg["folds"], seed=cfg["seed"], val_fraction=cfg["val_fraction"])
     parent_id, _ = store.start_or_resume_run(exp_id, f"{FAMILY} {cfg['target']}", cfg,
                                              store.tags(family=FAMILY, source=cfg["target"], target=cfg["target"], config_hash=h, role="round"))
     with store.finishing(parent_id):
@@ -233,8 +296,10 @@ def run_transfer(cfg: dict, progress: bool = True) -> str:
         for name, run_id in runs.items():
             store.set_tag(parent_id, f"domgen.pretrain_run.{name}", run_id)
         with store.artifact_dir() as tmp:
+            protocol = (f"splits file {cfg['splits_file']}" if cfg.get("splits_file") else
+                        "inverse k-fold by patient: train 1/k, test the rest (Wang et al.)")
             write_splits(tmp / "splits.json", folds, {"dataset": cfg["target"], "suite": str(suite.path), "seed": cfg["seed"],
-                                                      "protocol": "inverse k-fold by patient: train 1/k, test the rest (Wang et al.)"})
+                                                      "protocol": protocol})
             store.log_artifact_file(parent_id, tmp / "splits.json")
         r = TransferRound(cfg, exp_id, parent_id, target, settings.build(EvaluationSettings, cfg["evaluation"]), runs, progress)
         for fold in folds:

@@ -55,6 +55,8 @@ class SliceSet:
     lesion_classes: list[np.ndarray] = field(default_factory=list)  # original labels (GGO/consolidation)
     # from prepare_slices: {"kept", "dropped", "per_patient": {pid: [kept, total]}, "rule"}; empty for subsets
     report: dict = field(default_factory=dict)
+    # distance between slice centres of each slice's case in mm (None: unknown); empty when not recorded
+    slice_spacings: list[float | None] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.slice_ids)
@@ -66,6 +68,7 @@ class SliceSet:
             self.inputs[index], self.targets[index], pick(self.slice_ids), pick(self.patient_ids),
             pick(self.datasets), pick(self.truths), pick(self.lungs), pick(self.spacings),
             pick(self.lesion_classes) if self.lesion_classes else [],
+            slice_spacings=pick(self.slice_spacings) if self.slice_spacings else [],
         )
 
     def of_patients(self, patient_ids) -> "SliceSet":
@@ -87,6 +90,7 @@ class SliceSet:
             *[sum((getattr(s, name) for s in sets), []) for name in
               ("slice_ids", "patient_ids", "datasets", "truths", "lungs", "spacings")],
             sum((s.lesion_classes for s in sets), []) if all(s.lesion_classes for s in sets) else [],
+            slice_spacings=sum((s.slice_spacings for s in sets), []) if all(s.slice_spacings for s in sets) else [],
         ) if len(sets) > 1 else first
 
     def patients(self) -> list[str]:
@@ -145,6 +149,7 @@ def prepare_case(case: Case, pre: SlicePreprocessing, provider) -> SliceSet:
         truths, [lung[z].astype(np.uint8) for z in keep],
         [tuple(case.spacing)] * n, [np.asarray(case.lesion[z]) for z in keep],
         report={"per_patient": {case.patient_id: [n, case.n_slices]}},
+        slice_spacings=[None if case.slice_spacing is None else float(case.slice_spacing)] * n,
     )
 
 

@@ -1,8 +1,12 @@
 """Wang et al.'s tables and the four-way comparison, rebuilt from MLflow alone.
 
-Table I: DSC and NSD per strategy x pretrained model x fold (mean ± std over the fold's test patients)
-and overall (mean ± std over folds). Table II: sensitivity, F1 and accuracy overall. Table III: the
-multi-lesion model's strategies with parameters and seconds per epoch. ``comparison_table``: unseen
+Wang et al. report per scan: every cell is mean ± std over test cases (patients), read from each strategy
+run's ``per_case.csv`` (``domgen.evaluation.evaluate.per_case_metrics``: DSC, 3D NSD at 3 mm, SEN, F1, ACC).
+Table I: DSC and NSD per strategy x pretrained model x fold (over the fold's test cases) and overall (over
+every test case of every fold), with the older per-slice 2D NSD beside it. Table II: sensitivity, F1 and
+accuracy overall. Table III: the multi-lesion model's strategies with parameters and seconds per epoch.
+``note``: the cases whose slices make no volume (NSD per slice for them), when there are any. Runs logged
+before per-case metrics (no ``per_case.csv``) count with their fold means instead. ``comparison_table``: unseen
 DSC/SEN/SPC of a leave-one-out round started from scratch and one started from a Multi-encoder transfer
 model, each before and after Certainty-Index pseudo-labels.
 """
@@ -37,25 +41,45 @@ def _column(part: pd.DataFrame, metric: str) -> list[float]:
     return part[metric].tolist() if metric in part else []
 
 
-def _fold_cell(row: pd.Series, metric: str) -> str:
-    mean, std = row.get(metric, np.nan), row.get(f"{metric}_std", np.nan)
-    if mean is None or not np.isfinite(mean):
-        return "-"
-    return f"{mean:.3f} ± {std:.3f}" if std is not None and np.isfinite(std) else f"{mean:.3f}"
+def case_records(rec: pd.DataFrame) -> pd.DataFrame:
+    """One row per strategy run x test case (``per_case.csv``); a run without one gives one row of its fold means."""
+    parts = []
+    with store.artifact_dir() as tmp:
+        for _, run in rec.iterrows():
+            (tmp / run.run_id).mkdir()
+            try:
+                cases = pd.read_csv(store.download_artifact(run.run_id, "per_case.csv", tmp / run.run_id), dtype={"patient_id": str})
+            except Exception:  # a run logged before per-case metrics: MLflow raises several types for a missing artifact
+                cases = pd.DataFrame([{m: run.get(m, np.nan) for m in ("dsc", "nsd", "sen", "f1", "acc", "slice_nsd")}])
+                cases["nsd_slice"] = run.get("slice_nsd", np.nan)
+            parts.append(cases.assign(strategy=run.strategy, pretrain=run.pretrain, fold=run.fold, run_id=run.run_id))
+    return pd.concat(parts, ignore_index=True)
+
+
+def volume_note(cases: pd.DataFrame) -> str:
+    """One sentence naming the cases whose NSD is the mean of their per-slice 2D NSD, and why; "" when none."""
+    if "nsd_mode" not in cases:
+        return ""
+    fallback = cases[cases.nsd_mode.fillna("3d") != "3d"].drop_duplicates("patient_id")
+    if fallback.empty:
+        return ""
+    named = ", ".join(f"{p} ({m.removeprefix('per-slice: ')})" for p, m in zip(fallback.patient_id, fallback.nsd_mode))
+    return f"NSD is the mean per-slice 2D NSD, not 3D, for cases whose slices make no volume: {named}."
 
 
 def transfer_tables(parent_id: str) -> dict[str, pd.DataFrame]:
     rec = transfer_records(parent_id)
+    cases = case_records(rec)
     folds = sorted(rec.fold.unique())
-    groups = list(rec.groupby(["strategy", "pretrain"], sort=False))
+    groups = list(cases.groupby(["strategy", "pretrain"], sort=False))
     table1, table2 = [], []
     for (strategy, pretrain), part in groups:
         row = {"strategy": strategy, "pretrained model": pretrain}
         for metric in ("dsc", "nsd"):
             for k in folds:
-                fold_rows = part[part.fold == k]
-                row[f"{metric.upper()} fold {k}"] = _fold_cell(fold_rows.iloc[0], metric) if len(fold_rows) else "-"
+                row[f"{metric.upper()} fold {k}"] = mean_std_text(_column(part[part.fold == k], metric))
             row[f"{metric.upper()} overall"] = mean_std_text(_column(part, metric))
+        row["NSD per slice overall"] = mean_std_text(_column(part, "nsd_slice"))
         table1.append(row)
         table2.append({"strategy": strategy, "pretrained model": pretrain, "SEN": mean_std_text(_column(part, "sen")),
                        "F1": mean_std_text(_column(part, "f1")), "ACC": mean_std_text(_column(part, "acc"))})
@@ -65,11 +89,16 @@ def transfer_tables(parent_id: str) -> dict[str, pd.DataFrame]:
     table3 = []
     for (strategy, pretrain), part in groups:
         if pretrain in (chosen, "none"):
+            runs = rec[(rec.strategy == strategy) & (rec.pretrain == pretrain)]
             table3.append({"strategy": strategy, "pretrained model": pretrain, "DSC": mean_std_text(_column(part, "dsc")),
-                           "NSD": mean_std_text(_column(part, "nsd")), "trainable params": f"{finite_mean(_column(part, 'trainable_params')):,.0f}",
-                           "total params": f"{finite_mean(_column(part, 'total_params')):,.0f}",
-                           "s / epoch": f"{finite_mean(_column(part, 'seconds_per_epoch')):.2f}"})
-    return {"table1": pd.DataFrame(table1), "table2": pd.DataFrame(table2), "table3": pd.DataFrame(table3)}
+                           "NSD": mean_std_text(_column(part, "nsd")), "trainable params": f"{finite_mean(_column(runs, 'trainable_params')):,.0f}",
+                           "total params": f"{finite_mean(_column(runs, 'total_params')):,.0f}",
+                           "s / epoch": f"{finite_mean(_column(runs, 'seconds_per_epoch')):.2f}"})
+    tables = {"table1": pd.DataFrame(table1), "table2": pd.DataFrame(table2), "table3": pd.DataFrame(table3)}
+    note = volume_note(cases)
+    if note:
+        tables["note"] = pd.DataFrame([{"note": note}])
+    return tables
 
 
 def _round_params(run) -> dict[str, str]:
