@@ -152,7 +152,7 @@ def test_every_architecture_reloads_with_identical_outputs(arch, fmt, tmp_path):
 def test_onnx_export_runs_in_onnxruntime(arch, tmp_path):
     if importlib.util.find_spec("onnxruntime") is None:
         pytest.skip("onnxruntime is not installed in this environment (pip install onnxruntime); the ONNX files "
-                    "are checked by reloading them and by onnx's reference evaluator instead")
+                    "are still checked by reloading them (and Linknet's by onnx's reference evaluator)")
     import onnxruntime
 
     torch.manual_seed(1)
