@@ -569,16 +569,34 @@ def benchmark(experiments, archs, encoders, weights, profile, suite, device, exe
 
 
 @main.command("export")
-@click.argument("run_id")
+@click.argument("run_id", required=False)
+@click.option("--sweep", "sweep_id", default=None, metavar="SWEEP_RUN_ID",
+              help="Export every finished configuration of this benchmark sweep into --out DIR, with manifest.csv/.json.")
 @click.option("--format", "fmt", type=click.Choice(["state-dict", "torchscript", "onnx"]), default="state-dict", show_default=True)
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Output file (default exports/<run>-<arch>-<encoder>.<ext>).")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Output file (default exports/<run>-<arch>-<encoder>.<ext>); with --sweep the zoo folder (required).")
 @click.option("--tracking-uri", default=None)
-def export(run_id, fmt, out, tracking_uri):
-    """Export RUN_ID's trained model (a benchmark configuration); load it with domgen.models.export.load_exported."""
-    from domgen.families.common import export_run
-
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def export(run_id, sweep_id, fmt, out, tracking_uri, quiet):
+    """Export RUN_ID's trained model (a benchmark configuration), or with --sweep every model of a sweep with a
+    manifest; load one with domgen.models.export.load_exported or load_from_manifest."""
+    if (run_id is None) == (sweep_id is None):
+        raise DomgenError("give either RUN_ID (one model) or --sweep SWEEP_RUN_ID (every model of a benchmark sweep), not both or neither")
+    if sweep_id is not None and out is None:
+        raise DomgenError("--sweep needs --out DIR, the folder the models and their manifest are written to")
     _tracking(tracking_uri, existing=True)
-    click.echo(f"wrote {export_run(run_id, fmt, out)}")
+    if sweep_id is None:
+        from domgen.families.common import export_run
+
+        click.echo(f"wrote {export_run(run_id, fmt, out)}")
+        return
+    from domgen.families.zoo import export_sweep
+
+    result = export_sweep(sweep_id, out, fmt, progress=not quiet)
+    for name, reason in result.skipped.items():
+        click.echo(f"skipped: {name}: {reason}", err=True)
+    click.echo(f"exported {result.exported} configurations of sweep {sweep_id} to {out} ({result.already} already there, "
+               f"{len(result.skipped)} skipped); manifest {result.manifest}")
 
 
 # ---------------------------------------------------------------- cross-validate (Müller et al., 3D)
