@@ -423,6 +423,13 @@ def transfer(target, pretrain, strategy, folds, arch, encoder, splits_file, dims
         "target": target, "pretrain": pretrain, "strategies": strategy, "folds": folds, "suite": suite, "seed": seed,
         "device": device, "model.arch": arch, "model.encoder": encoder, "model.encoder_weights": encoder_weights,
         "preprocessing.lung_mask": lung_mask, "preprocessing.lungmask_weights": lungmask_weights, "splits_file": splits_file, "dims": dims})
+    if cfg["dims"] == 3:
+        flags = {"--arch": arch, "--encoder": encoder, "--encoder-weights": encoder_weights, "--lung-mask": lung_mask,
+                 "--lungmask-weights": lungmask_weights}
+        given = [flag for flag, value in flags.items() if value is not None]
+        if given:
+            raise DomgenError(f"{', '.join(given)} set the 2D model and slices; with --dims 3 the 3D U-Net and its volumes come "
+                              "from the profile's volume section (--set volume.model.features=..., volume.preprocessing.*)")
     from domgen.families.transfer import EXPERIMENT, check_inputs, run_transfer
     from domgen.tracking.report import to_markdown
     from domgen.tracking.transfer_report import transfer_tables

@@ -104,3 +104,18 @@ def test_3d_with_a_slices_dataset_is_one_sentence_and_no_run(tiny_suite, tmp_pat
     assert "format slices" in result.output and "Traceback" not in result.output
     assert len([line for line in result.output.strip().splitlines() if line.strip()]) == 1
     assert _runs(uri) == []
+
+
+def test_3d_refuses_the_2d_model_flags_and_2d_families_refuse_a_3d_checkpoint(round_3d, tiny_suite, tmp_path):
+    from domgen.errors import DomgenError
+    from domgen.models.checkpoint import load_checkpoint
+
+    uri = store.configure(f"sqlite:///{tmp_path}/mlflow.db")
+    result = CliRunner().invoke(main, ["transfer", "--dims", "3", "--target", "A", "--strategy", "scratch", "--arch", "unet",
+                                       "--suite", str(tiny_suite), "--tracking-uri", uri, *TINY])
+    assert result.exit_code == 2 and "--arch" in result.output and "volume" in result.output, result.output
+    assert _runs(uri) == []
+    multi = next(r for r in _runs(round_3d["uri"]) if r.data.tags.get("domgen.strategy") == "multi-encoder")
+    path = store.download_artifact(multi.info.run_id, "model/checkpoint.pt", round_3d["root"] / "ckpt")
+    with pytest.raises(DomgenError, match="3D U-Net"):
+        load_checkpoint(path)
