@@ -409,8 +409,10 @@ TRANSFER_CAPTIONS = {"table1": "Table I - DSC and NSD (3 mm, per case in 3D), me
 @click.option("--encoder", default=None, help="smp encoder name, e.g. resnet34.")
 @click.option("--splits-file", type=click.Path(), default=None,
               help="A splits.json giving the folds (each fold's train part, test the rest) instead of drawing --folds.")
+@click.option("--dims", type=int, default=None, help="2 (default): slices and smp models; 3: whole volumes and the 3D U-Net "
+              "(the profile's volume section).")
 @_common_run_options
-def transfer(target, pretrain, strategy, folds, arch, encoder, splits_file, suite, profile, seed, device, encoder_weights, lung_mask,
+def transfer(target, pretrain, strategy, folds, arch, encoder, splits_file, dims, suite, profile, seed, device, encoder_weights, lung_mask,
              lungmask_weights, tracking_uri, overrides, quiet):
     """Pretrain on non-COVID lung lesions, then train the COVID target with each transfer strategy (Wang et al.).
 
@@ -420,7 +422,14 @@ def transfer(target, pretrain, strategy, folds, arch, encoder, splits_file, suit
     cfg = _resolve("transfer", profile, overrides, **{
         "target": target, "pretrain": pretrain, "strategies": strategy, "folds": folds, "suite": suite, "seed": seed,
         "device": device, "model.arch": arch, "model.encoder": encoder, "model.encoder_weights": encoder_weights,
-        "preprocessing.lung_mask": lung_mask, "preprocessing.lungmask_weights": lungmask_weights, "splits_file": splits_file})
+        "preprocessing.lung_mask": lung_mask, "preprocessing.lungmask_weights": lungmask_weights, "splits_file": splits_file, "dims": dims})
+    if cfg["dims"] == 3:
+        flags = {"--arch": arch, "--encoder": encoder, "--encoder-weights": encoder_weights, "--lung-mask": lung_mask,
+                 "--lungmask-weights": lungmask_weights}
+        given = [flag for flag, value in flags.items() if value is not None]
+        if given:
+            raise DomgenError(f"{', '.join(given)} set the 2D model and slices; with --dims 3 the 3D U-Net and its volumes come "
+                              "from the profile's volume section (--set volume.model.features=..., volume.preprocessing.*)")
     from domgen.families.transfer import EXPERIMENT, check_inputs, run_transfer
     from domgen.tracking.report import to_markdown
     from domgen.tracking.transfer_report import transfer_tables

@@ -214,3 +214,26 @@ def export_run(run_id: str, fmt: str, out: Path | None = None) -> Path:
             _, ckpt = load_checkpoint(checkpoint)
             out = Path("exports") / f"{run_id}-{ckpt['model']['arch']}-{ckpt['model']['encoder']}{FORMATS[fmt]}"
         return export_checkpoint(checkpoint, fmt, Path(out))
+
+
+def require_volume_dataset(spec):
+    """``spec`` when its cases can be read as 3D volumes; one sentence for a folder of unrelated 2D slices."""
+    if spec.format == "slices":
+        raise DomgenError(f"dataset '{spec.name}' is a folder of unrelated 2D slices (format slices), which cannot be used as 3D "
+                          "volumes; choose a nifti or dicom dataset")
+    return spec
+
+
+def load_volumes(suite, name: str, pre, progress: bool, lung: bool = True) -> list:
+    """Every case of dataset ``name`` preprocessed as a ``Volume`` (``pre``: a ``VolumePreprocessing``); unrelated
+    slices and unknown spacing are refused. ``lung=False``: no lung class (labels background 0 / lesion 2), for
+    models of the lesion alone, and no lung-mask provider runs."""
+    from domgen.preprocessing.lung_mask import get_lung_mask_provider
+    from domgen.preprocessing.volume import prepare_volume, require_volume
+
+    spec = require_volume_dataset(suite.get(name))
+    cases = load_cases(spec, progress=progress)
+    for case in cases:
+        require_volume(case)
+    provider = get_lung_mask_provider(pre.lung_mask) if lung else (lambda case: None)
+    return [prepare_volume(case, pre, provider) for case in cases]

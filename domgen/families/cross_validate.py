@@ -25,14 +25,14 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from domgen.config import config_hash
-from domgen.data.registry import load_cases, load_suite
+from domgen.data.registry import load_suite
 from domgen.errors import DomgenError
 from domgen.evaluation.metrics import EMPTY_CONVENTIONS
 from domgen.evaluation.volume_metrics import volume_metrics
+from domgen.families.common import load_volumes
 from domgen.models.unet3d import build_model_3d, load_checkpoint_3d, save_checkpoint_3d
-from domgen.preprocessing.lung_mask import get_lung_mask_provider
 from domgen.preprocessing.splits import kfold_splits, write_splits
-from domgen.preprocessing.volume import Volume, VolumePreprocessing, case_affine, prepare_volume, require_volume, to_case_grid, to_zyx
+from domgen.preprocessing.volume import Volume, VolumePreprocessing, case_affine, to_case_grid, to_zyx
 from domgen.tracking import mlflow_store as store
 from domgen.tracking.cross_validate_report import cross_validate_tables
 from domgen.tracking.report import log_tables
@@ -46,19 +46,6 @@ VALIDATION, EXTERNAL = "validation", "external"
 
 def child_hash(cfg: dict, **identity) -> str:
     return config_hash({"config": cfg, **identity})
-
-
-def load_volumes(suite, name: str, pre: VolumePreprocessing, progress: bool) -> list[Volume]:
-    """Every case of dataset ``name`` preprocessed as a volume; unrelated slices and unknown spacing are refused."""
-    spec = suite.get(name)
-    if spec.format == "slices":
-        raise DomgenError(f"dataset '{name}' is a folder of unrelated 2D slices (format slices), which cannot be used as 3D "
-                          "volumes; choose a nifti or dicom dataset")
-    cases = load_cases(spec, progress=progress)
-    for case in cases:
-        require_volume(case)
-    provider = get_lung_mask_provider(pre.lung_mask)
-    return [prepare_volume(case, pre, provider) for case in cases]
 
 
 @dataclass

@@ -12,13 +12,18 @@ the hash of what they depend on, so every round and ``domgen leave-one-out --ini
 them by run id; a parent run per round holds one child per fold x strategy x pretrained model. Every
 training run logs ``train_patients.json`` (the patients whose slices trained or early-stopped its model, per
 dataset, and the run it started from), which ``domgen leave-one-out --init-run`` checks against its test sets.
+
+``dims: 3`` (``--dims 3``) runs the same protocol on whole volumes with the 3D U-Net, the patch trainer, the
+sliding-window inference and the per-volume metrics of ``domgen cross-validate`` (the profile's ``volume`` section);
+Wang et al. used a 3D nnU-Net. Its runs live in the same experiment and tables; ``dims`` is part of their hash.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from torch import nn
 
@@ -28,17 +33,22 @@ from domgen.data.registry import load_suite
 from domgen.errors import DomgenError
 from domgen.evaluation.evaluate import EvaluationSettings, case_summary, evaluate, per_case_metrics
 from domgen.evaluation.metrics import overlap_metrics
-from domgen.families.common import TRAIN_PATIENTS, checkpoint_of_run, child_hash, hashed_view, prepare_dataset, with_content_digests
+from domgen.evaluation.volume_metrics import volume_metrics
+from domgen.families.common import (TRAIN_PATIENTS, checkpoint_of_run, child_hash, hashed_view, load_volumes, prepare_dataset,
+                                    require_volume_dataset, with_content_digests)
 from domgen.methods.transfer import STRATEGIES, prepare_strategy
 from domgen.models import build_model, count_parameters
 from domgen.preprocessing.slices import SlicePreprocessing, SliceSet
 from domgen.preprocessing.splits import inverse_kfold_splits, read_splits, train_val_test_split, write_splits
 from domgen.tracking import mlflow_store as store
 from domgen.models.checkpoint import load_checkpoint, save_checkpoint
+from domgen.models.unet3d import build_model_3d, load_checkpoint_3d, save_checkpoint_3d
+from domgen.preprocessing.volume import LESION, Volume, VolumePreprocessing, case_affine, to_case_grid
 from domgen.tracking.artifacts import log_evaluation_artifacts
 from domgen.tracking.report import log_tables
 from domgen.tracking.transfer_report import transfer_tables
 from domgen.training.trainer import TrainSettings, predict_model_size, seed_everything, to_original_size, train
+from domgen.training.volume_trainer import VolumeTrainSettings, predict_volume, train_volumes
 
 FAMILY = "transfer"
 EXPERIMENT = "domgen-transfer"
@@ -50,6 +60,26 @@ def names_of(value) -> list[str]:
     """A comma-separated string or a list, as a list of stripped names."""
     items = value.split(",") if isinstance(value, str) else list(value or [])
     return [str(v).strip() for v in items if str(v).strip()]
+
+
+def dims(cfg: dict) -> int:
+    return int(cfg.get("dims") or 2)
+
+
+def round_view(cfg: dict) -> dict:
+    """What a round's hash sees: with dims 2 neither ``dims`` nor the ``volume`` section (2D rounds keep their hashes)."""
+    view = hashed_view(cfg)
+    return {k: v for k, v in view.items() if k not in ("dims", "volume")} if dims(cfg) == 2 else view
+
+
+def volume_section(cfg: dict) -> dict:
+    return cfg.get("volume") or {}
+
+
+def volume_model_config(cfg: dict) -> dict:
+    # binary lesion target (background / lesion, 2 classes): the non-COVID lesions have no lung class to share, and
+    # effusion lies outside the lung mask; Wang et al. segment the lesion alone too
+    return {"arch": "unet3d", "in_channels": 1, **volume_section(cfg).get("model", {}), "classes": 2, "dims": 3}
 
 
 def pretrain_names(cfg: dict) -> list[str]:
@@ -89,6 +119,11 @@ def pretraining_identity(cfg: dict, datasets: list[str]) -> dict:
     suite = cfg["content_digest"]["datasets"] if "content_digest" in cfg else cfg["suite"]
     if isinstance(suite, dict):
         suite = {d: suite[d] for d in datasets if d in suite}
+    if dims(cfg) == 3:
+        volume = volume_section(cfg)
+        return {"family": FAMILY, "phase": "pretrain", "dims": 3, "datasets": datasets, "suite": suite, "seed": cfg["seed"],
+                "device": cfg["device"], "model": volume_model_config(cfg), "preprocessing": volume.get("preprocessing", {}),
+                "train": volume.get("train", {})}
     return {"family": FAMILY, "phase": "pretrain", "datasets": datasets, "suite": suite, "seed": cfg["seed"],
             "device": cfg["device"], "model": cfg["model"], "preprocessing": cfg["preprocessing"],
             "pretraining": cfg["pretraining"], "train": cfg["train"]}
@@ -102,6 +137,8 @@ def pretrain(exp_id: str, suite, cfg: dict, name: str, progress: bool = True) ->
     done = store.find_run(exp_id, h)
     if done is not None:
         return done.info.run_id
+    if dims(cfg) == 3:
+        return pretrain_volumes(exp_id, suite, cfg, name, datasets, identity, h, progress)
     pre = settings.build(SlicePreprocessing, cfg["preprocessing"])
     fraction = float(cfg["pretraining"].get("val_fraction", 0.2))
     train_parts, val_parts, splits = [], [], []
@@ -168,7 +205,7 @@ class TransferRound:
     cfg: dict
     exp_id: str
     parent_id: str
-    target: SliceSet
+    target: SliceSet  # a VolumeSet with dims 3
     eval_settings: EvaluationSettings
     pretrain_runs: dict[str, str]
     progress: bool
@@ -179,21 +216,25 @@ class TransferRound:
             return None
         if name not in self.pretrained:
             with store.artifact_dir() as tmp:
-                self.pretrained[name] = load_checkpoint(checkpoint_of_run(self.pretrain_runs[name], tmp))[0]
+                path = checkpoint_of_run(self.pretrain_runs[name], tmp)
+                self.pretrained[name] = load_checkpoint_3d(path) if dims(self.cfg) == 3 else load_checkpoint(path)[0]
         return self.pretrained[name]
 
 
 def run_strategy(r: TransferRound, fold: dict, strategy: str, pretrain_name: str) -> None:
     """Train one strategy from one pretrained model on the fold's 20 %, evaluate on its 80 %."""
     k, cfg = fold["fold"], r.cfg
-    h = child_hash(hashed_view(cfg), fold=k, strategy=strategy, pretrain=pretrain_name)
+    h = child_hash(round_view(cfg), fold=k, strategy=strategy, pretrain=pretrain_name)
     if store.find_run(r.exp_id, h) is not None:
         return
     tags = store.tags(family=FAMILY, source=cfg["target"], target=cfg["target"], fold=k, phase="transfer", strategy=strategy,
-                      pretrain=pretrain_name, init_run=r.pretrain_runs.get(pretrain_name), config_hash=h, role="strategy")
+                      pretrain=pretrain_name, init_run=r.pretrain_runs.get(pretrain_name), config_hash=h, role="strategy",
+                      dims=3 if dims(cfg) == 3 else None)
     run = store.claim_run(r.exp_id, f"fold {k} | {strategy} | {pretrain_name}", cfg, tags, r.parent_id)
     if run is None:  # finished meanwhile, or live in another domgen process
         return
+    if dims(cfg) == 3:
+        return run_strategy_volumes(r, fold, strategy, pretrain_name, run.info.run_id)
     with store.finishing(run.info.run_id), store.artifact_dir() as tmp:
         seed_everything(cfg["seed"] + k)
         model, overrides = prepare_strategy(strategy, r.pretrained_model(pretrain_name), cfg["model"], cfg.get("strategy_train"))
@@ -223,6 +264,112 @@ def run_strategy(r: TransferRound, fold: dict, strategy: str, pretrain_name: str
             store.log_artifact_file(run.info.run_id, save_checkpoint(
                 tmp / "checkpoint.pt", result.model, cfg["model"], cutoff=cutoff, strategy=strategy, pretrain=pretrain_name,
                 fold=fold, preprocessing=cfg["preprocessing"]), "model")
+
+
+# ---------------------------------------------------------------- dims 3: whole volumes, the 3D U-Net of cross-validate
+@dataclass
+class VolumeSet:
+    """A dataset's preprocessed volumes with the patient look-ups the folds need (the 3D counterpart of SliceSet)."""
+
+    volumes: list[Volume]
+    report: dict = field(default_factory=dict)
+
+    def patients(self) -> list[str]:
+        return [v.patient_id for v in self.volumes]
+
+    def of_patients(self, ids) -> list[Volume]:
+        keep = set(ids)
+        return [v for v in self.volumes if v.patient_id in keep]
+
+
+def lesion_volumes(suite, name: str, cfg: dict, progress: bool) -> list[Volume]:
+    """The volumes of dataset ``name`` with training labels background 0 / lesion 1 (``truth`` keeps lesion = 2)."""
+    pre = VolumePreprocessing.from_config(volume_section(cfg).get("preprocessing", {}))
+    return [replace(v, labels=(v.labels == LESION).astype(np.uint8)) for v in load_volumes(suite, name, pre, progress, lung=False)]
+
+
+def volume_train_settings(cfg: dict, seed: int, overrides: dict | None = None) -> VolumeTrainSettings:
+    """``volume.train`` with a strategy's changes; strategy_train keys the patch trainer has not (patience, ...) are 2D-only."""
+    known = {f.name for f in fields(VolumeTrainSettings)}
+    section = {**volume_section(cfg).get("train", {}), **{k: v for k, v in (overrides or {}).items() if k in known}}
+    return VolumeTrainSettings.from_config(section, seed=seed, device=str(cfg["device"]))
+
+
+def score_volumes(model, volumes: list[Volume], cfg: dict, train_settings: VolumeTrainSettings) -> pd.DataFrame:
+    """One row per test volume: DSC, NSD (``evaluation.nsd_tolerance_mm``), HD95, SEN, F1, ACC of the lesion on the case's
+    own grid (``domgen.evaluation.volume_metrics``); the lesion is where its softmax probability exceeds ``evaluation.cutoff``.
+    A volume with no lesion in truth and prediction has no DSC or NSD (NaN, left out of means), as in 2D."""
+    inference, evaluation = volume_section(cfg).get("inference", {}), cfg["evaluation"]
+    cutoff = float(evaluation.get("cutoff", 0.5))
+    rows = []
+    for volume in volumes:
+        probs = to_case_grid(predict_volume(model, volume, train_settings.patch_size, float(inference.get("overlap", 0.5)),
+                                            int(inference.get("sw_batch_size", 1)), train_settings.device), volume)
+        pred = (probs[1] > cutoff).astype(np.uint8) * LESION
+        spacing = tuple(float(v) for v in np.diag(case_affine(volume.case))[:3])
+        m = volume_metrics(pred, volume.truth, spacing, float(evaluation.get("nsd_tolerance_mm", 3.0)), "nan",
+                           bool(evaluation.get("surface", True)))
+        # pixel-wise F1 = 2TP / (2TP + FP + FN) is the volume's DSC (Wang et al. report both)
+        rows.append({"patient_id": volume.patient_id, "dataset": volume.case.dataset, "dsc": m["lesion_dsc"],
+                     "nsd": m.get("lesion_nsd", np.nan), "hd95": m.get("lesion_hd95", np.nan), "sen": m["lesion_sen"],
+                     "f1": m["lesion_dsc"], "acc": m["lesion_acc"], "nsd_mode": "3d"})
+    return pd.DataFrame(rows)
+
+
+def pretrain_volumes(exp_id: str, suite, cfg: dict, name: str, datasets: list[str], identity: dict, h: str, progress: bool) -> str:
+    """The 3D pretrained model ``name``: every patient of its datasets trains (the patch trainer monitors its training loss)."""
+    parts = {d: lesion_volumes(suite, d, cfg, progress) for d in datasets}
+    train_set = [v for volumes in parts.values() for v in volumes]
+    train_settings = volume_train_settings(cfg, cfg["seed"])
+    tags = store.tags(family=FAMILY, phase="pretrain", pretrain=name, datasets="+".join(datasets), config_hash=h, role="pretrain", dims=3)
+    run = store.claim_run(exp_id, f"pretrain {name} ({'+'.join(datasets)}, 3D)", identity, tags)
+    if run is None:
+        raise DomgenError(f"pretraining {name} is running in another domgen process; wait for it to finish, then re-run")
+    with store.finishing(run.info.run_id), store.artifact_dir() as tmp:
+        seed_everything(cfg["seed"])
+        model = build_model_3d(volume_model_config(cfg))
+        trainable, total = count_parameters(model)
+        store.log_config(run.info.run_id, {"volume_train": asdict(train_settings)})
+        result = train_volumes(model, train_set, train_settings, on_epoch=store.epoch_logger(run.info.run_id), progress=progress,
+                               desc=f"pretrain {name}")
+        store.log_metrics(run.info.run_id, {"final_loss": result.history[-1]["loss"], "epochs_run": result.epochs_run,
+                                            "seconds_per_iteration": result.seconds_per_iteration, "trainable_params": trainable,
+                                            "total_params": total, "n_train_volumes": len(train_set)})
+        splits = [{"fold": i, "train": [v.patient_id for v in parts[d]], "val": [], "test": []} for i, d in enumerate(datasets)]
+        write_splits(tmp / "splits.json", splits, {"datasets": datasets, "suite": str(suite.path), "seed": cfg["seed"],
+                                                   "protocol": "every patient of each pretraining dataset trains (3D)"})
+        store.log_artifact_file(run.info.run_id, tmp / "splits.json")
+        log_train_patients(run.info.run_id, {d: [v.patient_id for v in parts[d]] for d in datasets}, None, tmp)
+        store.log_artifact_file(run.info.run_id, save_checkpoint_3d(tmp / "checkpoint.pt", result.model, pretrain=name,
+                                                                    datasets=datasets), "model")
+    return run.info.run_id
+
+
+def run_strategy_volumes(r: TransferRound, fold: dict, strategy: str, pretrain_name: str, run_id: str) -> None:
+    """``run_strategy`` on volumes: the claimed run ``run_id`` trains the fold's train (and val) patients, scores its test ones."""
+    k, cfg = fold["fold"], r.cfg
+    with store.finishing(run_id), store.artifact_dir() as tmp:
+        seed_everything(cfg["seed"] + k)
+        model, overrides = prepare_strategy(strategy, r.pretrained_model(pretrain_name), volume_model_config(cfg), cfg.get("strategy_train"))
+        train_settings = volume_train_settings(cfg, cfg["seed"] + k, overrides)
+        store.log_config(run_id, {"strategy_train": overrides, "volume_train": asdict(train_settings)})
+        trainable, total = count_parameters(model)
+        # the patch trainer monitors its training loss (no validation set), so a fold's val patients train too
+        train_set = r.target.of_patients([*fold["train"], *fold["val"]])
+        result = train_volumes(model, train_set, train_settings, on_epoch=store.epoch_logger(run_id), progress=r.progress,
+                               desc=f"fold {k} {strategy} {pretrain_name}")
+        cases = score_volumes(result.model, r.target.of_patients(fold["test"]), cfg, train_settings)
+        cutoff = float(cfg["evaluation"].get("cutoff", 0.5))
+        store.log_metrics(run_id, {
+            **case_summary(cases), "cutoff": cutoff, "trainable_params": trainable, "total_params": total,
+            "seconds_per_epoch": result.seconds_per_iteration * train_settings.iterations_per_epoch, "epochs_run": result.epochs_run,
+            "seconds_per_iteration": result.seconds_per_iteration, "final_loss": result.history[-1]["loss"]})
+        cases.to_csv(tmp / "per_case.csv", index=False)
+        store.log_artifact_file(run_id, tmp / "per_case.csv")
+        log_train_patients(run_id, {cfg["target"]: [*fold["train"], *fold["val"]]}, r.pretrain_runs.get(pretrain_name), tmp)
+        if strategy in names_of(cfg.get("keep_checkpoints") or []):
+            store.log_artifact_file(run_id, save_checkpoint_3d(tmp / "checkpoint.pt", result.model, cutoff=cutoff, strategy=strategy,
+                                                               pretrain=pretrain_name, fold=fold), "model")
 
 
 def split_file_folds(cfg: dict, target: SliceSet) -> list[dict]:
@@ -268,6 +415,11 @@ def check_inputs(cfg: dict) -> tuple[object, list[str], list[str]]:
         if cfg["target"] in pretrain_datasets(suite, cfg, name):
             raise DomgenError(f"the target {cfg['target']} is also a pretraining dataset of {name!r} (pretrain_datasets); the "
                               "transferred model would have seen the test patients - pick another --target or --pretrain")
+    if dims(cfg) == 3:
+        for dataset in [cfg["target"], *(d for name in pretrains for d in pretrain_datasets(suite, cfg, name))]:
+            require_volume_dataset(suite.get(dataset))
+        VolumeTrainSettings.from_config(volume_section(cfg).get("train", {}))
+        VolumePreprocessing.from_config(volume_section(cfg).get("preprocessing", {}))
     return suite, strategies, pretrains
 
 
@@ -277,20 +429,24 @@ def run_transfer(cfg: dict, progress: bool = True) -> str:
     suite, strategies, pretrains = check_inputs(cfg)
     datasets = [cfg["target"], *(d for name in pretrains for d in pretrain_datasets(suite, cfg, name))]
     cfg = with_content_digests(cfg, datasets)
-    h = config_hash(hashed_view(cfg))
+    h = config_hash(round_view(cfg))
     exp = store.get_experiment(EXPERIMENT)
     finished = store.find_run(exp.experiment_id, h) if exp is not None else None
     if finished is not None:
         return finished.info.run_id
     # the target's files are read before any run exists: an unreadable file is one sentence and leaves nothing behind
-    target = prepare_dataset(suite, cfg["target"], settings.build(SlicePreprocessing, cfg["preprocessing"]), progress)
+    if dims(cfg) == 3:
+        target = VolumeSet(lesion_volumes(suite, cfg["target"], cfg, progress))
+    else:
+        target = prepare_dataset(suite, cfg["target"], settings.build(SlicePreprocessing, cfg["preprocessing"]), progress)
     exp_id = store.experiment_id(EXPERIMENT)
     if cfg.get("splits_file"):
         folds = split_file_folds(cfg, target)
     else:
         folds = inverse_kfold_splits(target.patients(), k=cfg["folds"], seed=cfg["seed"], val_fraction=cfg["val_fraction"])
     parent_id, _ = store.start_or_resume_run(exp_id, f"{FAMILY} {cfg['target']}", cfg,
-                                             store.tags(family=FAMILY, source=cfg["target"], target=cfg["target"], config_hash=h, role="round"))
+                                             store.tags(family=FAMILY, source=cfg["target"], target=cfg["target"], config_hash=h, role="round",
+                                                                        dims=3 if dims(cfg) == 3 else None))
     with store.finishing(parent_id):
         runs = {name: pretrain(exp_id, suite, cfg, name, progress) for name in pretrains}
         for name, run_id in runs.items():

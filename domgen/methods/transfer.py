@@ -1,7 +1,8 @@
 """Wang et al.'s transfer strategies from a non-COVID lesion model to the COVID target.
 
 Each strategy turns (the pretrained model or None, the model config) into a model ready to train and the
-TrainSettings fields it changes; ``train`` optimises only the parameters that require grad.
+TrainSettings fields it changes; ``train`` optimises only the parameters that require grad. A model config with
+``dims: 3`` gives the same strategies on the 3D U-Net (``domgen.models.unet3d``), whose encoder is also ``.encoder``.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from torch import nn
 from domgen.errors import DomgenError
 from domgen.models import build_model
 from domgen.models.multi_encoder import MultiEncoderModel
+from domgen.models.unet3d import MultiEncoderUNet3d, build_model_3d
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,8 @@ class Strategy:
 
 
 def _fresh(pretrained: nn.Module | None, model_cfg: dict) -> nn.Module:
+    if model_cfg.get("dims") == 3:
+        return build_model_3d(model_cfg)
     return build_model(model_cfg["arch"], model_cfg["encoder"], model_cfg["encoder_weights"], model_cfg.get("in_channels", 1))
 
 
@@ -39,6 +43,8 @@ def _frozen_encoder(pretrained: nn.Module, model_cfg: dict) -> nn.Module:
 
 
 def _multi_encoder(pretrained: nn.Module, model_cfg: dict) -> nn.Module:
+    if model_cfg.get("dims") == 3:
+        return MultiEncoderUNet3d.from_pretrained(pretrained, int(model_cfg.get("classes", 2)))
     return MultiEncoderModel.from_pretrained(pretrained, model_cfg["arch"], model_cfg["encoder"], model_cfg.get("in_channels", 1))
 
 

@@ -34,6 +34,9 @@ def load_checkpoint(path: Path) -> tuple[torch.nn.Module, dict]:
     if not isinstance(ckpt, dict) or "model" not in ckpt or "state_dict" not in ckpt:
         raise DomgenError(f"{path} is not a domgen checkpoint (no 'model'/'state_dict'); use model/checkpoint.pt from a domgen run")
     cfg = dict(ckpt["model"])
+    if cfg.get("dims") == 3:
+        raise DomgenError(f"{path} holds a 3D U-Net (domgen cross-validate or transfer --dims 3), which a 2D family cannot start "
+                          "from; use model/checkpoint.pt of a 2D run")
     cfg["encoder_weights"] = "none"  # the state dict holds every weight
     build = build_model
     if cfg.get("multi_encoder"):

@@ -5,6 +5,8 @@ foreground-biased: half the patches centred on a lesion voxel), augments them on
 transform with probability ``augment_p``), and minimises Tversky (alpha = beta = 0.5) + cross-entropy with
 Adam; the learning rate drops x0.1 after ``plateau_patience`` epochs without a lower training loss and
 training stops after ``early_stopping_patience`` (the paper monitors the training loss, Keras-style).
+``optimizer: sgd`` with ``schedule: poly`` is Wang et al.'s nnU-Net set-up (``domgen transfer --dims 3``); parameters
+that do not require grad (a frozen encoder) are left out of the optimiser and keep their BatchNorm statistics.
 Inference averages softmax outputs of patches overlapping by half a patch (MONAI sliding_window_inference).
 """
 from __future__ import annotations
@@ -25,8 +27,10 @@ from torch import nn
 
 from domgen.errors import DomgenError
 from domgen.preprocessing.volume import LESION, Volume
+from domgen.training.trainer import OPTIMIZERS, poly_lr, set_train_mode
 
 SAMPLERS = ("uniform", "foreground")
+SCHEDULES = ("plateau", "poly", "constant")
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,11 @@ class VolumeTrainSettings:
     augment_p: float = 0.15
     tversky_alpha: float = 0.5
     tversky_beta: float = 0.5
+    optimizer: str = "adam"  # an OPTIMIZERS name of domgen.training.trainer: adam (Müller et al.) | sgd (Wang et al.)
+    momentum: float = 0.99  # sgd only
+    nesterov: bool = True  # sgd only
+    schedule: str = "plateau"  # plateau (Müller et al.) | poly: lr * (1 - epoch/epochs)^poly_power (Wang et al.) | constant
+    poly_power: float = 0.9
     seed: int = 0
     device: str = "cpu"
 
@@ -61,6 +70,10 @@ class VolumeTrainSettings:
         values["patch_size"] = tuple(patch)
         if values.get("sampler", "uniform") not in SAMPLERS:
             raise DomgenError(f"train.sampler {values['sampler']!r} is unknown; choose one of {', '.join(SAMPLERS)}")
+        if values.get("schedule", "plateau") not in SCHEDULES:
+            raise DomgenError(f"train.schedule {values['schedule']!r} is unknown; choose one of {', '.join(SCHEDULES)}")
+        if values.get("optimizer", "adam") not in OPTIMIZERS:
+            raise DomgenError(f"train.optimizer {values['optimizer']!r} is unknown; choose one of {', '.join(OPTIMIZERS)}")
         for key in ("batch_size", "iterations_per_epoch", "epochs"):
             if not isinstance(values.get(key, 1), int) or values.get(key, 1) < 1:
                 raise DomgenError(f"train.{key} must be a positive integer, not {values[key]!r}")
@@ -80,10 +93,11 @@ class PatchSampler:
     """Random training patches of one volume: pads to at least the patch size, then crops.
 
     ``uniform``: every patch position equally likely (RandSpatialCrop); ``foreground``: half of the patches
-    centred on a lesion voxel, half anywhere (RandCropByPosNegLabel with pos = neg = 1).
+    centred on a lesion voxel, half anywhere (RandCropByPosNegLabel with pos = neg = 1). ``lesion``: the lesion's
+    label value (2 of background/lung/lesion, 1 of a binary background/lesion target).
     """
 
-    def __init__(self, patch_size: tuple[int, int, int], sampler: str = "uniform", seed: int = 0) -> None:
+    def __init__(self, patch_size: tuple[int, int, int], sampler: str = "uniform", seed: int = 0, lesion: int = LESION) -> None:
         self.pad = SpatialPadd(["image", "label"], spatial_size=patch_size, mode="constant")
         if sampler == "uniform":
             self.crop = RandSpatialCropd(["image", "label"], roi_size=patch_size, random_size=False)
@@ -92,11 +106,12 @@ class PatchSampler:
                                                num_samples=1, allow_smaller=True)
         self.crop.set_random_state(seed)
         self.sampler = sampler
+        self.lesion = lesion
 
     def __call__(self, image: np.ndarray, labels: np.ndarray) -> dict:
         data = self.pad({"image": image, "label": labels[None]})
         if self.sampler == "foreground":
-            data["lesion"] = data["label"] == LESION
+            data["lesion"] = data["label"] == self.lesion
             data = self.crop(data)[0]
             data.pop("lesion")
             return data
@@ -166,11 +181,13 @@ def train_volumes(model: nn.Module, volumes: list[Volume], settings: VolumeTrain
     check_patch_fits(settings.patch_size, getattr(model, "divisor", 1))
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
-    samplers = [PatchSampler(settings.patch_size, settings.sampler, seed=settings.seed * 1000 + i) for i in range(len(volumes))]
+    lesion = int(getattr(model, "domgen_model_config", {}).get("classes", 3)) - 1  # the lesion is the last class
+    samplers = [PatchSampler(settings.patch_size, settings.sampler, seed=settings.seed * 1000 + i, lesion=lesion)
+                for i in range(len(volumes))]
     augment = muller_augmentation(settings.augment_p, settings.seed) if settings.augment else None
     device = torch.device(settings.device)
     model.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
+    optimizer = OPTIMIZERS[settings.optimizer]([p for p in model.parameters() if p.requires_grad], settings)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=settings.plateau_factor,
                                                            patience=settings.plateau_patience, min_lr=settings.min_lr)
     loss_fn = TverskyCrossEntropyLoss(settings.tversky_alpha, settings.tversky_beta)
@@ -178,7 +195,10 @@ def train_volumes(model: nn.Module, volumes: list[Volume], settings: VolumeTrain
     best, stale, seconds, iterations = math.inf, 0, 0.0, 0
     bar = tqdm(range(settings.epochs), desc=desc, unit="epoch", disable=not progress, leave=False)
     for epoch in bar:
-        model.train()
+        set_train_mode(model)
+        if settings.schedule == "poly":
+            for group in optimizer.param_groups:
+                group["lr"] = poly_lr(settings.lr, epoch, settings.epochs, settings.poly_power)
         losses, start = [], time.perf_counter()
         for _ in range(settings.iterations_per_epoch):
             x, y = _batch(volumes, samplers, rng, settings, augment)
@@ -190,7 +210,8 @@ def train_volumes(model: nn.Module, volumes: list[Volume], settings: VolumeTrain
         seconds += time.perf_counter() - start
         iterations += settings.iterations_per_epoch
         epoch_loss = float(np.mean(losses))
-        scheduler.step(epoch_loss)
+        if settings.schedule == "plateau":
+            scheduler.step(epoch_loss)
         record = {"epoch": epoch, "loss": epoch_loss, "lr": optimizer.param_groups[0]["lr"]}
         history.append(record)
         if on_epoch is not None:
