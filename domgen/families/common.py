@@ -148,6 +148,21 @@ def checkpoint_of_run(run_id: str, dest: Path) -> Path:
                           "its model (see the MLflow UI) or --checkpoint PATH") from None
 
 
+def check_split_patients(path, dataset: str, folds: list[dict], slices: SliceSet) -> None:
+    """A splits file may name only patients of ``dataset``, and none whose slices preprocessing dropped."""
+    per_patient = slices.report.get("per_patient") or {p: [1, 1] for p in slices.patients()}
+    named = sorted({p for f in folds for part in ("train", "val", "test") for p in f[part]})
+    unknown = [p for p in named if p not in per_patient]
+    if unknown:
+        raise DomgenError(f"splits file {path} names patients not in {dataset} ({', '.join(unknown[:3])}); "
+                          f"use the patient ids of {dataset} (see a round's splits.json) or fix the file")
+    emptied = [p for p in named if per_patient[p][0] == 0]
+    if emptied:
+        raise DomgenError(f"splits file {path} names patient {emptied[0]} of {dataset}, but all its slices were dropped by "
+                          f"preprocessing.keep_slices={slices.report.get('rule')}; use --set preprocessing.keep_slices=all, "
+                          "another --lung-mask, or remove the patient from the file")
+
+
 TRAIN_PATIENTS = "train_patients.json"  # per training run: {"datasets": {dataset: [patients]}, "init_run": run id or null}
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from domgen.families import common
-from domgen.families.common import CHECKPOINT, checkpoint_of_run, trained_patients, file_digest, hashed_view, prepare_dataset, with_content_digests
+from domgen.families.common import CHECKPOINT, check_split_patients, checkpoint_of_run, trained_patients, file_digest, hashed_view, prepare_dataset, with_content_digests
 from domgen.data.registry import load_cases, load_suite
 from domgen.errors import DomgenError
 from domgen.evaluation.cutoff import DEFAULT_CANDIDATES, best_cutoff
@@ -107,25 +107,11 @@ def round_config(cfg: dict, suite, source: str) -> dict:
     return out
 
 
-def _check_split_patients(cfg: dict, folds: list[dict], source: SliceSet) -> None:
-    """A splits file may name only patients of the source, and none whose slices were all dropped."""
-    per_patient = source.report.get("per_patient", {})
-    named = sorted({p for f in folds for part in ("train", "val", "test") for p in f[part]})
-    unknown = [p for p in named if p not in per_patient]
-    if unknown:
-        raise DomgenError(f"splits file {cfg['splits_file']} names patients not in {cfg['source']} (e.g. {unknown[0]}); fix the file")
-    emptied = [p for p in named if per_patient[p][0] == 0]
-    if emptied:
-        raise DomgenError(f"splits file {cfg['splits_file']} names patient {emptied[0]} of {cfg['source']}, but all its slices were "
-                          f"dropped by preprocessing.keep_slices={source.report.get('rule')}; use --set preprocessing.keep_slices=all, "
-                          "another --lung-mask, or remove the patient from the file")
-
-
 def fold_splits(cfg: dict, source: SliceSet) -> list[dict]:
     """The folds of a round: a splits file, k-fold (each patient tested once) or repeated hold-out."""
     if cfg.get("splits_file"):
         folds = read_splits(Path(cfg["splits_file"]))["folds"]
-        _check_split_patients(cfg, folds, source)
+        check_split_patients(cfg["splits_file"], cfg["source"], folds, source)
         return folds
     patients = source.patients()
     split = cfg["split"]
@@ -140,13 +126,13 @@ def fold_splits(cfg: dict, source: SliceSet) -> list[dict]:
     raise DomgenError(f"split.protocol {protocol!r} is unknown; use one of {', '.join(SPLIT_PROTOCOLS)}")
 
 
-def check_init_run_overlap(cfg: dict, source: SliceSet) -> None:
+def check_init_run_overlap(cfg: dict, folds: list[dict]) -> None:
     """Refuse an ``init_run`` whose model (or the model it started from) trained on source patients this round tests
     in-domain: their in-domain scores, cut-off and CI limit would come from patients the model has seen."""
     if not cfg.get("init_run"):
         return
     seen = trained_patients(cfg["init_run"]).get(cfg["source"], set())
-    tested = sorted({p for fold in fold_splits(cfg, source) for p in fold["test"]} & seen)
+    tested = sorted({p for fold in folds for p in fold["test"]} & seen)
     if tested:
         names = ", ".join(tested[:5]) + (f" and {len(tested) - 5} more" if len(tested) > 5 else "")
         raise DomgenError(f"--init-run {cfg['init_run']} was trained on {cfg['source']} patients {names}, whom this split tests "
@@ -428,10 +414,8 @@ def run_leave_one_out(cfg: dict, progress: bool = True) -> str:
     pre = SlicePreprocessing.from_config(cfg["preprocessing"])
     needed = list(dict.fromkeys(n for rc in rounds for n in [rc["source"], *rc["targets"]]))
     prepared = {n: prepare_dataset(suite, n, pre, progress) for n in needed}
-    for rc in rounds:
-        if rc.get("splits_file"):
-            _check_split_patients(rc, read_splits(Path(rc["splits_file"]))["folds"], prepared[rc["source"]])
-        check_init_run_overlap(rc, prepared[rc["source"]])
+    for rc in rounds:  # a bad splits file or init run stops here, before any run exists
+        check_init_run_overlap(rc, fold_splits(rc, prepared[rc["source"]]))
     if len(rounds) == 1:
         return run_round(rounds[0], suite, prepared, pre, progress)
     cfg = with_content_digests(cfg, list(dict.fromkeys(n for rc in rounds for n in [rc["source"], *rc["targets"]])))

@@ -34,7 +34,7 @@ from domgen.errors import DomgenError
 from domgen.evaluation.evaluate import EvaluationSettings, case_summary, evaluate, per_case_metrics
 from domgen.evaluation.metrics import overlap_metrics
 from domgen.evaluation.volume_metrics import volume_metrics
-from domgen.families.common import (TRAIN_PATIENTS, checkpoint_of_run, child_hash, hashed_view, load_volumes, prepare_dataset,
+from domgen.families.common import (TRAIN_PATIENTS, check_split_patients, checkpoint_of_run, child_hash, hashed_view, load_volumes, prepare_dataset,
                                     require_volume_dataset, with_content_digests)
 from domgen.methods.transfer import STRATEGIES, prepare_strategy
 from domgen.models import build_model, count_parameters
@@ -378,19 +378,10 @@ def split_file_folds(cfg: dict, target: SliceSet) -> list[dict]:
     folds = read_splits(Path(path))["folds"]  # layout, fold numbers, a patient in two parts of one fold
     if not folds:
         raise DomgenError(f"splits file {path} has no folds; give at least one fold with train and test patients")
-    per_patient = target.report.get("per_patient") or {p: [1, 1] for p in target.patients()}
+    check_split_patients(path, cfg["target"], folds, target)
     trained_in: dict[str, int] = {}
     for fold in folds:
         k = fold["fold"]
-        named = [p for part in ("train", "val", "test") for p in fold[part]]
-        unknown = [p for p in named if p not in per_patient]
-        if unknown:
-            raise DomgenError(f"splits file {path} names patients not in {cfg['target']} ({', '.join(sorted(unknown)[:3])}); "
-                              f"use the patient ids of {cfg['target']} (see the round's splits.json) or fix the file")
-        emptied = [p for p in named if per_patient[p][0] == 0]
-        if emptied:
-            raise DomgenError(f"splits file {path} names patient {emptied[0]} of {cfg['target']}, whose slices were all dropped by "
-                              "preprocessing.keep_slices; use --set preprocessing.keep_slices=all or remove the patient from the file")
         if not fold["train"]:
             raise DomgenError(f"splits file {path}: fold {k} has no train patients; give every fold at least one train patient")
         if not fold["test"]:
