@@ -217,6 +217,32 @@ def _common_run_options(f):
     return f
 
 
+def _executor_options(f):
+    """Where a family's independent units (folds; transfer's pretraining and fold x strategy runs) run."""
+    options = [
+        click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                     help="Where the folds run: this machine, or Ray (a local instance, or a cluster with --address)."),
+        click.option("--workers", type=int, default=1, show_default=True,
+                     help="Folds in parallel (local: worker processes; ray: trials on the local Ray instance)."),
+        click.option("--address", default=None, help="Ray cluster address (auto or ray://head:10001); needs an http --tracking-uri."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _runner(executor: str, workers: int, address: str | None, cfg: dict):
+    """The executor of the units (flags checked before any run exists); None for the default: this process."""
+    from domgen.executors import get_executor
+    from domgen.settings import environment
+
+    if executor == "local" and workers == 1 and address is None:
+        return None
+    # torch threads per unit: DOMGEN_THREADS, else the cores shared out between the workers
+    return get_executor(executor, workers=workers, address=address, device=cfg["device"],
+                        threads=cfg.get("threads") or environment("DOMGEN_THREADS"))
+
+
 def _resolve(family: str, profile: str, overrides, **flat) -> dict:
     """Profile + ``--set`` + flags, every value checked against ``domgen.settings`` (before any file or run)."""
     from domgen.config import apply_overrides, load_profile
@@ -262,9 +288,11 @@ def _check_flags(family: str, **values) -> None:
 @click.option("--init-run", default=None, help="Start from the model of this MLflow run (a pretrain or transfer run's model/checkpoint.pt).")
 @_selection_options
 @_common_run_options
+@_executor_options
 def leave_one_out(source, targets, folds, ci_min, ci_rule, ci_quantile, min_pixels, min_pixels_at, keep_slices, top_k, top_fraction,
                   mix, rounds, init_checkpoint, init_run, confidence, filters, per_patient_max, min_patients, size_strata, select_by, seeds,
-                  suite, profile, seed, device, encoder_weights, lung_mask, lungmask_weights, tracking_uri, overrides, quiet):
+                  suite, profile, seed, device, encoder_weights, lung_mask, lungmask_weights, tracking_uri, overrides, quiet,
+                  executor, workers, address):
     """Train on SOURCE, test in-domain and on unseen datasets, retrain on Certainty-Index pseudo-labels.
 
     Prints the paper's Table II (per round and test set, DSC/SPC/SEN before and after) and Table III
@@ -291,9 +319,10 @@ def leave_one_out(source, targets, folds, ci_min, ci_rule, ci_quantile, min_pixe
             raise DomgenError("give at most one of --init-run and --init-checkpoint")
         # only the run id enters the config (and its hash); the checkpoint is downloaded when training starts
         cfg["init_run"] = init_run
+    runner = _runner(executor, workers, address, cfg)
     _threads(cfg["device"])
     uri = _tracking(tracking_uri)
-    parent = run_leave_one_out(cfg, progress=not quiet)
+    parent = run_leave_one_out(cfg, progress=not quiet, runner=runner)
     tables = leave_one_out_tables(parent)
     for name, caption in LEAVE_ONE_OUT_CAPTIONS.items():
         click.echo(f"\n{caption.format(experiment=EXPERIMENT, run=parent, uri=uri)}\n")
@@ -412,8 +441,9 @@ TRANSFER_CAPTIONS = {"table1": "Table I - DSC and NSD (3 mm, per case in 3D), me
 @click.option("--dims", type=int, default=None, help="2 (default): slices and smp models; 3: whole volumes and the 3D U-Net "
               "(the profile's volume section).")
 @_common_run_options
+@_executor_options
 def transfer(target, pretrain, strategy, folds, arch, encoder, splits_file, dims, suite, profile, seed, device, encoder_weights, lung_mask,
-             lungmask_weights, tracking_uri, overrides, quiet):
+             lungmask_weights, tracking_uri, overrides, quiet, executor, workers, address):
     """Pretrain on non-COVID lung lesions, then train the COVID target with each transfer strategy (Wang et al.).
 
     Prints Table I (DSC, NSD per fold), Table II (SEN, F1, ACC) and Table III (the multi-lesion model's
@@ -435,9 +465,10 @@ def transfer(target, pretrain, strategy, folds, arch, encoder, splits_file, dims
     from domgen.tracking.transfer_report import transfer_tables
 
     check_inputs(cfg)
+    runner = _runner(executor, workers, address, cfg)
     _threads(cfg["device"])
     uri = _tracking(tracking_uri)
-    parent = run_transfer(cfg, progress=not quiet)
+    parent = run_transfer(cfg, progress=not quiet, runner=runner)
     click.echo(f"\n{EXPERIMENT}, parent run {parent} ({uri})")
     for name, df in transfer_tables(parent).items():
         click.echo(f"\n{TRANSFER_CAPTIONS[name]}\n\n{to_markdown(df)}")
@@ -616,8 +647,9 @@ def export(run_id, sweep_id, fmt, out, tracking_uri, quiet):
 @click.option("--sampler", type=click.Choice(["uniform", "foreground"]), default=None, help="Patch sampler (paper: uniform).")
 @click.option("--ablation", is_flag=True, help="Run the profile's sensitivity grid: k x preprocessing on/off x augmentation on/off.")
 @_common_run_options
+@_executor_options
 def cross_validate(source, external, folds, sampler, ablation, suite, profile, seed, device, encoder_weights, lung_mask,
-                   lungmask_weights, tracking_uri, overrides, quiet):
+                   lungmask_weights, tracking_uri, overrides, quiet, executor, workers, address):
     """Müller et al.'s limited-data 3D U-Net: k-fold on SOURCE, each fold model and their ensemble on EXTERNAL.
 
     Prints median ± SD over volumes of DSC, IoU, SEN, SPC, ACC, precision, NSD and HD95 for lungs and lesion
@@ -637,13 +669,14 @@ def cross_validate(source, external, folds, sampler, ablation, suite, profile, s
         "preprocessing.lung_mask": lung_mask})
     if lungmask_weights is not None:
         raise DomgenError("--lungmask-weights is not used by cross-validate; lung masks come from --lung-mask (reference or threshold)")
+    runner = _runner(executor, workers, address, cfg)
     _threads(cfg["device"])
     uri = store.configure(tracking_uri)
     if ablation:
-        parents = run_ablation(cfg, progress=not quiet)
+        parents = run_ablation(cfg, progress=not quiet, runner=runner)
         click.echo(f"\nSensitivity analysis - {EXPERIMENT} ({uri}), median ± SD over volumes\n\n{to_markdown(ablation_table(parents))}")
         return
-    parent = run_cross_validate(cfg, progress=not quiet)
+    parent = run_cross_validate(cfg, progress=not quiet, runner=runner)
     click.echo(f"\n{EXPERIMENT}, parent run {parent} ({uri}); median ± SD over volumes")
     for name, df in cross_validate_tables(parent).items():
         click.echo(f"\n{name}\n\n{to_markdown(df)}")

@@ -211,3 +211,16 @@ def test_ablation_grid_reuses_finished_rounds(tiny_round):
     assert len(rows) == 2
     assert parent in next(row for row in rows if "| True | True |" in row)  # the finished round is found, not re-run
     assert len([r for r in _runs(tiny_round["uri"]) if r.data.tags["domgen.role"] == "round"]) == 2
+
+
+def test_folds_on_ray_give_the_numbers_of_one_process(tiny_round, tmp_path, monkeypatch):
+    """The same round with its 2 folds on a local Ray instance (2 at once, a real `mlflow server`): the same tables."""
+    monkeypatch.setenv("DOMGEN_THREADS", "1")  # one torch thread per fold, as in this process
+    args = [a if not a.startswith("sqlite:") else f"sqlite:///{tmp_path}/ray.db" for a in tiny_round["args"]]
+    result = CliRunner().invoke(main, [*args, "--executor", "ray", "--workers", "2"])
+    assert result.exit_code == 0, result.output
+    rows = lambda output: [line for line in output.splitlines() if line.startswith("|")]  # noqa: E731
+    assert rows(result.output) and rows(result.output) == rows(tiny_round["output"])
+    runs = _runs(f"sqlite:///{tmp_path}/ray.db")
+    assert sorted(r.data.tags["domgen.role"] for r in runs) == ["ensemble", "fold", "fold", "round"]
+    assert all(r.info.status == "FINISHED" for r in runs)

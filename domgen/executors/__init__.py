@@ -3,8 +3,10 @@
 Every executor offers the same two things:
 
 - ``tracking(uri)``: a context manager yielding the MLflow tracking URI its workers log to;
-- ``map(fn, jobs, progress)``: runs ``fn(job)`` for every job and yields ``(job, result, error)`` as they
-  finish, ``error`` being a one-line reason when the worker itself died (``fn`` records its own failures).
+- ``map(fn, jobs, progress, shared=None, desc=...)``: runs ``fn(job)`` (``fn(job, shared=shared)`` when
+  ``shared`` is given: data every job reads, sent to each worker once) for every job and yields
+  ``(job, result, error)`` as they finish, ``error`` being a one-line reason when the worker itself died
+  (``fn`` records its own failures).
 
 ``threads`` is how many torch threads one trial gets.
 """

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import multiprocessing
 import os
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -39,8 +40,11 @@ class LocalExecutor:
     def tracking(self, uri: str) -> Iterator[str]:
         yield uri
 
-    def map(self, fn: Callable[[dict], dict], jobs: list[dict], progress: bool = True) -> Iterator[tuple[dict, dict | None, str | None]]:
-        bar = tqdm(total=len(jobs), desc="configurations", unit="run", disable=not progress)
+    def map(self, fn: Callable[..., dict], jobs: list[dict], progress: bool = True, shared: object = None,
+            desc: str = "configurations") -> Iterator[tuple[dict, dict | None, str | None]]:
+        bar = tqdm(total=len(jobs), desc=desc, unit="run", disable=not progress)
+        if shared is not None:
+            fn = functools.partial(fn, shared=shared)
         try:
             if self.workers == 1:
                 for job in jobs:

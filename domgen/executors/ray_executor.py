@@ -85,7 +85,8 @@ class RayExecutor:
         with tracking_server(uri, db.parent / "mlartifacts") as url:
             yield url
 
-    def map(self, fn: Callable[[dict], dict], jobs: list[dict], progress: bool = True) -> Iterator[tuple[dict, dict | None, str | None]]:
+    def map(self, fn: Callable[..., dict], jobs: list[dict], progress: bool = True, shared: object = None,
+            desc: str = "configurations") -> Iterator[tuple[dict, dict | None, str | None]]:
         import ray
 
         started_here = not ray.is_initialized()
@@ -97,8 +98,10 @@ class RayExecutor:
                 ray.init(num_cpus=self.workers * self.threads, num_gpus=None if self.device == "cuda" else 0,
                          include_dashboard=False, log_to_driver=False, object_store_memory=256 * 1024 ** 2)
         task = ray.remote(num_cpus=self.threads, num_gpus=1 if self.device == "cuda" else 0, max_retries=0)(fn)
-        bar = tqdm(total=len(jobs), desc="configurations (ray)", unit="run", disable=not progress)
-        pending = {task.remote(job): job for job in jobs}
+        bar = tqdm(total=len(jobs), desc=f"{desc} (ray)", unit="run", disable=not progress)
+        # the data every job reads goes to the object store once, not once per job
+        extra = {} if shared is None else {"shared": ray.put(shared)}
+        pending = {task.remote(job, **extra): job for job in jobs}
         try:
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)

@@ -29,6 +29,7 @@ from domgen.data.registry import load_suite
 from domgen.errors import DomgenError
 from domgen.evaluation.metrics import EMPTY_CONVENTIONS
 from domgen.evaluation.volume_metrics import volume_metrics
+from domgen.families import units
 from domgen.families.common import load_volumes
 from domgen.models.unet3d import build_model_3d, load_checkpoint_3d, save_checkpoint_3d
 from domgen.preprocessing.splits import kfold_splits, write_splits
@@ -188,6 +189,10 @@ def train_fold(r: Round, fold: dict) -> None:
         store.log_artifact_file(run.info.run_id, save_checkpoint_3d(tmp / "checkpoint.pt", result.model, fold=fold), "model")
 
 
+def fold_unit(job: dict, r: Round) -> None:
+    train_fold(r, job["fold"])
+
+
 def fold_probabilities(r: Round, k: int) -> list[np.ndarray]:
     """The external-set probabilities of fold ``k``: from this session, or from its logged checkpoint on resume."""
     if k not in r.external_probs:
@@ -219,8 +224,10 @@ def evaluate_ensemble(r: Round, folds: list[dict]) -> None:
         log_set_results(run.info.run_id, rows, tmp)
 
 
-def run_cross_validate(cfg: dict, progress: bool = True) -> str:
-    """Run (or resume) one round; returns the parent run id. Tables: ``domgen.tracking.cross_validate_report``."""
+def run_cross_validate(cfg: dict, progress: bool = True, runner=None) -> str:
+    """Run (or resume) one round; returns the parent run id. Tables: ``domgen.tracking.cross_validate_report``.
+
+    ``runner`` (``domgen.executors.get_executor``): where the folds run (``domgen.families.units``)."""
     # the ablation grid does not define a round: a round of the grid is the same run as the plain command
     cfg = {key: value for key, value in cfg.items() if key != "ablation"}
     exp_id, h, finished = store.round_lookup(EXPERIMENT, cfg)
@@ -235,6 +242,12 @@ def run_cross_validate(cfg: dict, progress: bool = True) -> str:
     source = load_volumes(suite, cfg["source"], settings.pre, progress)
     external = load_volumes(suite, cfg["external"], settings.pre, progress) if cfg["external"] else []
     folds = fold_of(cfg, [v.patient_id for v in source])
+    with units.shared_store(runner, EXPERIMENT):
+        return _run_round(cfg, exp_id, h, settings, suite, source, external, folds, progress, runner)
+
+
+def _run_round(cfg: dict, exp_id: str, h: str, settings: Settings, suite, source: list[Volume], external: list[Volume],
+               folds: list[dict], progress: bool, runner) -> str:
     parent_id, _ = store.start_or_resume_run(exp_id, f"cross-validate {cfg['source']} -> {cfg['external']} (k={cfg['folds']})", cfg,
                                              store.tags(family=FAMILY, source=cfg["source"], external=cfg["external"], folds=cfg["folds"],
                                                         config_hash=h, role="round"))
@@ -244,8 +257,9 @@ def run_cross_validate(cfg: dict, progress: bool = True) -> str:
                                                       "protocol": "k-fold by patient; 'test' is each fold's validation part (Müller et al.)"})
             store.log_artifact_file(parent_id, tmp / "splits.json")
         r = Round(cfg, settings, exp_id, parent_id, source, external, progress)
-        for fold in folds:
-            train_fold(r, fold)
+        # the folds are independent: one unit each, in this process or in the executor's workers
+        units.run_units(runner, fold_unit, [{"name": f"fold {fold['fold']}", "fold": fold} for fold in folds],
+                        shared=r if units.in_process(runner) else replace(r, progress=False), what="fold", progress=progress)
         evaluate_ensemble(r, folds)
         log_tables(parent_id, cross_validate_tables(parent_id))
     return parent_id
@@ -267,9 +281,9 @@ def ablation_configs(cfg: dict) -> list[dict]:
     return out
 
 
-def run_ablation(cfg: dict, progress: bool = True) -> list[str]:
+def run_ablation(cfg: dict, progress: bool = True, runner=None) -> list[str]:
     """One round per combination of the sensitivity grid; returns their parent run ids (finished ones are reused)."""
     configs = ablation_configs(cfg)
     for child in configs:  # check the whole grid before training anything
         Settings.from_config(child)
-    return [run_cross_validate(child, progress) for child in configs]
+    return [run_cross_validate(child, progress, runner) for child in configs]

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from domgen.families import common
+from domgen.families import common, units
 from domgen.families.common import CHECKPOINT, check_split_patients, checkpoint_of_run, trained_patients, file_digest, hashed_view, prepare_dataset, with_content_digests
 from domgen.data.registry import load_cases, load_suite
 from domgen.errors import DomgenError
@@ -368,7 +368,7 @@ def slice_counts(prepared: dict[str, SliceSet]) -> dict[str, float]:
 
 
 def run_round(cfg: dict, suite, prepared: dict[str, SliceSet], pre: SlicePreprocessing, progress: bool,
-              experiment_id: str | None = None) -> str:
+              experiment_id: str | None = None, runner=None) -> str:
     """Run (or resume) the round of ``cfg['source']``; returns its run id."""
     exp_id, h, finished = store.round_lookup(EXPERIMENT, hashed_view(cfg))
     if finished:
@@ -392,18 +392,27 @@ def run_round(cfg: dict, suite, prepared: dict[str, SliceSet], pre: SlicePreproc
             write_splits(tmp / "splits.json", splits, {"dataset": cfg["source"], "suite": str(suite.path), "seed": cfg["seed"],
                                                        "protocol": "splits file" if cfg.get("splits_file") else cfg["split"].get("protocol", "kfold")})
             store.log_artifact_file(parent_id, tmp / "splits.json")
-        for fold in splits:
-            model, cutoff, limit = train_fold(r, fold)
-            for name in names:
-                evaluate_target(r, fold, name, model, cutoff, limit)
-                enhance_target(r, fold, name, model, cutoff, limit)
+        # the folds are independent: one unit each, in this process or in the executor's workers
+        units.run_units(runner, fold_unit, [{"name": f"fold {fold['fold']}", "fold": fold} for fold in splits],
+                        shared=r if units.in_process(runner) else replace(r, progress=False), what="fold", progress=progress)
         log_tables(parent_id, leave_one_out_tables(parent_id))
     return parent_id
 
 
-def run_leave_one_out(cfg: dict, progress: bool = True) -> str:
+def fold_unit(job: dict, r: Round) -> None:
+    """One fold start to end: its source model (trained or found), then every unseen target's baseline and enhancement."""
+    fold = job["fold"]
+    model, cutoff, limit = train_fold(r, fold)
+    for name in r.targets:
+        evaluate_target(r, fold, name, model, cutoff, limit)
+        enhance_target(r, fold, name, model, cutoff, limit)
+
+
+def run_leave_one_out(cfg: dict, progress: bool = True, runner=None) -> str:
     """Run (or resume) the experiment: one round per source. Returns the run whose tables to print: the round's
-    run for one source, the experiment run (rounds listed in its tag ``domgen.rounds``) for several."""
+    run for one source, the experiment run (rounds listed in its tag ``domgen.rounds``) for several.
+
+    ``runner`` (``domgen.executors.get_executor``): where the folds of a round run (``domgen.families.units``)."""
     # every input is read and checked before any run exists, so a bad file leaves nothing behind
     suite = load_suite(cfg["suite"])
     sources = source_names(suite, cfg)
@@ -416,8 +425,15 @@ def run_leave_one_out(cfg: dict, progress: bool = True) -> str:
     prepared = {n: prepare_dataset(suite, n, pre, progress) for n in needed}
     for rc in rounds:  # a bad splits file or init run stops here, before any run exists
         check_init_run_overlap(rc, fold_splits(rc, prepared[rc["source"]]))
-    if len(rounds) == 1:
-        return run_round(rounds[0], suite, prepared, pre, progress)
+    with units.shared_store(runner, EXPERIMENT):
+        if len(rounds) == 1:
+            return run_round(rounds[0], suite, prepared, pre, progress, runner=runner)
+        return _run_rounds(cfg, rounds, sources, suite, prepared, pre, progress, runner)
+
+
+def _run_rounds(cfg: dict, rounds: list[dict], sources: list[str], suite, prepared: dict[str, SliceSet], pre: SlicePreprocessing,
+                progress: bool, runner) -> str:
+    """The experiment run of several rounds (the paper's Table III averages them)."""
     cfg = with_content_digests(cfg, list(dict.fromkeys(n for rc in rounds for n in [rc["source"], *rc["targets"]])))
     exp_id, h, finished = store.round_lookup(EXPERIMENT, hashed_view(cfg))
     if finished:
@@ -427,7 +443,7 @@ def run_leave_one_out(cfg: dict, progress: bool = True) -> str:
     with store.finishing(parent_id):
         round_ids = []
         for rc in rounds:
-            round_ids.append(run_round(rc, suite, prepared, pre, progress, experiment_id=parent_id))
+            round_ids.append(run_round(rc, suite, prepared, pre, progress, experiment_id=parent_id, runner=runner))
             store.set_tag(parent_id, "domgen.rounds", json.dumps(round_ids))
         log_tables(parent_id, leave_one_out_tables(parent_id))
     return parent_id

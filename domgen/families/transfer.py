@@ -34,6 +34,7 @@ from domgen.errors import DomgenError
 from domgen.evaluation.evaluate import EvaluationSettings, case_summary, evaluate, per_case_metrics
 from domgen.evaluation.metrics import overlap_metrics
 from domgen.evaluation.volume_metrics import volume_metrics
+from domgen.families import units
 from domgen.families.common import (TRAIN_PATIENTS, check_split_patients, checkpoint_of_run, child_hash, hashed_view, load_volumes, prepare_dataset,
                                     require_volume_dataset, with_content_digests)
 from domgen.methods.transfer import STRATEGIES, prepare_strategy
@@ -174,6 +175,10 @@ def pretrain(exp_id: str, suite, cfg: dict, name: str, progress: bool = True) ->
     return run.info.run_id
 
 
+def pretrain_unit(job: dict, shared: dict) -> None:
+    pretrain(shared["exp_id"], shared["suite"], shared["cfg"], job["pretrain"], shared["progress"])
+
+
 def log_train_patients(run_id: str, datasets: dict[str, list[str]], init_run: str | None, tmp: Path) -> None:
     """What the run's model has seen: its train and validation patients per dataset, and the model it started from."""
     path = tmp / TRAIN_PATIENTS
@@ -264,6 +269,10 @@ def run_strategy(r: TransferRound, fold: dict, strategy: str, pretrain_name: str
             store.log_artifact_file(run.info.run_id, save_checkpoint(
                 tmp / "checkpoint.pt", result.model, cfg["model"], cutoff=cutoff, strategy=strategy, pretrain=pretrain_name,
                 fold=fold, preprocessing=cfg["preprocessing"]), "model")
+
+
+def strategy_unit(job: dict, r: TransferRound) -> None:
+    run_strategy(r, job["fold"], job["strategy"], job["pretrain"])
 
 
 # ---------------------------------------------------------------- dims 3: whole volumes, the 3D U-Net of cross-validate
@@ -414,8 +423,11 @@ def check_inputs(cfg: dict) -> tuple[object, list[str], list[str]]:
     return suite, strategies, pretrains
 
 
-def run_transfer(cfg: dict, progress: bool = True) -> str:
-    """Run (or resume) one round; returns the parent run id. Tables come from ``domgen.tracking.transfer_report``."""
+def run_transfer(cfg: dict, progress: bool = True, runner=None) -> str:
+    """Run (or resume) one round; returns the parent run id. Tables come from ``domgen.tracking.transfer_report``.
+
+    ``runner`` (``domgen.executors.get_executor``): where the pretraining runs and the fold x strategy runs go
+    (``domgen.families.units``): first every pretrained model, then every strategy run."""
     # every input is read and checked before any run exists, so a bad flag leaves nothing behind
     suite, strategies, pretrains = check_inputs(cfg)
     datasets = [cfg["target"], *(d for name in pretrains for d in pretrain_datasets(suite, cfg, name))]
@@ -435,11 +447,21 @@ def run_transfer(cfg: dict, progress: bool = True) -> str:
         folds = split_file_folds(cfg, target)
     else:
         folds = inverse_kfold_splits(target.patients(), k=cfg["folds"], seed=cfg["seed"], val_fraction=cfg["val_fraction"])
+    with units.shared_store(runner, EXPERIMENT):
+        return _run_round(cfg, h, exp_id, suite, target, folds, strategies, pretrains, progress, runner)
+
+
+def _run_round(cfg: dict, h: str, exp_id: str, suite, target, folds: list[dict], strategies: list[str], pretrains: list[str],
+               progress: bool, runner) -> str:
     parent_id, _ = store.start_or_resume_run(exp_id, f"{FAMILY} {cfg['target']}", cfg,
                                              store.tags(family=FAMILY, source=cfg["target"], target=cfg["target"], config_hash=h, role="round",
                                                                         dims=3 if dims(cfg) == 3 else None))
     with store.finishing(parent_id):
-        runs = {name: pretrain(exp_id, suite, cfg, name, progress) for name in pretrains}
+        remote = not units.in_process(runner)
+        units.run_units(runner, pretrain_unit, [{"name": f"pretrain {name}", "pretrain": name} for name in pretrains],
+                        shared={"exp_id": exp_id, "suite": suite, "cfg": cfg, "progress": progress and not remote},
+                        what="pretraining run", progress=progress)
+        runs = {name: pretrain(exp_id, suite, cfg, name, progress) for name in pretrains}  # found now: finished above
         for name, run_id in runs.items():
             store.set_tag(parent_id, f"domgen.pretrain_run.{name}", run_id)
         with store.artifact_dir() as tmp:
@@ -449,9 +471,10 @@ def run_transfer(cfg: dict, progress: bool = True) -> str:
                                                       "protocol": protocol})
             store.log_artifact_file(parent_id, tmp / "splits.json")
         r = TransferRound(cfg, exp_id, parent_id, target, settings.build(EvaluationSettings, cfg["evaluation"]), runs, progress)
-        for fold in folds:
-            for strategy in strategies:
-                for name in (pretrains if STRATEGIES[strategy].needs_pretrained else [NO_PRETRAIN]):
-                    run_strategy(r, fold, strategy, name)
+        jobs = [{"name": f"fold {fold['fold']} | {strategy} | {name}", "fold": fold, "strategy": strategy, "pretrain": name}
+                for fold in folds for strategy in strategies
+                for name in (pretrains if STRATEGIES[strategy].needs_pretrained else [NO_PRETRAIN])]
+        units.run_units(runner, strategy_unit, jobs, shared=replace(r, progress=False) if remote else r, what="strategy run",
+                        progress=progress)
         log_tables(parent_id, transfer_tables(parent_id))
     return parent_id

@@ -1,0 +1,128 @@
+"""Every family's independent units through the executors: a leave-one-out round with its 2 folds on a local Ray
+instance (2 at once, logging to a real `mlflow server`), transfer's pretraining and strategy runs in 2 local worker
+processes, and the numbers equal to the same work run in one process."""
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+from domgen.cli import main
+from domgen.errors import DomgenError
+from domgen.executors import get_executor
+from domgen.families import leave_one_out as loo
+from domgen.families import transfer as tr
+from domgen.families import units
+from domgen.tracking import mlflow_store as store
+
+LOO_RUN = ["--set", "train.epochs=1", "--set", "preprocessing.image_size=32", "--set", "train.batch_size=8",
+           "--set", "pseudolabel.ci_min=0.0", "--min-pixels", "1", "--set", "pseudolabel.min_pixels_at=null",
+           "--folds", "2", "--quiet"]
+METRICS = ("dsc", "sen", "spc", "cutoff", "ci_dsc_spearman", "n_pseudo_labels")
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """One torch thread per unit wherever it runs, so the numbers can be compared digit for digit."""
+    monkeypatch.setenv("DOMGEN_THREADS", "1")
+
+
+def _children(uri: str, experiment: str, role: str) -> dict[tuple, object]:
+    store.configure(uri)
+    exp = MlflowClient().get_experiment_by_name(experiment)
+    runs = store.runs_of(exp.experiment_id, "", status=None)
+    parents = [r for r in runs if r.data.tags.get("domgen.role") == role]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert all(r.info.status == "FINISHED" for r in children)
+    key = ("domgen.fold", "domgen.target", "domgen.phase", "domgen.strategy", "domgen.pretrain")
+    return {tuple(r.data.tags.get(k) for k in key): r for r in children}
+
+
+def _same_numbers(here: dict, there: dict, metrics) -> None:
+    assert set(here) == set(there)
+    for key, run in here.items():
+        for metric in metrics:
+            if metric in run.data.metrics:
+                assert there[key].data.metrics[metric] == pytest.approx(run.data.metrics[metric], abs=1e-6), (key, metric)
+
+
+def _tables(output: str) -> list[str]:
+    """The table rows of a command's output, less the columns of seconds (time, not results)."""
+    rows, timed = [], None
+    for line in output.splitlines():
+        if not line.startswith("|"):
+            timed = None
+            continue
+        cells = line.strip("|").split("|")
+        if timed is None:
+            timed = [i for i, cell in enumerate(cells) if "s / epoch" in cell or "seconds" in cell]
+        rows.append("|".join(c for i, c in enumerate(cells) if i not in timed))
+    return rows
+
+
+def test_leave_one_out_folds_on_ray_give_the_numbers_of_one_process(tmp_path, tiny_suite):
+    args = ["leave-one-out", "--source", "A", "--targets", "B", "--suite", str(tiny_suite), *LOO_RUN]
+    here = CliRunner().invoke(main, [*args, "--tracking-uri", f"sqlite:///{tmp_path}/here.db"])
+    assert here.exit_code == 0, here.output
+    there = CliRunner().invoke(main, [*args, "--tracking-uri", f"sqlite:///{tmp_path}/ray.db", "--executor", "ray", "--workers", "2"])
+    assert there.exit_code == 0, there.output
+    runs_here = _children(f"sqlite:///{tmp_path}/here.db", loo.EXPERIMENT, "round")
+    runs_there = _children(f"sqlite:///{tmp_path}/ray.db", loo.EXPERIMENT, "round")
+    assert {k[:3] for k in runs_here} == {(f, t, p) for f in "01" for t, p in (("A", "baseline"), ("B", "baseline"), ("B", "enhanced"))}
+    _same_numbers(runs_here, runs_there, METRICS)
+    assert _tables(here.output) == _tables(there.output)
+    # the workers' artifacts went to the store the tables are read from
+    enhanced = runs_there[("1", "B", "enhanced", None, None)]
+    assert "model" in {a.path for a in MlflowClient().list_artifacts(enhanced.info.run_id)}
+    # a plain re-run finds every fold finished and trains nothing
+    again = CliRunner().invoke(main, [*args, "--tracking-uri", f"sqlite:///{tmp_path}/ray.db", "--executor", "ray", "--workers", "2"])
+    assert again.exit_code == 0 and _tables(again.output) == _tables(there.output)
+    assert len(_children(f"sqlite:///{tmp_path}/ray.db", loo.EXPERIMENT, "round")) == len(runs_there)
+
+
+def test_transfer_units_in_local_workers_give_the_numbers_of_one_process(tmp_path, tiny_suite):
+    args = ["transfer", "--target", "A", "--pretrain", "msd,nsclc", "--strategy", "scratch,continual", "--folds", "2",
+            "--encoder", "resnet18", "--suite", str(tiny_suite), "--set", "train.epochs=1", "--set", "pretraining.train.epochs=1",
+            "--set", "preprocessing.image_size=32", "--set", "train.batch_size=8", "--quiet"]
+    here = CliRunner().invoke(main, [*args, "--tracking-uri", f"sqlite:///{tmp_path}/here.db"])
+    assert here.exit_code == 0, here.output
+    there = CliRunner().invoke(main, [*args, "--tracking-uri", f"sqlite:///{tmp_path}/pool.db", "--executor", "local", "--workers", "2"])
+    assert there.exit_code == 0, there.output
+    runs_here = _children(f"sqlite:///{tmp_path}/here.db", tr.EXPERIMENT, "round")
+    runs_there = _children(f"sqlite:///{tmp_path}/pool.db", tr.EXPERIMENT, "round")
+    # 2 folds x (scratch + continual from each of the 2 pretrained models)
+    assert len(runs_here) == 2 * (1 + 2)
+    _same_numbers(runs_here, runs_there, ("dsc", "nsd", "sen", "f1", "acc", "best_epoch"))
+    assert _tables(here.output) == _tables(there.output)
+    for uri in (f"sqlite:///{tmp_path}/here.db", f"sqlite:///{tmp_path}/pool.db"):
+        store.configure(uri)
+        exp = MlflowClient().get_experiment_by_name(tr.EXPERIMENT)
+        assert len(store.runs_of(exp.experiment_id, "tags.`domgen.role` = 'pretrain'")) == 2
+
+
+def _fails_on_odd(job: dict, shared: dict) -> None:
+    if job["i"] % 2:
+        raise DomgenError(f"unit {job['i']} cannot read {shared['file']}")
+    (shared["out"] / f"done-{job['i']}").touch()
+
+
+def test_a_failed_unit_in_a_worker_stops_the_command_with_its_sentence_after_the_others(tmp_path, tracking_uri):
+    runner = get_executor("local", workers=2, threads=1)
+    jobs = [{"name": f"fold {i}", "i": i} for i in range(4)]
+    with pytest.raises(DomgenError, match=r"^2 of 4 folds failed \(fold 1: unit 1 cannot read x.nii\); fix the cause and re-run"):
+        units.run_units(runner, _fails_on_odd, jobs, shared={"file": "x.nii", "out": tmp_path}, what="fold", progress=False)
+    assert sorted(p.name for p in tmp_path.glob("done-*")) == ["done-0", "done-2"]  # the others ran to the end
+    # in this process (the default) the error is raised as it is, at once
+    with pytest.raises(DomgenError, match="^unit 1 cannot read x.nii$"):
+        units.run_units(None, _fails_on_odd, jobs, shared={"file": "x.nii", "out": tmp_path}, what="fold")
+
+
+def test_executor_flags_are_checked_before_any_run(tmp_path, tiny_suite):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    result = CliRunner().invoke(main, ["leave-one-out", "--source", "A", "--suite", str(tiny_suite), "--tracking-uri", uri,
+                                       "--workers", "0", *LOO_RUN])
+    assert result.exit_code == 2 and "--workers 0: give 1 or more" in result.output and "Traceback" not in result.output
+    result = CliRunner().invoke(main, ["cross-validate", "--suite", str(tiny_suite), "--tracking-uri", uri, "--address", "auto", "--quiet"])
+    assert result.exit_code == 2 and "--address is for --executor ray" in result.output
+    assert not (tmp_path / "mlflow.db").exists()  # refused before the store was opened
