@@ -524,17 +524,20 @@ def ui(tracking_uri, port):
 @click.option("--weights", default=None, help="Comma-separated: random, imagenet.")
 @click.option("--profile", default="quick", show_default=True, help="quick (CPU size) | paper (GPU, --suite with medseg100/medseg9) | a YAML path.")
 @click.option("--suite", default=None, help="'synthetic' or a suite YAML (the paper profile needs one, see experiments/benchmark/paper.yaml).")
-@click.option("--device", type=DEVICE, default=None, help="cpu or cuda (ray: one GPU per trial).")
+@click.option("--device", type=DEVICE, default=None, help="cpu or cuda (ray: one GPU per trial unless --gpus-per-trial).")
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True)
 @click.option("--workers", type=int, default=1, show_default=True, help="Trials in parallel (local: worker processes; ray: local Ray CPUs/GPUs).")
+@click.option("--gpus-per-trial", type=float, default=None,
+              help="Ray with --device cuda: the GPU share of one trial, a fraction in (0, 1] (0.25: four trials per GPU) or a whole "
+                   "number [default: 1 with cuda, 0 on CPU].")
 @click.option("--address", default=None, help="Ray cluster address (e.g. auto or ray://head:10001); needs an http --tracking-uri.")
 @click.option("--retry-failed", is_flag=True, help="Run the configurations recorded as failed again.")
 @click.option("--dry-run", is_flag=True, help="List the configurations and which are already done; train nothing.")
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI (ray: an `mlflow server` URL; none: one is started on 127.0.0.1).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override any profile field, e.g. train.epochs=1.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def benchmark(experiments, archs, encoders, weights, profile, suite, device, executor, workers, address, retry_failed, dry_run,
-              tracking_uri, overrides, quiet):
+def benchmark(experiments, archs, encoders, weights, profile, suite, device, executor, workers, gpus_per_trial, address, retry_failed,
+              dry_run, tracking_uri, overrides, quiet):
     """Bizopoulos et al.'s grid: experiment x architecture x encoder x weights, one MLflow run each.
 
     Re-running the same command resumes (finished configurations are found by their config hash);
@@ -558,7 +561,8 @@ def benchmark(experiments, archs, encoders, weights, profile, suite, device, exe
         retry_with = retry_overrides(cfg, {item.split("=", 1)[0].strip(): yaml.safe_load(item.split("=", 1)[1])
                                            for item in overrides if item not in keep})
         cfg = resolve(_resolve("benchmark", profile, keep, suite=suite, device=device, **grid))
-    get_executor(executor, workers=workers, address=address, device=cfg["device"], threads=cfg.get("threads"))  # checks the flags
+    get_executor(executor, workers=workers, address=address, device=cfg["device"], threads=cfg.get("threads"),
+                 gpus_per_trial=gpus_per_trial)  # checks the flags
     uri = _tracking(tracking_uri)
     if dry_run:
         rows = list_configurations(cfg)
@@ -570,7 +574,7 @@ def benchmark(experiments, archs, encoders, weights, profile, suite, device, exe
         return
     _threads(cfg["device"])
     result = run_benchmark(cfg, executor=executor, workers=workers, address=address, retry_failed=retry_failed, progress=not quiet,
-                           retry_with=retry_with)
+                           retry_with=retry_with, gpus_per_trial=gpus_per_trial)
     for name, reason in result.failed.items():
         click.echo(f"failed: {name}: {reason}", err=True)
     click.echo(f"sweep {result.parent_id}: {result.finished} finished now, {result.skipped} already done, {len(result.failed)} failed, "
