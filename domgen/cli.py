@@ -225,22 +225,23 @@ def _executor_options(f):
         click.option("--workers", type=int, default=1, show_default=True,
                      help="Folds in parallel (local: worker processes; ray: trials on the local Ray instance)."),
         click.option("--address", default=None, help="Ray cluster address (auto or ray://head:10001); needs an http --tracking-uri."),
+        click.option("--gpus-per-trial", type=float, default=None,
+                     help="Ray with --device cuda: the GPU share of one fold, a fraction in (0, 1] or a whole number [default: 1]."),
     ]
     for option in reversed(options):
         f = option(f)
     return f
 
 
-def _runner(executor: str, workers: int, address: str | None, cfg: dict):
+def _runner(executor: str, workers: int, address: str | None, gpus_per_trial: float | None, cfg: dict):
     """The executor of the units (flags checked before any run exists); None for the default: this process."""
     from domgen.executors import get_executor
     from domgen.settings import environment
 
-    if executor == "local" and workers == 1 and address is None:
-        return None
     # torch threads per unit: DOMGEN_THREADS, else the cores shared out between the workers
-    return get_executor(executor, workers=workers, address=address, device=cfg["device"],
-                        threads=cfg.get("threads") or environment("DOMGEN_THREADS"))
+    runner = get_executor(executor, workers=workers, address=address, device=cfg["device"],
+                          threads=cfg.get("threads") or environment("DOMGEN_THREADS"), gpus_per_trial=gpus_per_trial)
+    return None if executor == "local" and workers == 1 else runner
 
 
 def _resolve(family: str, profile: str, overrides, **flat) -> dict:
@@ -292,7 +293,7 @@ def _check_flags(family: str, **values) -> None:
 def leave_one_out(source, targets, folds, ci_min, ci_rule, ci_quantile, min_pixels, min_pixels_at, keep_slices, top_k, top_fraction,
                   mix, rounds, init_checkpoint, init_run, confidence, filters, per_patient_max, min_patients, size_strata, select_by, seeds,
                   suite, profile, seed, device, encoder_weights, lung_mask, lungmask_weights, tracking_uri, overrides, quiet,
-                  executor, workers, address):
+                  executor, workers, address, gpus_per_trial):
     """Train on SOURCE, test in-domain and on unseen datasets, retrain on Certainty-Index pseudo-labels.
 
     Prints the paper's Table II (per round and test set, DSC/SPC/SEN before and after) and Table III
@@ -319,7 +320,7 @@ def leave_one_out(source, targets, folds, ci_min, ci_rule, ci_quantile, min_pixe
             raise DomgenError("give at most one of --init-run and --init-checkpoint")
         # only the run id enters the config (and its hash); the checkpoint is downloaded when training starts
         cfg["init_run"] = init_run
-    runner = _runner(executor, workers, address, cfg)
+    runner = _runner(executor, workers, address, gpus_per_trial, cfg)
     _threads(cfg["device"])
     uri = _tracking(tracking_uri)
     parent = run_leave_one_out(cfg, progress=not quiet, runner=runner)
@@ -443,7 +444,7 @@ TRANSFER_CAPTIONS = {"table1": "Table I - DSC and NSD (3 mm, per case in 3D), me
 @_common_run_options
 @_executor_options
 def transfer(target, pretrain, strategy, folds, arch, encoder, splits_file, dims, suite, profile, seed, device, encoder_weights, lung_mask,
-             lungmask_weights, tracking_uri, overrides, quiet, executor, workers, address):
+             lungmask_weights, tracking_uri, overrides, quiet, executor, workers, address, gpus_per_trial):
     """Pretrain on non-COVID lung lesions, then train the COVID target with each transfer strategy (Wang et al.).
 
     Prints Table I (DSC, NSD per fold), Table II (SEN, F1, ACC) and Table III (the multi-lesion model's
@@ -465,7 +466,7 @@ def transfer(target, pretrain, strategy, folds, arch, encoder, splits_file, dims
     from domgen.tracking.transfer_report import transfer_tables
 
     check_inputs(cfg)
-    runner = _runner(executor, workers, address, cfg)
+    runner = _runner(executor, workers, address, gpus_per_trial, cfg)
     _threads(cfg["device"])
     uri = _tracking(tracking_uri)
     parent = run_transfer(cfg, progress=not quiet, runner=runner)
@@ -555,17 +556,20 @@ def ui(tracking_uri, port):
 @click.option("--weights", default=None, help="Comma-separated: random, imagenet.")
 @click.option("--profile", default="quick", show_default=True, help="quick (CPU size) | paper (GPU, --suite with medseg100/medseg9) | a YAML path.")
 @click.option("--suite", default=None, help="'synthetic' or a suite YAML (the paper profile needs one, see experiments/benchmark/paper.yaml).")
-@click.option("--device", type=DEVICE, default=None, help="cpu or cuda (ray: one GPU per trial).")
+@click.option("--device", type=DEVICE, default=None, help="cpu or cuda (ray: one GPU per trial unless --gpus-per-trial).")
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True)
 @click.option("--workers", type=int, default=1, show_default=True, help="Trials in parallel (local: worker processes; ray: local Ray CPUs/GPUs).")
+@click.option("--gpus-per-trial", type=float, default=None,
+              help="Ray with --device cuda: the GPU share of one trial, a fraction in (0, 1] (0.25: four trials per GPU) or a whole "
+                   "number [default: 1 with cuda, 0 on CPU].")
 @click.option("--address", default=None, help="Ray cluster address (e.g. auto or ray://head:10001); needs an http --tracking-uri.")
 @click.option("--retry-failed", is_flag=True, help="Run the configurations recorded as failed again.")
 @click.option("--dry-run", is_flag=True, help="List the configurations and which are already done; train nothing.")
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI (ray: an `mlflow server` URL; none: one is started on 127.0.0.1).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override any profile field, e.g. train.epochs=1.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def benchmark(experiments, archs, encoders, weights, profile, suite, device, executor, workers, address, retry_failed, dry_run,
-              tracking_uri, overrides, quiet):
+def benchmark(experiments, archs, encoders, weights, profile, suite, device, executor, workers, gpus_per_trial, address, retry_failed,
+              dry_run, tracking_uri, overrides, quiet):
     """Bizopoulos et al.'s grid: experiment x architecture x encoder x weights, one MLflow run each.
 
     Re-running the same command resumes (finished configurations are found by their config hash);
@@ -589,7 +593,8 @@ def benchmark(experiments, archs, encoders, weights, profile, suite, device, exe
         retry_with = retry_overrides(cfg, {item.split("=", 1)[0].strip(): yaml.safe_load(item.split("=", 1)[1])
                                            for item in overrides if item not in keep})
         cfg = resolve(_resolve("benchmark", profile, keep, suite=suite, device=device, **grid))
-    get_executor(executor, workers=workers, address=address, device=cfg["device"], threads=cfg.get("threads"))  # checks the flags
+    get_executor(executor, workers=workers, address=address, device=cfg["device"], threads=cfg.get("threads"),
+                 gpus_per_trial=gpus_per_trial)  # checks the flags
     uri = _tracking(tracking_uri)
     if dry_run:
         rows = list_configurations(cfg)
@@ -601,7 +606,7 @@ def benchmark(experiments, archs, encoders, weights, profile, suite, device, exe
         return
     _threads(cfg["device"])
     result = run_benchmark(cfg, executor=executor, workers=workers, address=address, retry_failed=retry_failed, progress=not quiet,
-                           retry_with=retry_with)
+                           retry_with=retry_with, gpus_per_trial=gpus_per_trial)
     for name, reason in result.failed.items():
         click.echo(f"failed: {name}: {reason}", err=True)
     click.echo(f"sweep {result.parent_id}: {result.finished} finished now, {result.skipped} already done, {len(result.failed)} failed, "
@@ -649,7 +654,7 @@ def export(run_id, sweep_id, fmt, out, tracking_uri, quiet):
 @_common_run_options
 @_executor_options
 def cross_validate(source, external, folds, sampler, ablation, suite, profile, seed, device, encoder_weights, lung_mask,
-                   lungmask_weights, tracking_uri, overrides, quiet, executor, workers, address):
+                   lungmask_weights, tracking_uri, overrides, quiet, executor, workers, address, gpus_per_trial):
     """Müller et al.'s limited-data 3D U-Net: k-fold on SOURCE, each fold model and their ensemble on EXTERNAL.
 
     Prints median ± SD over volumes of DSC, IoU, SEN, SPC, ACC, precision, NSD and HD95 for lungs and lesion
@@ -669,7 +674,7 @@ def cross_validate(source, external, folds, sampler, ablation, suite, profile, s
         "preprocessing.lung_mask": lung_mask})
     if lungmask_weights is not None:
         raise DomgenError("--lungmask-weights is not used by cross-validate; lung masks come from --lung-mask (reference or threshold)")
-    runner = _runner(executor, workers, address, cfg)
+    runner = _runner(executor, workers, address, gpus_per_trial, cfg)
     _threads(cfg["device"])
     uri = store.configure(tracking_uri)
     if ablation:

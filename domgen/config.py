@@ -68,9 +68,14 @@ def apply_overrides(cfg: dict, overrides: list[str] | tuple[str, ...] = (), **fl
     return out
 
 
+# Bumped when domgen computes other numbers from an unchanged config, so finished runs of the older computation are
+# not found again (and mixed into a resumed round). 2: a slice's augmentation is drawn from (seed, epoch, index).
+RESULTS_VERSION = 2
+
+
 def config_hash(cfg: dict) -> str:
-    """Short, stable hash of a resolved config (key order does not matter)."""
-    blob = json.dumps(cfg, sort_keys=True, default=str, separators=(",", ":"))
+    """Short, stable hash of a resolved config (key order does not matter) and of ``RESULTS_VERSION``."""
+    blob = json.dumps({"config": cfg, "results_version": RESULTS_VERSION}, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -87,7 +87,8 @@ def _benchmark_weights():
 
 @dataclass(frozen=True)
 class Setting:
-    """One profile field. ``kind``: int | float | bool | choice | str | names | path | mapping | floats | ints | bools."""
+    """One profile field. ``kind``: int | float | bool | switch (true, false or auto) | choice | str | names | path |
+    mapping | floats | ints | bools."""
 
     key: str
     kind: str
@@ -122,6 +123,8 @@ class Setting:
             text = noun + (" " + " and ".join(bounds) if bounds else "")
         elif self.kind == "bool":
             text = "true or false"
+        elif self.kind == "switch":
+            text = "true, false or auto"
         elif self.kind == "bools":
             text = "a list of true/false"
         elif self.kind == "path":
@@ -171,8 +174,12 @@ SETTINGS: list[Setting] = [
     S("train.optimizer", "choice", "adam", ALL, "optimiser", choices=("adam", "sgd")),
     S("train.momentum", "float", 0.99, ALL, "SGD momentum", low=0.0, high=1.0, high_open=True),
     S("train.nesterov", "bool", True, ALL, "SGD with Nesterov momentum"),
-    S("train.precision", "choice", "fp32", ALL, "arithmetic precision of training", choices=("fp32", "bf16", "auto")),
+    S("train.precision", "choice", "fp32", ALL, "arithmetic precision of training (fp16: CUDA only, with a gradient scaler)",
+      choices=("fp32", "bf16", "fp16", "auto")),
     S("train.channels_last", "bool", False, ALL, "channels-last memory format"),
+    S("train.loader_workers", "int", 0, ALL, "DataLoader worker processes preparing batches (0: the training process; "
+      "the numbers do not change)", low=0),
+    S("train.pin_memory", "switch", "auto", ALL, "page-locked batches, copied to the GPU without blocking (auto: on with cuda)"),
     # evaluation
     S("evaluation.empty", "choice", "both-empty-one", ALL, "per-slice ratio when its denominator is 0", choices=_empty_conventions),
     S("evaluation.dice_eps", "float", 0.0, ALL, "eps added to Dice's numerator and denominator", low=0.0),
@@ -390,6 +397,10 @@ def check_value(setting: Setting, value):
         if not isinstance(value, bool):
             raise _fail(setting, value, "is not true or false")
         return value
+    if kind == "switch":
+        if not isinstance(value, bool) and value != "auto":
+            raise _fail(setting, value, "is not true, false or auto")
+        return value
     if kind == "choice":
         return _choice(setting, value)
     if kind == "str":
@@ -468,6 +479,23 @@ def _check_image_size(cfg: dict, family: str) -> None:
                               f"use --set preprocessing.image_size={upper}" + (f" or {lower}" if lower else ""))
 
 
+def _train_sections(cfg: dict):
+    """(name, section) of every train.* mapping of a 2D profile: train, pretraining.train, strategy_train.<strategy>."""
+    for name, section in [("train", cfg.get("train")), ("pretraining.train", (cfg.get("pretraining") or {}).get("train")),
+                          *((f"strategy_train.{k}", v) for k, v in (cfg.get("strategy_train") or {}).items())]:
+        if isinstance(section, dict):
+            yield name, section
+
+
+def _check_precision_device(cfg: dict) -> None:
+    if cfg.get("device") == "cuda":
+        return
+    for name, section in _train_sections(cfg):
+        if section.get("precision") == "fp16":
+            raise DomgenError(f"{name}.precision fp16 needs --device cuda (the device is {cfg.get('device', 'cpu')}); on a CPU use "
+                              f"--set {name}.precision=bf16")
+
+
 def _check_cross_fields(cfg: dict, family: str) -> None:
     split = cfg.get("split") or {}
     if family == LOO and all(isinstance(split.get(k), (int, float)) for k in ("train", "val", "test")):
@@ -479,6 +507,7 @@ def _check_cross_fields(cfg: dict, family: str) -> None:
     if family == LOO and split.get("protocol") == "kfold" and isinstance(cfg.get("folds"), int) and cfg["folds"] < 2:
         raise DomgenError(f"folds = {cfg['folds']} cannot make a k-fold split; use --folds 2 or more, or "
                           "--set split.protocol=repeated-holdout for independent train/val/test splits")
+    _check_precision_device(cfg)
     filters = (cfg.get("pseudolabel") or {}).get("filters") or {}
     if family == LOO:
         known = _confidence_scores()

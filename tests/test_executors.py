@@ -92,6 +92,34 @@ def test_executor_registry_and_flag_errors():
     assert get_executor("local", workers=2, threads=None).threads >= 1
 
 
+def test_gpus_per_trial_reaches_the_ray_task_and_is_refused_where_it_means_nothing():
+    runner = get_executor("ray", workers=2, gpus_per_trial=0.25, device="cuda")  # Ray is not started by building it
+    assert runner.gpus_per_trial == 0.25 and runner.task_options()["num_gpus"] == 0.25
+    assert get_executor("ray", workers=2, gpus_per_trial=2, device="cuda").task_options()["num_gpus"] == 2
+    assert get_executor("ray", workers=2, device="cuda").task_options()["num_gpus"] == 1  # the default: one GPU each
+    assert get_executor("ray", workers=2, device="cpu").task_options()["num_gpus"] == 0
+    with pytest.raises(DomgenError, match="^--gpus-per-trial is for --executor ray; the local executor's workers share this machine's GPU$"):
+        get_executor("local", workers=2, gpus_per_trial=0.5, device="cuda")
+    with pytest.raises(DomgenError, match="^--gpus-per-trial needs --device cuda"):
+        get_executor("ray", workers=2, gpus_per_trial=0.5, device="cpu")
+    for bad in (1.5, -0.25, 0.0):
+        with pytest.raises(DomgenError, match="--gpus-per-trial"):
+            get_executor("ray", workers=2, gpus_per_trial=bad, device="cuda")
+
+
+def test_benchmark_refuses_gpus_per_trial_on_a_cpu_in_one_sentence(tmp_path, tiny_suite):
+    from click.testing import CliRunner
+
+    from domgen.cli import main
+
+    result = CliRunner().invoke(main, ["benchmark", "--suite", str(tiny_suite), "--device", "cpu", "--gpus-per-trial", "0.5", "--dry-run",
+                                       "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert result.output.strip() == "error: --gpus-per-trial needs --device cuda (it is 0.5 with --device cpu); leave it out on a CPU"
+    assert not (tmp_path / "mlflow.db").exists()  # refused before the store was touched
+
+
 def test_local_worker_pool_records_a_dead_worker_and_goes_on():
     runner = get_executor("local", workers=2, threads=1)
     jobs = [{"action": "exit"}, {"action": "square", "x": 3}]

@@ -13,7 +13,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from domgen import settings
-from domgen.config import EXPERIMENTS_DIR, apply_overrides, load_profile
+from domgen.config import EXPERIMENTS_DIR, apply_overrides, config_hash, load_profile
 from domgen.errors import DomgenError
 from domgen.families import FAMILIES, common
 from domgen.models import ARCHITECTURES, build_model
@@ -39,6 +39,25 @@ def test_values_are_coerced_and_names_normalised():
         settings.validate(apply_overrides(load_profile("benchmark", "quick"), ["train.epochs=2.5"]))
     with pytest.raises(DomgenError, match="is not a benchmark setting"):
         settings.validate({**load_profile("benchmark", "quick"), "colour": "blue"})
+
+
+def test_loader_settings_are_checked_and_stay_out_of_the_hashes():
+    for family in ("benchmark", "leave_one_out", "transfer"):
+        out = settings.validate(apply_overrides(load_profile(family, "quick"), ["train.loader_workers=2", "train.pin_memory=true"]))
+        assert out["train"]["loader_workers"] == 2 and out["train"]["pin_memory"] is True
+    for bad, words in (("train.loader_workers=-1", "train.loader_workers = -1 is too small"),
+                       ("train.loader_workers=two", "train.loader_workers = 'two' is not an integer"),
+                       ("train.pin_memory=sometimes", "train.pin_memory = 'sometimes' is not true, false or auto"),
+                       ("train.precision=fp16", "train.precision fp16 needs --device cuda")):
+        with pytest.raises(DomgenError, match=words):
+            settings.validate(apply_overrides(load_profile("leave_one_out", "quick"), [bad]))
+    gpu = settings.validate(apply_overrides(load_profile("leave_one_out", "quick"), ["train.precision=fp16", "device=cuda"]))
+    assert gpu["train"]["precision"] == "fp16"
+    # how batches reach the model is not part of a run's identity: runs made before these keys keep their hashes
+    base = settings.validate(load_profile("transfer", "quick"))
+    more = settings.validate(apply_overrides(load_profile("transfer", "quick"), ["train.loader_workers=4", "train.pin_memory=false"]))
+    older = {**base, "train": {k: v for k, v in base["train"].items() if k not in common.LOADER_KEYS}}
+    assert config_hash(common.hashed_view(base)) == config_hash(common.hashed_view(more)) == config_hash(older)
 
 
 def test_the_volume_family_has_its_own_rows():

@@ -8,8 +8,8 @@ import torch
 
 from domgen.errors import DomgenError
 from domgen.preprocessing.slices import SliceSet
-from domgen.training.trainer import (DiceBCELoss, TrainSettings, predict_model_size, resolve_precision, train,
-                                     train_step)
+from domgen.training.trainer import (DiceBCELoss, SliceDataset, TrainSettings, grad_scaler, predict_model_size, resolve_pin_memory,
+                                     resolve_precision, train, train_step)
 
 
 def tiny_slices(n=6, size=32, seed=0) -> SliceSet:
@@ -30,10 +30,34 @@ def model():
 
 def test_bad_precision_is_one_sentence():
     with pytest.raises(DomgenError, match="train.precision"):
-        TrainSettings(precision="fp16")
+        TrainSettings(precision="fp8")
     with pytest.raises(DomgenError, match="train.channels_last"):
         TrainSettings(channels_last="yes")
     assert TrainSettings.from_config({"precision": "bf16", "channels_last": True}).channels_last is True
+
+
+def test_bad_loader_settings_and_fp16_on_a_cpu_are_one_sentence():
+    with pytest.raises(DomgenError, match=r"^train\.loader_workers is -1; use 0 or more\.$"):
+        TrainSettings(loader_workers=-1)
+    with pytest.raises(DomgenError, match=r"^train\.loader_workers is 1\.5; use 0 or more\.$"):
+        TrainSettings(loader_workers=1.5)
+    with pytest.raises(DomgenError, match=r"^train\.pin_memory is 'sometimes'; use true, false or auto\.$"):
+        TrainSettings(pin_memory="sometimes")
+    with pytest.raises(DomgenError, match=r"fp16 needs --device cuda .*bf16"):
+        TrainSettings(precision="fp16", device="cpu")
+    assert TrainSettings(precision="fp16", device="cuda", loader_workers=2).loader_workers == 2  # checked, not run
+    assert resolve_pin_memory("auto", "cuda") and not resolve_pin_memory("auto", "cpu") and not resolve_pin_memory(True, "cpu")
+    assert resolve_precision("fp16", "cuda") == "fp16" and resolve_precision("auto", "cuda") == "fp32"
+
+
+def test_fp16_train_step_is_refused_on_a_cpu():
+    slices = tiny_slices(n=2)
+    x, y = torch.from_numpy(slices.inputs), torch.from_numpy(slices.targets)[:, None].float()
+    m = model()
+    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+    with pytest.raises(DomgenError, match="fp16 needs --device cuda"):
+        train_step(m, opt, DiceBCELoss(), x, y, "fp16")
+    assert grad_scaler("fp32", "cpu") is None and grad_scaler("bf16", "cuda") is None
 
 
 def test_auto_precision_is_fp32_on_gpu_and_bf16_only_with_native_cpu_support(monkeypatch):
@@ -75,3 +99,26 @@ def test_train_records_speed_settings_for_prediction_and_is_deterministic():
     assert a.model.domgen_channels_last is True and a.model.domgen_precision == "fp32"
     assert [h["val_loss"] for h in a.history] == [h["val_loss"] for h in b.history]
     np.testing.assert_array_equal(predict_model_size(a.model, slices), predict_model_size(b.model, slices))
+
+
+def test_loader_workers_do_not_change_the_numbers():
+    """Augmentation is drawn from (seed, epoch, index): 0 or 2 worker processes train the very same weights."""
+    slices = tiny_slices(n=5)
+    results = {}
+    for workers in (0, 2):
+        settings = TrainSettings(epochs=2, batch_size=2, patience=None, augment="enshaei", loader_workers=workers, select_by="last")
+        results[workers] = train(model(), slices, slices, settings, progress=False)
+    a, b = results[0], results[2]
+    assert [h["train_loss"] for h in a.history] == [h["train_loss"] for h in b.history]
+    assert [h["val_loss"] for h in a.history] == [h["val_loss"] for h in b.history]
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_augmentation_depends_on_seed_epoch_and_index_only():
+    slices = tiny_slices(n=3)
+    one, other = SliceDataset(slices, "bizopoulos", seed=1), SliceDataset(slices, "bizopoulos", seed=1)
+    other[(5, 2)]  # another draw first: no state carries over
+    assert torch.equal(one[(0, 1)][0], other[(0, 1)][0])
+    assert not torch.equal(one[(0, 1)][0], one[(1, 1)][0])  # a new epoch, a new augmentation
+    assert torch.equal(one[1][0], one[(0, 1)][0])  # a bare index is epoch 0

@@ -29,9 +29,12 @@ def _stopping_workers(pool: ProcessPoolExecutor) -> Iterator[None]:
 
 
 class LocalExecutor:
-    def __init__(self, workers: int = 1, address: str | None = None, device: str = "cpu", threads: int | None = None) -> None:
+    def __init__(self, workers: int = 1, address: str | None = None, device: str = "cpu", threads: int | None = None,
+                 gpus_per_trial: float | None = None) -> None:
         if address:
             raise DomgenError("--address is for --executor ray; the local executor runs on this machine")
+        if gpus_per_trial is not None:
+            raise DomgenError("--gpus-per-trial is for --executor ray; the local executor's workers share this machine's GPU")
         self.workers = workers
         # the cores shared out between the trials, so N workers do not oversubscribe the CPU
         self.threads = threads or max(1, (os.cpu_count() or 1) // workers)

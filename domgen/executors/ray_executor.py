@@ -1,5 +1,5 @@
-"""The Ray executor: one Ray task per configuration (one GPU each with ``--device cuda``), every task
-logging to a shared MLflow tracking server.
+"""The Ray executor: one Ray task per configuration (with ``--device cuda`` one GPU each, or the fraction
+``--gpus-per-trial`` gives: 0.25 runs four trials on one GPU), every task logging to a shared MLflow tracking server.
 
 A local SQLite file cannot be shared safely by many writers on many machines, so Ray needs an
 ``http(s)://`` tracking URI. On a single machine without ``--address`` domgen starts ``mlflow server``
@@ -64,7 +64,8 @@ def tracking_server(backend_uri: str, artifacts: Path, port: int | None = None, 
 
 
 class RayExecutor:
-    def __init__(self, workers: int = 1, address: str | None = None, device: str = "cpu", threads: int | None = None) -> None:
+    def __init__(self, workers: int = 1, address: str | None = None, device: str = "cpu", threads: int | None = None,
+                 gpus_per_trial: float | None = None) -> None:
         try:
             import ray  # noqa: F401
         except ImportError:
@@ -72,6 +73,12 @@ class RayExecutor:
         self.workers, self.address, self.device = workers, address, device
         # a trial's CPU share: on a cluster one GPU and a few cores each; locally the cores split between the workers
         self.threads = threads or (1 if address else max(1, (os.cpu_count() or 1) // workers))
+        # a trial's GPU share (Ray schedules fractions): one whole GPU with CUDA unless --gpus-per-trial says less
+        self.gpus_per_trial = gpus_per_trial if gpus_per_trial is not None else (1 if device == "cuda" else 0)
+
+    def task_options(self) -> dict:
+        """The resources each configuration's Ray task asks for."""
+        return {"num_cpus": self.threads, "num_gpus": self.gpus_per_trial, "max_retries": 0}
 
     @contextlib.contextmanager
     def tracking(self, uri: str) -> Iterator[str]:
@@ -94,10 +101,10 @@ class RayExecutor:
             if self.address:
                 ray.init(address=self.address, log_to_driver=False)
             else:
-                # GPUs: Ray detects them; each task asks for one, so at most that many trials run at once
+                # GPUs: Ray detects them; each task asks for gpus_per_trial, so at most GPUs / that many trials share them
                 ray.init(num_cpus=self.workers * self.threads, num_gpus=None if self.device == "cuda" else 0,
                          include_dashboard=False, log_to_driver=False, object_store_memory=256 * 1024 ** 2)
-        task = ray.remote(num_cpus=self.threads, num_gpus=1 if self.device == "cuda" else 0, max_retries=0)(fn)
+        task = ray.remote(**self.task_options())(fn)
         bar = tqdm(total=len(jobs), desc=f"{desc} (ray)", unit="run", disable=not progress)
         # the data every job reads goes to the object store once, not once per job
         extra = {} if shared is None else {"shared": ray.put(shared)}

@@ -50,7 +50,8 @@ WEIGHTS = {"random": "none", "imagenet": "imagenet"}
 RUN_ONLY_KEYS = ("grid", "threads", "profile")
 # what a --retry-failed may change for the failed configurations without changing their identity
 # (the documented out-of-memory recipe: --retry-failed --set train.batch_size=1)
-RETRY_KEYS = ("train.batch_size", "device", "threads", "train.precision", "train.channels_last")
+RETRY_KEYS = ("train.batch_size", "device", "threads", "train.precision", "train.channels_last", "train.loader_workers",
+              "train.pin_memory")
 
 
 @dataclass(frozen=True)
@@ -317,11 +318,13 @@ def _apply(cfg: dict, overrides: dict) -> dict:
 
 
 def run_benchmark(cfg: dict, executor: str = "local", workers: int = 1, address: str | None = None,
-                  retry_failed: bool = False, progress: bool = True, retry_with: dict | None = None) -> SweepResult:
+                  retry_failed: bool = False, progress: bool = True, retry_with: dict | None = None,
+                  gpus_per_trial: float | None = None) -> SweepResult:
     """Run (or resume) the sweep of ``cfg['grid']``; returns the parent run id and what happened.
 
     ``retry_with`` (with ``retry_failed``): settings from ``RETRY_KEYS`` that the failed configurations are
-    retried with, inside the same sweep and under the same hashes.
+    retried with, inside the same sweep and under the same hashes. ``gpus_per_trial`` (Ray with CUDA): the share
+    of a GPU each configuration gets (None: one GPU).
     """
     from domgen.executors import get_executor
 
@@ -332,7 +335,8 @@ def run_benchmark(cfg: dict, executor: str = "local", workers: int = 1, address:
     tracking_uri = store.tracking_uri()
     # created through the configured store first, so a local SQLite store keeps file artifacts even behind a server
     exp_id = store.experiment_id(EXPERIMENT)
-    runner = get_executor(executor, workers=workers, address=address, device=cfg["device"], threads=cfg.get("threads"))
+    runner = get_executor(executor, workers=workers, address=address, device=cfg["device"], threads=cfg.get("threads"),
+                          gpus_per_trial=gpus_per_trial)
     try:
         with runner.tracking(tracking_uri) as shared_uri:
             store.configure(shared_uri)

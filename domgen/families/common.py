@@ -81,8 +81,29 @@ def with_content_digests(cfg: dict, datasets: list[str]) -> dict:
     return {**cfg, "content_digest": content_digest(cfg, datasets)}
 
 
+# train.* keys that choose how batches reach the model, not what it computes (the numbers are the same either way)
+LOADER_KEYS = ("loader_workers", "pin_memory")
+
+
+def _without_loader_keys(cfg: dict) -> dict:
+    """``cfg`` (a copy where needed) without ``LOADER_KEYS`` in its train sections, so older runs keep their hashes."""
+    def strip(section):
+        return {k: v for k, v in section.items() if k not in LOADER_KEYS} if isinstance(section, dict) else section
+
+    out = dict(cfg)
+    if "train" in out:
+        out["train"] = strip(out["train"])
+    if isinstance(out.get("pretraining"), dict) and "train" in out["pretraining"]:
+        out["pretraining"] = {**out["pretraining"], "train": strip(out["pretraining"]["train"])}
+    if isinstance(out.get("strategy_train"), dict):
+        out["strategy_train"] = {k: strip(v) for k, v in out["strategy_train"].items()}
+    return out
+
+
 def hashed_view(cfg: dict) -> dict:
-    """What a hash should see: with ``content_digest`` attached, the paths are left out (their contents are in)."""
+    """What a hash should see: with ``content_digest`` attached, the paths are left out (their contents are in); the
+    loader settings (``LOADER_KEYS``) never enter."""
+    cfg = _without_loader_keys(cfg)
     if "content_digest" not in cfg:
         return cfg
     return {k: v for k, v in cfg.items() if k not in PATH_KEYS}

@@ -4,14 +4,21 @@ Defaults follow Enshaei et al. (Dice + BCE, lr 1e-3, patience 5, keep best valid
 et al. use soft Dice and keep the lowest validation loss; Wang et al.'s Continual Learning uses the poly
 schedule lr * (1 - epoch/max_epochs)^0.9.
 
-Speed (issue 9): ``precision`` runs the forward pass and the loss under bf16 autocast (weights, gradients and
-the optimiser stay fp32), and ``channels_last`` stores activations NHWC, which oneDNN's convolutions prefer on
-CPU. ``auto`` picks bf16 only on a CPU with native bf16 (AVX-512 BF16 or AMX); on CUDA it stays fp32 unless
-``bf16`` is asked for (AMP).
+Speed (issue 9): ``precision`` runs the forward pass under autocast (weights, gradients and the optimiser stay
+fp32; the loss is taken on fp32 logits), and ``channels_last`` stores activations NHWC, which oneDNN's convolutions
+prefer on CPU. ``bf16`` works on CPU and CUDA; ``fp16`` is CUDA only (float16 autocast with a ``GradScaler``, the
+torch.amp recipe, so small gradients do not underflow). ``auto`` picks bf16 only on a CPU with native bf16 (AVX-512
+BF16 or AMX); on CUDA it stays fp32 unless ``bf16`` or ``fp16`` is asked for.
+
+Speed on a GPU (issue 12): ``loader_workers`` processes prepare and augment the batches while the GPU trains, and
+``pin_memory`` (``auto``: on with CUDA) puts them in page-locked memory so the copy to the GPU is non-blocking. A
+slice's augmentation is drawn from (seed, epoch, index) alone, so the number of workers never changes the numbers.
 """
 from __future__ import annotations
 
 import copy
+import functools
+import random
 import time
 from dataclasses import dataclass, field
 from contextlib import nullcontext
@@ -22,7 +29,7 @@ import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 from tqdm.auto import tqdm
 
 from domgen.errors import DomgenError
@@ -46,14 +53,18 @@ class TrainSettings:
     optimizer: str = "adam"  # an OPTIMIZERS name: adam (Enshaei, Bizopoulos) | sgd (Wang et al.: nnU-Net's SGD)
     momentum: float = 0.99  # sgd only
     nesterov: bool = True  # sgd only
-    precision: str = "fp32"  # a PRECISIONS name: fp32 | bf16 | auto
+    precision: str = "fp32"  # a PRECISIONS name: fp32 | bf16 | fp16 (CUDA only) | auto
     channels_last: bool = False  # NHWC activations (faster convolutions on CPU with oneDNN)
+    loader_workers: int = 0  # DataLoader worker processes preparing batches (0: in the training process)
+    pin_memory: bool | str = "auto"  # page-locked batches for non-blocking copies to the GPU; auto: on with CUDA
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise DomgenError(f"train.precision is {self.precision!r}; use one of {', '.join(PRECISIONS)}.")
+        resolve_precision(self.precision, self.device)  # an unknown name, or fp16 on a CPU, is one sentence
         if not isinstance(self.channels_last, bool):
             raise DomgenError(f"train.channels_last is {self.channels_last!r}; use true or false.")
+        if isinstance(self.loader_workers, bool) or not isinstance(self.loader_workers, int) or self.loader_workers < 0:
+            raise DomgenError(f"train.loader_workers is {self.loader_workers!r}; use 0 or more.")
+        resolve_pin_memory(self.pin_memory, self.device)
 
     @classmethod
     def from_config(cls, cfg: dict, **override) -> "TrainSettings":
@@ -96,7 +107,7 @@ LOSSES: dict[str, Callable[[], nn.Module]] = {
 }
 
 
-PRECISIONS = ("fp32", "bf16", "auto")
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 
 
 def cpu_has_native_bf16() -> bool:
@@ -106,9 +117,16 @@ def cpu_has_native_bf16() -> bool:
 
 
 def resolve_precision(precision: str, device: str) -> str:
-    """``fp32`` or ``bf16`` for ``device``: ``auto`` is bf16 on a CPU with native bf16, fp32 elsewhere (GPU: fp32 unless AMP is asked)."""
+    """``fp32``, ``bf16`` or ``fp16`` for ``device``.
+
+    ``auto`` is bf16 on a CPU with native bf16 and fp32 elsewhere: on CUDA it stays fp32 unless AMP is asked for
+    (``bf16``, or ``fp16`` with a gradient scaler). ``fp16`` on a CPU is refused: bf16 is the CPU's half precision.
+    """
     if precision not in PRECISIONS:
         raise DomgenError(f"train.precision is {precision!r}; use one of {', '.join(PRECISIONS)}.")
+    if precision == "fp16" and device_type(device) != "cuda":
+        raise DomgenError(f"train.precision fp16 needs --device cuda (the device is {device}); on a CPU use "
+                          "--set train.precision=bf16.")
     if precision == "auto":
         return "bf16" if device_type(device) == "cpu" and cpu_has_native_bf16() else "fp32"
     return precision
@@ -118,11 +136,37 @@ def device_type(device: str) -> str:
     return torch.device(device).type
 
 
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def autocast(precision: str, device: str):
-    """bf16 autocast context for ``device`` (a resolved precision), or a no-op for fp32."""
-    if precision == "bf16":
-        return torch.autocast(device_type(device), dtype=torch.bfloat16)
-    return nullcontext()
+    """bf16 or fp16 autocast context for ``device`` (a resolved precision), or a no-op for fp32."""
+    if precision not in AUTOCAST_DTYPES:
+        return nullcontext()
+    resolve_precision(precision, device)  # fp16 on a CPU: one sentence, not torch's warning
+    return torch.autocast(device_type(device), dtype=AUTOCAST_DTYPES[precision])
+
+
+def grad_scaler(precision: str, device: str) -> torch.amp.GradScaler | None:
+    """The loss scaler fp16 training needs (torch.amp); None for fp32 and bf16, whose range needs none."""
+    return torch.amp.GradScaler(device_type(device)) if precision == "fp16" else None
+
+
+def resolve_pin_memory(pin_memory: bool | str, device: str) -> bool:
+    """Whether batches go to page-locked memory: ``auto`` means on with CUDA; pinning only helps a copy to a GPU,
+    so on a CPU device it is always off."""
+    if not isinstance(pin_memory, bool) and pin_memory != "auto":
+        raise DomgenError(f"train.pin_memory is {pin_memory!r}; use true, false or auto.")
+    return device_type(device) == "cuda" and pin_memory in (True, "auto")
+
+
+def to_device(x: torch.Tensor, device: str, pin_memory: bool = False) -> torch.Tensor:
+    """``x`` on ``device``; with ``pin_memory`` the host tensor is page-locked first and the copy is non-blocking."""
+    if not pin_memory:
+        return x.to(device)
+    if not x.is_pinned():
+        x = x.pin_memory()
+    return x.to(device, non_blocking=True)
 
 
 def to_memory_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
@@ -141,36 +185,103 @@ def poly_lr(base_lr: float, epoch: int, max_epochs: int, power: float = 0.9) -> 
     return base_lr * (1.0 - epoch / max_epochs) ** power
 
 
+def augmentation_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of one slice's augmentation in one epoch: a function of (seed, epoch, index) only."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+
+
 class SliceDataset(Dataset):
+    """Slices with their augmentation. An item is ``i`` (epoch 0) or ``(epoch, i)`` from an ``EpochSampler``: the
+    augmentation is reseeded from (seed, epoch, i) for each item, so no worker process's own random state enters."""
+
     def __init__(self, slices: SliceSet, augment: str = "none", seed: int = 0) -> None:
         self.slices = slices
+        self.seed = seed
         self.transform = build_augmentation(augment, seed)
 
     def __len__(self) -> int:
         return len(self.slices)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key: int | tuple[int, int]):
+        epoch, i = key if isinstance(key, tuple) else (0, key)
         image = self.slices.inputs[i, 0]
         mask = self.slices.targets[i]
         if self.transform is not None:
+            self.transform.set_random_seed(augmentation_seed(self.seed, epoch, i))
             out = self.transform(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
         return torch.from_numpy(np.ascontiguousarray(image))[None], torch.from_numpy(np.ascontiguousarray(mask))[None].float()
 
 
+class EpochSampler(Sampler):
+    """A shuffled epoch of ``(epoch, index)`` keys for ``SliceDataset``; ``set_epoch`` is called before each epoch.
+
+    It runs in the training process with its own generator, so the order does not depend on the loader's workers."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.order = RandomSampler(range(n), generator=torch.Generator().manual_seed(seed))
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __iter__(self):
+        epoch = self.epoch
+        return ((epoch, i) for i in self.order)
+
+
+def seed_loader_worker(seed: int, worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: numpy, random and torch seeded from (seed, worker id), the same on every run."""
+    import cv2
+
+    cv2.setNumThreads(0)  # OpenCV's thread pool does not survive the fork; a worker is one thread anyway
+    state = np.random.SeedSequence([seed, worker_id]).generate_state(2)
+    np.random.seed(int(state[0]))
+    random.seed(int(state[1]))
+    torch.manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def slice_loader(train_set: SliceSet, settings: "TrainSettings") -> tuple[DataLoader, EpochSampler]:
+    """The training DataLoader (and its sampler, whose epoch the loop sets): shuffled, augmented, ``loader_workers``
+    processes (kept alive between epochs), batches pinned when ``pin_memory`` resolves on."""
+    sampler = EpochSampler(len(train_set), settings.seed)
+    workers = settings.loader_workers
+    loader = DataLoader(
+        SliceDataset(train_set, settings.augment, settings.seed),
+        batch_size=settings.batch_size, sampler=sampler, drop_last=len(train_set) > settings.batch_size,
+        num_workers=workers, persistent_workers=workers > 0, pin_memory=resolve_pin_memory(settings.pin_memory, settings.device),
+        worker_init_fn=functools.partial(seed_loader_worker, settings.seed) if workers > 0 else None,
+        # its own generator: the loader draws worker base seeds from it, never from the global torch RNG
+        generator=torch.Generator().manual_seed(settings.seed),
+    )
+    return loader, sampler
+
+
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor,
-               precision: str = "fp32") -> torch.Tensor:
+               precision: str = "fp32", scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
     """One optimisation step; returns the (detached) loss. Kept bare: the benchmark compares it with smp's.
 
-    ``precision`` (resolved: fp32 or bf16) autocasts the forward pass only; the loss is taken in fp32 and
-    backward runs outside autocast, as torch.amp recommends.
+    ``precision`` (resolved: fp32, bf16 or fp16) autocasts the forward pass only; the loss is taken in fp32 and
+    backward runs outside autocast, as torch.amp recommends. fp16 (CUDA) needs ``scaler`` (``grad_scaler``): the
+    loss is scaled before backward, the step unscales and skips on inf/NaN, and the scale is updated.
     """
+    if precision == "fp16" and scaler is None:
+        resolve_precision(precision, str(x.device))  # on a CPU: the one-sentence refusal
+        raise ValueError("train_step with precision fp16 needs scaler=grad_scaler('fp16', device)")
     optimizer.zero_grad(set_to_none=True)
     with autocast(precision, str(x.device)):
         logits = model(x)
     loss = loss_fn(logits.float(), y)
-    loss.backward()
-    optimizer.step()
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)  # unscales first; skipped when a gradient is inf/NaN
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
     return loss.detach()
 
 
@@ -203,8 +314,12 @@ def _padded_batches(inputs: np.ndarray, batch_size: int):
 
 
 def inference_settings(model: nn.Module, precision: str | None, channels_last: bool | None, device: str) -> tuple[str, bool]:
-    """(resolved precision, channels_last) for inference: explicit arguments win, else what ``train`` used for ``model``."""
-    precision = precision if precision is not None else getattr(model, "domgen_precision", "fp32")
+    """(resolved precision, channels_last) for inference: explicit arguments win, else what ``train`` used for ``model``
+    (a model trained in fp16 on a GPU predicts in fp32 on a CPU)."""
+    if precision is None:
+        precision = getattr(model, "domgen_precision", "fp32")
+        if precision == "fp16" and device_type(device) != "cuda":
+            precision = "fp32"
     channels_last = channels_last if channels_last is not None else getattr(model, "domgen_channels_last", False)
     return resolve_precision(precision, device), bool(channels_last)
 
@@ -220,13 +335,15 @@ def mark_speed_settings(model: nn.Module, precision: str, channels_last: bool) -
 @torch.no_grad()
 def predict_model_size(model: nn.Module, slices: SliceSet, batch_size: int = 32, device: str = "cpu",
                        progress: bool = False, desc: str = "predict", precision: str | None = None,
-                       channels_last: bool | None = None) -> np.ndarray:
+                       channels_last: bool | None = None, pin_memory: bool | str = "auto") -> np.ndarray:
     """Lesion probabilities at model size, (N, S, S) float32.
 
     ``precision``/``channels_last`` default to what ``train`` used for this model (fp32, NCHW for a model it did
-    not train); the sigmoid is taken on fp32 logits.
+    not train); the sigmoid is taken on fp32 logits. ``pin_memory`` (auto: on with CUDA) copies batches to the
+    GPU from page-locked memory, non-blocking.
     """
     precision, channels_last = inference_settings(model, precision, channels_last, device)
+    pin = resolve_pin_memory(pin_memory, device)
     model.eval()
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -234,7 +351,7 @@ def predict_model_size(model: nn.Module, slices: SliceSet, batch_size: int = 32,
     bar = tqdm(total=len(slices), desc=desc, unit="slice", disable=not progress, leave=False)
     for start, x in _padded_batches(slices.inputs, batch_size):
         with autocast(precision, device):
-            logits = model(to_memory_format(x.to(device), channels_last))
+            logits = model(to_memory_format(to_device(x, device, pin), channels_last))
         out[start:start + len(x)] = torch.sigmoid(logits.float())[:, 0].cpu().numpy()
         bar.update(len(x))
     bar.close()
@@ -251,22 +368,24 @@ def to_original_size(probabilities: np.ndarray, slices: SliceSet) -> list[np.nda
 
 
 def _validate(model, loss_fn, slices: SliceSet, batch_size: int, device: str, precision: str = "fp32",
-              channels_last: bool = False) -> tuple[float, float]:
+              channels_last: bool = False, pin_memory: bool = False) -> tuple[float, float]:
     model.eval()
-    losses, tp, fp, fn = [], 0.0, 0.0, 0.0
+    losses, counts = [], []
     with torch.no_grad():
         for start, x in _padded_batches(slices.inputs, batch_size):
-            y = torch.from_numpy(slices.targets[start:start + len(x)])[:, None].float().to(device)
+            y = to_device(torch.from_numpy(slices.targets[start:start + len(x)])[:, None].float(), device, pin_memory)
             with autocast(precision, device):
-                logits = model(to_memory_format(x.to(device), channels_last))
+                logits = model(to_memory_format(to_device(x, device, pin_memory), channels_last))
             logits = logits.float()
-            losses.append(float(loss_fn(logits, y)) * len(x))
+            losses.append(loss_fn(logits, y).double() * len(x))
             pred = logits > 0
-            tp += float((pred & (y > 0)).sum())
-            fp += float((pred & (y == 0)).sum())
-            fn += float((~pred & (y > 0)).sum())
+            # TP, FP, FN summed on the device: one copy back per epoch instead of four per batch
+            counts.append(torch.stack([(pred & (y > 0)).sum(), (pred & (y == 0)).sum(), (~pred & (y > 0)).sum()]))
+    if not counts:
+        return 0.0, 1.0
+    tp, fp, fn = (float(c) for c in torch.stack(counts).sum(0).cpu())
     dsc = 2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) > 0 else 1.0
-    return float(np.sum(losses) / max(len(slices), 1)), dsc
+    return float(np.sum(torch.stack(losses).cpu().tolist()) / max(len(slices), 1)), dsc
 
 
 def train(
@@ -285,16 +404,14 @@ def train(
     seed_everything(settings.seed)
     device = settings.device
     precision = resolve_precision(settings.precision, device)
+    pin = resolve_pin_memory(settings.pin_memory, device)
     model.to(device)
     mark_speed_settings(model, precision, settings.channels_last)
     loss_fn = LOSSES[settings.loss]()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = OPTIMIZERS[settings.optimizer](params, settings)
-    loader = DataLoader(
-        SliceDataset(train_set, settings.augment, settings.seed),
-        batch_size=settings.batch_size, shuffle=True, drop_last=len(train_set) > settings.batch_size,
-        generator=torch.Generator().manual_seed(settings.seed), num_workers=0,
-    )
+    scaler = grad_scaler(precision, device)
+    loader, sampler = slice_loader(train_set, settings)
     best_score, best_loss, best_state, best_epoch, stale = -np.inf, np.inf, None, 0, 0
     history: list[dict] = []
     started = time.perf_counter()
@@ -304,16 +421,20 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = poly_lr(settings.lr, epoch, settings.epochs, settings.poly_power)
         set_train_mode(model)
+        sampler.set_epoch(epoch)
         epoch_started = time.perf_counter()
-        total, count = torch.zeros(()), 0
+        # summed on the device: reading each loss back would wait for the GPU at every step
+        total, count = torch.zeros((), device=device), 0
         for x, y in loader:
-            x = to_memory_format(x.to(device), settings.channels_last)
-            loss = train_step(model, optimizer, loss_fn, x, y.to(device), precision)
-            total += loss.cpu() * len(x)
+            x = to_memory_format(to_device(x, device, pin), settings.channels_last)
+            loss = train_step(model, optimizer, loss_fn, x, to_device(y, device, pin), precision, scaler)
+            total += loss * len(x)
             count += len(x)
+        if device_type(device) == "cuda":
+            torch.cuda.synchronize(device)  # the queued steps belong to the training seconds, not the validation's
         val_started = time.perf_counter()
         val_loss, val_dsc = _validate(model, loss_fn, val_set, settings.batch_size, device, precision,
-                                      settings.channels_last)
+                                      settings.channels_last, pin)
         # training and validation seconds apart: Bizopoulos et al. Table II reports both
         record = {"epoch": epoch, "train_loss": float(total) / max(count, 1), "val_loss": val_loss,
                   "val_dsc": val_dsc, "lr": optimizer.param_groups[0]["lr"],
