@@ -56,15 +56,15 @@ def run_units(runner, fn: Callable[[dict, object], None], jobs: list[dict], shar
             fn(job, shared)
         return
     uri = store.tracking_uri()
-    sent = [{"fn": fn, "job": job, "tracking_uri": uri, "threads": runner.threads} for job in jobs]
-    failed = []
+    sent = [{"fn": fn, "job": job, "index": i, "tracking_uri": uri, "threads": runner.threads} for i, job in enumerate(jobs)]
+    failed = {}
     for unit, result, error in runner.map(_in_worker, sent, progress=progress, shared=shared, desc=f"{what}s"):
         reason = error or (result or {}).get("error")
         if reason:
-            failed.append(f"{unit['job']['name']}: {reason}")
-    if failed:
-        raise DomgenError(f"{len(failed)} of {len(jobs)} {what}s failed ({failed[0]}); fix the cause and re-run the same "
-                          f"command: the finished {what}s are kept")
+            failed[unit["index"]] = f"{unit['job']['name']}: {reason}"
+    if failed:  # the first failure in the order of the jobs, whichever finished first
+        raise DomgenError(f"{len(failed)} of {len(jobs)} {what}s failed ({failed[min(failed)]}); fix the cause and re-run the "
+                          f"same command: the finished {what}s are kept")
 
 
 def _in_worker(unit: dict, shared: object = None) -> dict:
