@@ -61,41 +61,43 @@ def _tables(output: str) -> list[str]:
     return rows
 
 
+def _here_and_there(tmp_path, args: list[str], experiment: str, executor: str):
+    """The command in this process and with ``--executor EXECUTOR --workers 2``, each into its own store: (output
+    here, output there, child runs here, child runs there)."""
+    outputs, runs = [], []
+    for name, extra in (("here", []), ("there", ["--executor", executor, "--workers", "2"])):
+        result = CliRunner().invoke(main, [*args, "--tracking-uri", f"sqlite:///{tmp_path}/{name}.db", *extra])
+        assert result.exit_code == 0, result.output
+        outputs.append(result.output)
+        runs.append(_children(f"sqlite:///{tmp_path}/{name}.db", experiment, "round"))
+    return (*outputs, *runs)
+
+
 def test_leave_one_out_folds_on_ray_give_the_numbers_of_one_process(tmp_path, tiny_suite):
     args = ["leave-one-out", "--source", "A", "--targets", "B", "--suite", str(tiny_suite), *LOO_RUN]
-    here = CliRunner().invoke(main, [*args, "--tracking-uri", f"sqlite:///{tmp_path}/here.db"])
-    assert here.exit_code == 0, here.output
-    there = CliRunner().invoke(main, [*args, "--tracking-uri", f"sqlite:///{tmp_path}/ray.db", "--executor", "ray", "--workers", "2"])
-    assert there.exit_code == 0, there.output
-    runs_here = _children(f"sqlite:///{tmp_path}/here.db", loo.EXPERIMENT, "round")
-    runs_there = _children(f"sqlite:///{tmp_path}/ray.db", loo.EXPERIMENT, "round")
+    here, there, runs_here, runs_there = _here_and_there(tmp_path, args, loo.EXPERIMENT, "ray")
     assert {k[:3] for k in runs_here} == {(f, t, p) for f in "01" for t, p in (("A", "baseline"), ("B", "baseline"), ("B", "enhanced"))}
     _same_numbers(runs_here, runs_there, METRICS)
-    assert _tables(here.output) == _tables(there.output)
+    assert _tables(here) == _tables(there)
     # the workers' artifacts went to the store the tables are read from
     enhanced = runs_there[("1", "B", "enhanced", None, None)]
     assert "model" in {a.path for a in MlflowClient().list_artifacts(enhanced.info.run_id)}
     # a plain re-run finds every fold finished and trains nothing
-    again = CliRunner().invoke(main, [*args, "--tracking-uri", f"sqlite:///{tmp_path}/ray.db", "--executor", "ray", "--workers", "2"])
-    assert again.exit_code == 0 and _tables(again.output) == _tables(there.output)
-    assert len(_children(f"sqlite:///{tmp_path}/ray.db", loo.EXPERIMENT, "round")) == len(runs_there)
+    again = CliRunner().invoke(main, [*args, "--tracking-uri", f"sqlite:///{tmp_path}/there.db", "--executor", "ray", "--workers", "2"])
+    assert again.exit_code == 0 and _tables(again.output) == _tables(there)
+    assert len(_children(f"sqlite:///{tmp_path}/there.db", loo.EXPERIMENT, "round")) == len(runs_there)
 
 
 def test_transfer_units_in_local_workers_give_the_numbers_of_one_process(tmp_path, tiny_suite):
     args = ["transfer", "--target", "A", "--pretrain", "msd,nsclc", "--strategy", "scratch,continual", "--folds", "2",
             "--encoder", "resnet18", "--suite", str(tiny_suite), "--set", "train.epochs=1", "--set", "pretraining.train.epochs=1",
             "--set", "preprocessing.image_size=32", "--set", "train.batch_size=8", "--quiet"]
-    here = CliRunner().invoke(main, [*args, "--tracking-uri", f"sqlite:///{tmp_path}/here.db"])
-    assert here.exit_code == 0, here.output
-    there = CliRunner().invoke(main, [*args, "--tracking-uri", f"sqlite:///{tmp_path}/pool.db", "--executor", "local", "--workers", "2"])
-    assert there.exit_code == 0, there.output
-    runs_here = _children(f"sqlite:///{tmp_path}/here.db", tr.EXPERIMENT, "round")
-    runs_there = _children(f"sqlite:///{tmp_path}/pool.db", tr.EXPERIMENT, "round")
+    here, there, runs_here, runs_there = _here_and_there(tmp_path, args, tr.EXPERIMENT, "local")
     # 2 folds x (scratch + continual from each of the 2 pretrained models)
     assert len(runs_here) == 2 * (1 + 2)
     _same_numbers(runs_here, runs_there, ("dsc", "nsd", "sen", "f1", "acc", "best_epoch"))
-    assert _tables(here.output) == _tables(there.output)
-    for uri in (f"sqlite:///{tmp_path}/here.db", f"sqlite:///{tmp_path}/pool.db"):
+    assert _tables(here) == _tables(there)
+    for uri in (f"sqlite:///{tmp_path}/here.db", f"sqlite:///{tmp_path}/there.db"):
         store.configure(uri)
         exp = MlflowClient().get_experiment_by_name(tr.EXPERIMENT)
         assert len(store.runs_of(exp.experiment_id, "tags.`domgen.role` = 'pretrain'")) == 2
