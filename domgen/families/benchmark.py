@@ -25,7 +25,7 @@ from domgen.config import config_hash
 from domgen.data.registry import load_cases, load_suite
 from domgen.errors import DomgenError
 from domgen.evaluation.evaluate import EvaluationSettings, evaluate
-from domgen.families import common
+from domgen.families import common, units
 from domgen.models import build_model, count_parameters
 from domgen.preprocessing.slices import SlicePreprocessing, SliceSet, prepare_slices
 from domgen.preprocessing.splits import train_val_test_split
@@ -332,18 +332,12 @@ def run_benchmark(cfg: dict, executor: str = "local", workers: int = 1, address:
     check_data(cfg)
     cfg = with_content(cfg)
     configurations = expand_grid(cfg)
-    tracking_uri = store.tracking_uri()
-    # created through the configured store first, so a local SQLite store keeps file artifacts even behind a server
     exp_id = store.experiment_id(EXPERIMENT)
     runner = get_executor(executor, workers=workers, address=address, device=cfg["device"], threads=cfg.get("threads"),
                           gpus_per_trial=gpus_per_trial)
-    try:
-        with runner.tracking(tracking_uri) as shared_uri:
-            store.configure(shared_uri)
-            return _sweep(cfg, configurations, exp_id, shared_uri, runner, retry_failed, progress, started,
-                          retry_overrides(cfg, retry_with or {}))
-    finally:
-        store.configure(tracking_uri)
+    with units.shared_store(runner, EXPERIMENT) as shared_uri:
+        return _sweep(cfg, configurations, exp_id, shared_uri, runner, retry_failed, progress, started,
+                      retry_overrides(cfg, retry_with or {}))
 
 
 def _sweep(cfg, configurations, exp_id, shared_uri, runner, retry_failed, progress, started, retry_with) -> SweepResult:

@@ -259,7 +259,7 @@ def _run_round(cfg: dict, exp_id: str, h: str, settings: Settings, suite, source
         r = Round(cfg, settings, exp_id, parent_id, source, external, progress)
         # the folds are independent: one unit each, in this process or in the executor's workers
         units.run_units(runner, fold_unit, [{"name": f"fold {fold['fold']}", "fold": fold} for fold in folds],
-                        shared=r if units.in_process(runner) else replace(r, progress=False), what="fold", progress=progress)
+                        shared=units.for_units(runner, r), what="fold", progress=progress)
         evaluate_ensemble(r, folds)
         log_tables(parent_id, cross_validate_tables(parent_id))
     return parent_id

@@ -394,7 +394,7 @@ def run_round(cfg: dict, suite, prepared: dict[str, SliceSet], pre: SlicePreproc
             store.log_artifact_file(parent_id, tmp / "splits.json")
         # the folds are independent: one unit each, in this process or in the executor's workers
         units.run_units(runner, fold_unit, [{"name": f"fold {fold['fold']}", "fold": fold} for fold in splits],
-                        shared=r if units.in_process(runner) else replace(r, progress=False), what="fold", progress=progress)
+                        shared=units.for_units(runner, r), what="fold", progress=progress)
         log_tables(parent_id, leave_one_out_tables(parent_id))
     return parent_id
 

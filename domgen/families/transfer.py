@@ -474,7 +474,7 @@ def _run_round(cfg: dict, h: str, exp_id: str, suite, target, folds: list[dict],
         jobs = [{"name": f"fold {fold['fold']} | {strategy} | {name}", "fold": fold, "strategy": strategy, "pretrain": name}
                 for fold in folds for strategy in strategies
                 for name in (pretrains if STRATEGIES[strategy].needs_pretrained else [NO_PRETRAIN])]
-        units.run_units(runner, strategy_unit, jobs, shared=replace(r, progress=False) if remote else r, what="strategy run",
+        units.run_units(runner, strategy_unit, jobs, shared=units.for_units(runner, r), what="strategy run",
                         progress=progress)
         log_tables(parent_id, transfer_tables(parent_id))
     return parent_id

@@ -14,6 +14,7 @@ compared digit for digit.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 from typing import Callable, Iterator
 
 from domgen import interrupts
@@ -42,6 +43,12 @@ def shared_store(runner, experiment: str) -> Iterator[str]:
             yield shared
     finally:
         store.configure(uri)
+
+
+def for_units(runner, r):
+    """``r`` (a dataclass with a ``progress`` field) as the units get it: as it is in this process, without progress
+    bars in workers (those of several processes would interleave)."""
+    return r if in_process(runner) else replace(r, progress=False)
 
 
 def run_units(runner, fn: Callable[[dict, object], None], jobs: list[dict], shared: object = None, what: str = "unit",
