@@ -249,11 +249,12 @@ def _resolve(family: str, profile: str, overrides, **flat) -> dict:
     from domgen.config import apply_overrides, load_profile
     from domgen.settings import environment, validate
 
-    from domgen.families.common import check_datasets
-
     environment("DOMGEN_THREADS")
     environment("DOMGEN_HEARTBEAT_SECONDS")
     cfg = validate(apply_overrides(load_profile(family, profile), overrides, **flat))
+    # imported after the checks above, so a mistyped flag is refused before torch and MLflow load
+    from domgen.families.common import check_datasets
+
     check_datasets(cfg)
     return cfg
 
@@ -301,10 +302,6 @@ def leave_one_out(source, targets, folds, ci_min, ci_rule, ci_quantile, min_pixe
     and the slices kept and dropped per dataset. Re-running the same command resumes: finished runs are
     found by their config hash.
     """
-    from domgen.families.leave_one_out import EXPERIMENT, run_leave_one_out
-    from domgen.tracking import mlflow_store as store
-    from domgen.tracking.report import leave_one_out_tables, to_markdown
-
     cfg = _resolve("leave_one_out", profile, overrides, **{
         "source": source, "targets": targets, "folds": folds, "suite": suite, "seed": seed, "device": device,
         "model.encoder_weights": encoder_weights, "preprocessing.lung_mask": lung_mask,
@@ -315,6 +312,10 @@ def leave_one_out(source, targets, folds, ci_min, ci_rule, ci_quantile, min_pixe
         "preprocessing.keep_slices": keep_slices,
         **{f"pseudolabel.{k}": v for k, v in _selection_settings(confidence, filters, per_patient_max, min_patients, size_strata,
                                                                  select_by, seeds).items()}})
+    from domgen.families.leave_one_out import EXPERIMENT, run_leave_one_out
+    from domgen.tracking import mlflow_store as store
+    from domgen.tracking.report import leave_one_out_tables, to_markdown
+
     if init_run:
         if cfg.get("init_checkpoint"):
             raise DomgenError("give at most one of --init-run and --init-checkpoint")
@@ -359,15 +360,15 @@ def pseudolabel(target, run_id, checkpoint, ci_min, ci_rule, ci_quantile, min_pi
                 size_strata, select_by, seeds):
     """Rank TARGET's slices by a confidence score (the Certainty Index by default), retrain on the most confident,
     evaluate before and after; or export the selection for a radiologist's review and retrain on the corrections."""
-    from domgen.families.leave_one_out import checkpoint_of_run, run_pseudolabel
-    from domgen.tracking import mlflow_store as store
-
     if (run_id is None) == (checkpoint is None):
         raise DomgenError("give exactly one of --run-id and --checkpoint")
     if export_dir is not None and reviewed_dir is not None:
         raise DomgenError("give at most one of --export-for-review (write a review folder) and --reviewed (retrain on one)")
     _check_flags("leave-one-out", **{"pseudolabel.ci_min": ci_min, "pseudolabel.min_pixels": min_pixels, "pseudolabel.top_k": top_k,
                                      "pseudolabel.top_fraction": top_fraction, "pseudolabel.rounds": rounds})
+    from domgen.families.leave_one_out import checkpoint_of_run, run_pseudolabel
+    from domgen.tracking import mlflow_store as store
+
     _tracking(tracking_uri, existing=run_id is not None)
     _threads(device or "cpu")
     with store.artifact_dir() as tmp:
@@ -660,11 +661,6 @@ def cross_validate(source, external, folds, sampler, ablation, suite, profile, s
     Prints median ± SD over volumes of DSC, IoU, SEN, SPC, ACC, precision, NSD and HD95 for lungs and lesion
     (validation folds pooled; external set per fold model and for the ensemble). Re-running resumes.
     """
-    from domgen.families.cross_validate import EXPERIMENT, run_ablation, run_cross_validate
-    from domgen.tracking import mlflow_store as store
-    from domgen.tracking.cross_validate_report import ablation_table, cross_validate_tables
-    from domgen.tracking.report import to_markdown
-
     if encoder_weights is not None:
         raise DomgenError("--encoder-weights applies to the 2D smp encoders; the 3D U-Net of cross-validate starts from random weights")
     if external is not None:  # through the overrides, so the external dataset is checked with the others
@@ -674,6 +670,11 @@ def cross_validate(source, external, folds, sampler, ablation, suite, profile, s
         "preprocessing.lung_mask": lung_mask})
     if lungmask_weights is not None:
         raise DomgenError("--lungmask-weights is not used by cross-validate; lung masks come from --lung-mask (reference or threshold)")
+    from domgen.families.cross_validate import EXPERIMENT, run_ablation, run_cross_validate
+    from domgen.tracking import mlflow_store as store
+    from domgen.tracking.cross_validate_report import ablation_table, cross_validate_tables
+    from domgen.tracking.report import to_markdown
+
     runner = _runner(executor, workers, address, gpus_per_trial, cfg)
     _threads(cfg["device"])
     uri = store.configure(tracking_uri)

@@ -17,7 +17,6 @@ import warnings
 
 import numpy as np
 import torch
-from monai.metrics import compute_hausdorff_distance, compute_surface_dice
 
 EMPTY_CONVENTIONS = ("nan", "both-empty-one", "bizopoulos", "no-prediction-one")
 OVERLAP_METRICS = ("dsc", "sen", "spc", "iou")
@@ -62,6 +61,9 @@ def overlap_metrics(counts: np.ndarray, empty: str = "nan", eps: float = 0.0) ->
 
 def surface_metrics(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, float], tolerance_mm: float) -> dict[str, float]:
     """NSD at ``tolerance_mm`` and HD95 (mm) of one 2D slice (MONAI). NaN where undefined (an empty mask)."""
+    # imported here: loading MONAI takes seconds, and a command that stops at a bad input never needs it
+    from monai.metrics import compute_hausdorff_distance, compute_surface_dice
+
     p = np.asarray(pred, dtype=bool)
     t = np.asarray(truth, dtype=bool)
     if not p.any() and not t.any():
