@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -126,6 +127,11 @@ def test_offline_imagenet_weights_say_what_to_do(tmp_path, monkeypatch):
     """No network: asking for ImageNet weights fails in one sentence naming the alternatives."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    # huggingface_hub reads HF_HUB_OFFLINE when it is imported: if an earlier test imported it, set its constant too
+    # (otherwise this test waits for a network timeout instead of checking the offline sentence)
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     from domgen.errors import DomgenError
     from domgen.models import build_model
 
