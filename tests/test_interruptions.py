@@ -1,6 +1,6 @@
 """Every interruption survived: SIGINT, SIGTERM and SIGKILL mid-run, then a plain re-run of the same command
-finishes with no duplicate and no lost finished run, in every family; two benchmark drivers on one sweep
-against a real ``mlflow server`` train each configuration once and never close each other's live runs."""
+finishes with no duplicate and no lost finished run, in every family (the tracking server's faults:
+``test_tracking_server_faults.py``, a file of its own so the two pytest workers share the load)."""
 from __future__ import annotations
 
 import os
@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from domgen.executors.ray_executor import tracking_server
 from domgen.tracking import mlflow_store as store
 
 ENV = {"HF_HUB_OFFLINE": "1", "DOMGEN_THREADS": "1", "DOMGEN_HEARTBEAT_SECONDS": "1"}
@@ -113,73 +112,3 @@ def test_sigterm_sigint_sigkill_then_a_plain_rerun_finishes_without_duplicates(f
     assert len([r for r in runs if r[1] == "KILLED"]) >= 3  # each interruption left its run marked, none was reused
     if role is not None:
         assert len(_work(finished, role)) == 4
-
-
-def test_two_drivers_on_one_sweep_share_the_work(tiny_suite, tmp_path):
-    """Against a real `mlflow server`: two drivers started a moment apart train each configuration once."""
-    args, role = _commands(tiny_suite)["benchmark"]
-    db = tmp_path / "mlflow.db"
-    with tracking_server(f"sqlite:///{db}", tmp_path / "artifacts") as url:
-        first = _start(args, tmp_path, url)
-        deadline = time.monotonic() + 300
-        while not [r for r in _work(_runs(db), role) if r[1] == "RUNNING"]:
-            assert first.poll() is None, first.stderr.read()[-2000:]
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
-        second = _start(args, tmp_path, url)
-        outs = [p.communicate(timeout=600)[1] for p in (first, second)]
-        assert first.returncode == 0 and second.returncode == 0, "\n".join(o[-2000:] for o in outs)
-        store.configure(url)
-        exp = MlflowClient().get_experiment_by_name("domgen-benchmark")
-        runs = store.runs_of(exp.experiment_id, "tags.`domgen.role` = 'configuration'", status=None)
-    assert sorted(r.info.status for r in runs) == ["FINISHED"] * 4, [(r.info.status, r.data.tags.get("domgen.error")) for r in runs]
-    assert len({r.data.tags["domgen.config_hash"] for r in runs}) == 4  # no configuration trained twice, none closed by the other
-
-
-def _server(db: Path, artifacts: Path, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{db}", "--artifacts-destination",
-                             str(artifacts), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # no GenAI job runner beside it
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            import urllib.request
-
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                return proc
-        except OSError:
-            time.sleep(0.5)
-    raise AssertionError("mlflow server did not start")
-
-
-def test_a_server_that_drops_mid_run_loses_no_finished_run(tiny_suite, tmp_path):
-    from domgen.executors.ray_executor import free_port
-
-    args, role = _commands(tiny_suite)["benchmark"]
-    db, artifacts = tmp_path / "mlflow.db", tmp_path / "artifacts"
-    port = free_port()
-    server = _server(db, artifacts, port)
-    url = f"http://127.0.0.1:{port}"
-    driver = _start(args, tmp_path, url)
-    deadline = time.monotonic() + 400
-    while not [r for r in _work(_runs(db), role) if r[1] == "FINISHED"]:
-        assert driver.poll() is None, driver.stderr.read()[-2000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-    finished_before = {r[0] for r in _work(_runs(db), role) if r[1] == "FINISHED"}
-    os.killpg(server.pid, signal.SIGKILL)
-    server.wait()
-    _, stderr = driver.communicate(timeout=300)
-    lines = [line for line in stderr.splitlines() if line.strip() and not line[:4].isdigit()]  # MLflow's own log lines start with a date
-    assert driver.returncode == 2 and lines[-1].startswith("error: the MLflow tracking store") and "Traceback" not in stderr, stderr[-2000:]
-    server = _server(db, artifacts, port)
-    try:
-        again = subprocess.run([sys.executable, "-m", "domgen.cli", *args, "--tracking-uri", url], cwd=tmp_path,
-                               env={**os.environ, **ENV}, capture_output=True, text=True, timeout=600)
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
-    assert again.returncode == 0, again.stderr[-3000:]
-    finished = [r for r in _work(_runs(db), role) if r[1] == "FINISHED"]
-    assert finished_before <= {r[0] for r in finished} and len(finished) == len({r[2] for r in finished}) == 4
