@@ -187,13 +187,15 @@ def test_ui_serves_the_store_on_loopback(tmp_path):
     import time
     import urllib.request
 
+    from domgen.executors.ray_executor import NO_JOB_RUNNER
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "domgen.cli", "ui", "--port", str(port),
                              "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True,
-                            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # MLflow's GenAI job runner: not under test
+                            env={**os.environ, **NO_JOB_RUNNER})  # MLflow's GenAI job runner: not under test
     try:
         deadline, body = time.monotonic() + 120, b""
         while time.monotonic() < deadline and proc.poll() is None:

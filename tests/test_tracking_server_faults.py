@@ -11,7 +11,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from domgen.executors.ray_executor import tracking_server
+from domgen.executors.ray_executor import NO_JOB_RUNNER, tracking_server
 from domgen.tracking import mlflow_store as store
 from test_interruptions import ENV, _commands, _runs, _start, _work
 
@@ -41,7 +41,7 @@ def _server(db: Path, artifacts: Path, port: int) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{db}", "--artifacts-destination",
                              str(artifacts), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # no GenAI job runner beside it
+                            env={**os.environ, **NO_JOB_RUNNER})
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:

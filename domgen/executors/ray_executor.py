@@ -24,6 +24,11 @@ from tqdm.auto import tqdm
 from domgen.errors import DomgenError
 
 
+# domgen's MLflow servers run without MLflow's job runner (a second process for GenAI jobs domgen never submits):
+# faster to start and to stop
+NO_JOB_RUNNER = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -38,9 +43,7 @@ def tracking_server(backend_uri: str, artifacts: Path, port: int | None = None, 
     log = tempfile.NamedTemporaryFile(prefix="domgen-mlflow-server-", suffix=".log", delete=False)
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri, "--artifacts-destination", str(artifacts),
            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    # no MLflow job runner (a second process for GenAI jobs domgen never submits): faster to start and to stop
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **NO_JOB_RUNNER})
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout
