@@ -138,7 +138,7 @@ def read_splits(path: str | os.PathLike) -> dict:
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as error:
-        raise DomgenError(f"The splits file {path} does not exist; write it with the split command or fix the path.") from error
+        raise DomgenError(f"The splits file {path} does not exist; fix the path (every round logs its splits.json as an MLflow artifact to start from).") from error
     except OSError as error:
         raise DomgenError(f"Cannot read the splits file {path} ({error.strerror or error}); check the path.") from error
     except UnicodeDecodeError as error:
