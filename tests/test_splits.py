@@ -4,7 +4,7 @@ import pytest
 
 from domgen.errors import DomgenError
 from domgen.preprocessing.splits import (
-    inverse_kfold_splits, kfold_splits, read_splits, train_val_test_split, write_splits,
+    inverse_kfold_splits, kfold_splits, read_splits, train_on, train_val_test_split, write_splits,
 )
 
 PATIENTS = [f"P{i:03d}" for i in range(40)]
@@ -57,6 +57,16 @@ def test_inverse_kfold_trains_on_one_part_and_tests_on_the_rest():
         _assert_partition(fold, PATIENTS)
         assert len(fold["train"]) == 8 and len(fold["test"]) == 32
         assert fold["train"] == regular["test"]  # the same KFold parts, roles swapped
+
+
+def test_train_on_moves_seen_patients_from_test_to_train():
+    folds = [{"fold": 0, "train": ["p1", "p2"], "val": ["p3"], "test": ["p4", "p5", "p6"]},
+             {"fold": 1, "train": ["p4", "p5"], "val": ["p6"], "test": ["p1", "p2", "p3"]}]
+    moved = train_on(folds, ["p3", "p5"])
+    assert moved == [{"fold": 0, "train": ["p1", "p2", "p5"], "val": ["p3"], "test": ["p4", "p6"]},
+                     {"fold": 1, "train": ["p3", "p4", "p5"], "val": ["p6"], "test": ["p1", "p2"]}]
+    assert folds[0]["test"] == ["p4", "p5", "p6"]  # the input is not changed
+    assert train_on(folds, []) == folds
 
 
 def test_json_round_trip_and_edited_file_is_honoured(tmp_path):

@@ -107,6 +107,14 @@ def inverse_kfold_splits(patient_ids, k: int = 5, seed: int = 0, val_fraction: f
     return folds
 
 
+def train_on(folds: list[dict], patients) -> list[dict]:
+    """``folds`` with ``patients`` moved out of every test part into that fold's train part: for a round started from
+    a model that trained on them, so none of them is scored in-domain (val parts stay as they are)."""
+    seen = {str(p) for p in patients}
+    return [{**fold, "train": sorted(set(fold["train"]) | (set(fold["test"]) & seen)),
+             "test": [p for p in fold["test"] if p not in seen]} for fold in folds]
+
+
 def write_splits(path: str | os.PathLike, splits: dict | list[dict], meta: dict) -> Path:
     """Write splits (one train/val/test dict or a list of folds) with ``meta`` as JSON, atomically."""
     path = Path(path)

@@ -112,8 +112,9 @@ def _is_fresh(run) -> bool:
 def comparison_rounds(round_id: str | None = None) -> tuple[object, object]:
     """(a round from a fresh model, the newest round from a Multi-encoder transfer model) with the same config otherwise."""
     loo, transfer = (store.get_experiment(n) for n in (LEAVE_ONE_OUT_EXPERIMENT, TRANSFER_EXPERIMENT))
-    how = ("run `domgen transfer --target A --pretrain multi --strategy multi-encoder`, then `domgen leave-one-out --source A` "
-           "and `domgen leave-one-out --source A --init-run RUN_ID` with the id of a multi-encoder fold run")
+    how = ("run `domgen transfer --target A --pretrain multi --strategy multi-encoder`, then `domgen leave-one-out --source A "
+           "--set splits_file=FILE` without and with `--init-run RUN_ID` (a multi-encoder fold run; FILE keeps its train "
+           "patients out of every test part), or benchmarks/four_way.py, which does all of it")
     if loo is None or transfer is None:
         raise DomgenError(f"--compare needs the experiments {LEAVE_ONE_OUT_EXPERIMENT} and {TRANSFER_EXPERIMENT} in this store; {how}")
     multi = {r.info.run_id for r in store.runs_of(transfer.experiment_id, "tags.`domgen.strategy` = 'multi-encoder'")}
