@@ -329,6 +329,9 @@ def leave_one_out(source, targets, folds, ci_min, ci_rule, ci_quantile, min_pixe
     for name, caption in LEAVE_ONE_OUT_CAPTIONS.items():
         click.echo(f"\n{caption.format(experiment=EXPERIMENT, run=parent, uri=uri)}\n")
         click.echo(to_markdown(tables[name]))
+    differs = store.get_run(parent).data.tags.get("domgen.init_input_differs")
+    if differs:
+        click.echo(f"\nNote: the start model was trained on other input than this round's ({differs}).")
     click.echo(f"\nAll tables: `domgen report --experiment {EXPERIMENT} --run-id {parent}`; browse: `domgen ui`")
 
 

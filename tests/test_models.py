@@ -44,3 +44,22 @@ def test_paper_architectures_build_and_run_on_odd_sizes_after_resize(arch):
     assert out.shape == (1, 1, 64, 64)
     trainable, total = count_parameters(model)
     assert trainable == total > 0
+
+
+def test_a_checkpoint_tells_the_input_its_model_learnt_on(tmp_path):
+    from domgen.families.leave_one_out import input_differences
+    from domgen.models.checkpoint import load_checkpoint, save_checkpoint
+
+    model = build_model("linknet", "resnet18", "none", 1)
+    model_cfg = {"arch": "linknet", "encoder": "resnet18", "encoder_weights": "none", "in_channels": 1}
+    ours = {"preprocessing": {"image_size": 128, "lung_mask": "threshold", "mask_to_lung": True, "normalisation": "zscore",
+                              "target": "lesion", "keep_slices": "lung"}}
+    # a transfer checkpoint keeps the preprocessing section; a leave-one-out one its whole config
+    transfer = save_checkpoint(tmp_path / "t.pt", model, model_cfg, preprocessing={**ours["preprocessing"], "image_size": 64,
+                                                                                   "mask_to_lung": False, "keep_slices": "all"})
+    loo = save_checkpoint(tmp_path / "l.pt", model, model_cfg, config=ours)
+    bare = save_checkpoint(tmp_path / "b.pt", model, model_cfg)
+    assert input_differences(load_checkpoint(transfer)[0], ours) == "image_size 64 -> 128; mask_to_lung false -> true"
+    assert input_differences(load_checkpoint(loo)[0], ours) == ""
+    assert input_differences(load_checkpoint(bare)[0], ours) == ""  # the checkpoint does not say
+    assert input_differences(None, ours) == ""  # no start model

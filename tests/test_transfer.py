@@ -325,6 +325,9 @@ def test_leave_one_out_from_a_transfer_model_and_the_four_way_comparison(tiny_ro
     for extra in ([], ["--init-run", multi.info.run_id]):
         result = runner.invoke(main, [*base, *extra], catch_exceptions=False)
         assert result.exit_code == 0, result.output
+        # the transfer profile feeds whole slices, leave-one-out lung-masked ones: said for the transferred start only
+        note = "Note: the start model was trained on other input than this round's (mask_to_lung false -> true)."
+        assert (note in result.output) == bool(extra), result.output
     rounds = [r for r in _runs(uri, "domgen-leave-one-out") if r.data.tags.get("domgen.role") == "round" and r.info.status == "FINISHED"]
     started = [r for r in rounds if r.data.params.get("init_run") == multi.info.run_id]
     assert len(started) == 1

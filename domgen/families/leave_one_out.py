@@ -31,7 +31,7 @@ from domgen.evaluation.statistics import paired_bootstrap_change
 from domgen.methods.pseudolabel import (PseudoLabelSettings, ci_dice_spearman, ci_dice_spearman_metrics, ci_ranking, enhance,
                                         indomain_ci_limit, rank_target)
 from domgen.models import build_model
-from domgen.preprocessing.slices import SlicePreprocessing, SliceSet, prepare_slices
+from domgen.preprocessing.slices import SlicePreprocessing, SliceSet
 from domgen.preprocessing.splits import kfold_splits, read_splits, train_val_test_split, write_splits
 from domgen.tracking import mlflow_store as store
 from domgen.models.checkpoint import load_checkpoint, save_checkpoint
@@ -138,6 +138,21 @@ def check_init_run_overlap(cfg: dict, folds: list[dict]) -> None:
         raise DomgenError(f"--init-run {cfg['init_run']} was trained on {cfg['source']} patients {names}, whom this split tests "
                           f"in-domain; pass --set splits_file=FILE keeping them out of every fold's test part (e.g. the init "
                           f"run's train patients as train), or start from a model not trained on {cfg['source']}")
+
+
+# preprocessing settings that change what a model sees; a start model trained otherwise is noted on the round
+INPUT_SETTINGS = ("image_size", "lung_mask", "mask_to_lung", "normalisation", "target")
+
+
+def input_differences(pretrained, cfg: dict) -> str:
+    """How the start model's input differed from this round's ('mask_to_lung false -> true; ...'); '' if it did not,
+    if the checkpoint does not say, or if there is no start model (None). Not refused: fine-tuning across sizes or
+    masking is legitimate, but a comparison with a fresh model should know."""
+    theirs = getattr(pretrained, "domgen_preprocessing", None) or {}
+    ours = cfg["preprocessing"]
+    text = lambda v: str(v).lower() if isinstance(v, bool) else str(v)  # noqa: E731  (YAML spelling of booleans)
+    return "; ".join(f"{k} {text(theirs[k])} -> {text(ours.get(k))}" for k in INPUT_SETTINGS
+                     if k in theirs and theirs[k] != ours.get(k))
 
 
 def _model_of(run_id: str, tmp: Path):
@@ -378,7 +393,8 @@ def run_round(cfg: dict, suite, prepared: dict[str, SliceSet], pre: SlicePreproc
     first = initial_model(cfg)  # fails early on missing weights / a bad init checkpoint
     pretrained = first if cfg.get("init_run") or cfg.get("init_checkpoint") else None
     names = cfg["targets"]
-    tags = store.tags(family=FAMILY, source=cfg["source"], config_hash=h, role="round")
+    tags = store.tags(family=FAMILY, source=cfg["source"], config_hash=h, role="round",
+                      init_input_differs=input_differences(pretrained, cfg) or None)
     if experiment_id:
         tags["mlflow.parentRunId"] = experiment_id
     parent_id, _ = store.start_or_resume_run(exp_id, f"{FAMILY} {cfg['source']}", cfg, tags)

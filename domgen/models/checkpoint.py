@@ -47,4 +47,6 @@ def load_checkpoint(path: Path) -> tuple[torch.nn.Module, dict]:
     except RuntimeError as exc:
         raise DomgenError(f"checkpoint {path} does not match its model config ({str(exc).splitlines()[0]})") from None
     model.domgen_model_config = cfg
+    # the input it learnt on: transfer and benchmark checkpoints keep the preprocessing section, leave-one-out the config
+    model.domgen_preprocessing = ckpt.get("preprocessing") or (ckpt.get("config") or {}).get("preprocessing")
     return model, ckpt
