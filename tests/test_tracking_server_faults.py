@@ -7,11 +7,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from domgen.executors.ray_executor import NO_JOB_RUNNER, tracking_server
+from domgen.executors.ray_executor import free_port, start_tracking_server, tracking_server
 from domgen.tracking import mlflow_store as store
 from test_interruptions import ENV, _commands, _runs, _start, _work
 
@@ -37,31 +36,11 @@ def test_two_drivers_on_one_sweep_share_the_work(tiny_suite, tmp_path):
     assert len({r.data.tags["domgen.config_hash"] for r in runs}) == 4  # no configuration trained twice, none closed by the other
 
 
-def _server(db: Path, artifacts: Path, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{db}", "--artifacts-destination",
-                             str(artifacts), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                            env={**os.environ, **NO_JOB_RUNNER})
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            import urllib.request
-
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                return proc
-        except OSError:
-            time.sleep(0.5)
-    raise AssertionError("mlflow server did not start")
-
-
 def test_a_server_that_drops_mid_run_loses_no_finished_run(tiny_suite, tmp_path):
-    from domgen.executors.ray_executor import free_port
-
     args, role = _commands(tiny_suite)["benchmark"]
-    db, artifacts = tmp_path / "mlflow.db", tmp_path / "artifacts"
+    db = tmp_path / "mlflow.db"
     port = free_port()
-    server = _server(db, artifacts, port)
-    url = f"http://127.0.0.1:{port}"
+    server, url, log = start_tracking_server(f"sqlite:///{db}", tmp_path / "artifacts", port)
     driver = _start(args, tmp_path, url)
     deadline = time.monotonic() + 400
     while not [r for r in _work(_runs(db), role) if r[1] == "FINISHED"]:
@@ -74,13 +53,10 @@ def test_a_server_that_drops_mid_run_loses_no_finished_run(tiny_suite, tmp_path)
     _, stderr = driver.communicate(timeout=300)
     lines = [line for line in stderr.splitlines() if line.strip() and not line[:4].isdigit()]  # MLflow's own log lines start with a date
     assert driver.returncode == 2 and lines[-1].startswith("error: the MLflow tracking store") and "Traceback" not in stderr, stderr[-2000:]
-    server = _server(db, artifacts, port)
-    try:
+    os.unlink(log)
+    with tracking_server(f"sqlite:///{db}", tmp_path / "artifacts", port):  # the same URL again
         again = subprocess.run([sys.executable, "-m", "domgen.cli", *args, "--tracking-uri", url], cwd=tmp_path,
                                env={**os.environ, **ENV}, capture_output=True, text=True, timeout=600)
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
     assert again.returncode == 0, again.stderr[-3000:]
     finished = [r for r in _work(_runs(db), role) if r[1] == "FINISHED"]
     assert finished_before <= {r[0] for r in finished} and len(finished) == len({r[2] for r in finished}) == 4

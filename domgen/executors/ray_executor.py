@@ -35,9 +35,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@contextlib.contextmanager
-def tracking_server(backend_uri: str, artifacts: Path, port: int | None = None, timeout: float = 120.0) -> Iterator[str]:
-    """``mlflow server`` on 127.0.0.1 over ``backend_uri`` (artifacts served from ``artifacts``); yields its URL."""
+def start_tracking_server(backend_uri: str, artifacts: Path, port: int | None = None,
+                          timeout: float = 120.0) -> tuple[subprocess.Popen, str, str]:
+    """Start ``mlflow server`` on 127.0.0.1 over ``backend_uri`` (artifacts served from ``artifacts``) and wait until it
+    answers: (its process, in a session of its own; its URL; its log file, which the caller removes)."""
     port = port or free_port()
     artifacts.mkdir(parents=True, exist_ok=True)
     log = tempfile.NamedTemporaryFile(prefix="domgen-mlflow-server-", suffix=".log", delete=False)
@@ -45,19 +46,28 @@ def tracking_server(backend_uri: str, artifacts: Path, port: int | None = None, 
            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **NO_JOB_RUNNER})
     url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as reply:
+                if reply.status == 200:
+                    return process, url, log.name
+        except OSError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.terminate()
+            process.wait()
+            tail = Path(log.name).read_text(errors="replace")[-800:]
+            os.unlink(log.name)
+            raise DomgenError(f"could not start `mlflow server` on port {port} (log {log.name}): {tail.strip().splitlines()[-1] if tail.strip() else 'no output'}")
+        time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def tracking_server(backend_uri: str, artifacts: Path, port: int | None = None, timeout: float = 120.0) -> Iterator[str]:
+    """``mlflow server`` on 127.0.0.1 over ``backend_uri`` (artifacts served from ``artifacts``); yields its URL."""
+    process, url, log = start_tracking_server(backend_uri, artifacts, port, timeout)
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as reply:
-                    if reply.status == 200:
-                        break
-            except OSError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                tail = Path(log.name).read_text(errors="replace")[-800:]
-                raise DomgenError(f"could not start `mlflow server` on port {port} (log {log.name}): {tail.strip().splitlines()[-1] if tail.strip() else 'no output'}")
-            time.sleep(0.2)
         yield url
     finally:
         process.terminate()
@@ -65,7 +75,7 @@ def tracking_server(backend_uri: str, artifacts: Path, port: int | None = None, 
             process.wait(timeout=20)
         except subprocess.TimeoutExpired:
             process.kill()
-        os.unlink(log.name)
+        os.unlink(log)
 
 
 class RayExecutor:

@@ -108,12 +108,16 @@ def round_config(cfg: dict, suite, source: str) -> dict:
 
 
 def fold_splits(cfg: dict, source: SliceSet) -> list[dict]:
-    """The folds of a round: a splits file, k-fold (each patient tested once) or repeated hold-out."""
+    """The folds of a round: a splits file, or those the profile draws (``profile_folds``)."""
     if cfg.get("splits_file"):
         folds = read_splits(Path(cfg["splits_file"]))["folds"]
         check_split_patients(cfg["splits_file"], cfg["source"], folds, source)
         return folds
-    patients = source.patients()
+    return profile_folds(cfg, source.patients())
+
+
+def profile_folds(cfg: dict, patients: list[str]) -> list[dict]:
+    """The folds the profile draws over ``patients``: k-fold (each patient tested once) or repeated hold-out."""
     split = cfg["split"]
     protocol = split.get("protocol", "kfold")
     if protocol == "kfold":
