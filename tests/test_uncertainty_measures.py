@@ -1,0 +1,94 @@
+"""Selective risk (AURC, E-AURC) and calibration (ECE/ACE/MCE, temperature scaling) against hand computations."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from domgen.evaluation.calibration import (calibration_errors, fit_temperature, fit_temperature_on, reliability_bins,
+                                           scale_probabilities, scaled_cutoff)
+from domgen.evaluation.selective_risk import aurc, e_aurc, optimal_aurc, risk_coverage_curve, selective_risk
+
+
+def test_aurc_of_a_four_slice_case_by_hand():
+    risk = [0.1, 0.4, 0.2, 0.8]
+    confidence = [0.9, 0.3, 0.7, 0.5]
+    # by confidence: risks 0.1, 0.2, 0.8, 0.4 -> selective risks 0.1, 0.15, 1.1/3, 1.5/4
+    assert aurc(confidence, risk) == pytest.approx((0.1 + 0.15 + 1.1 / 3 + 1.5 / 4) / 4)
+    # best order 0.1, 0.2, 0.4, 0.8 -> 0.1, 0.15, 0.7/3, 1.5/4
+    assert optimal_aurc(risk) == pytest.approx((0.1 + 0.15 + 0.7 / 3 + 1.5 / 4) / 4)
+    assert e_aurc(confidence, risk) == pytest.approx((1.1 / 3 - 0.7 / 3) / 4)
+    coverage, selective = risk_coverage_curve(confidence, risk)
+    assert coverage.tolist() == [0.25, 0.5, 0.75, 1.0]
+    assert selective == pytest.approx([0.1, 0.15, 1.1 / 3, 0.375])
+
+
+def test_a_perfect_order_has_e_aurc_zero_and_the_reversed_order_the_maximum():
+    rng = np.random.default_rng(3)
+    risk = rng.uniform(0, 1, 6)
+    assert e_aurc(-risk, risk) == pytest.approx(0.0, abs=1e-12)
+    worst = max(e_aurc(np.argsort(perm), risk) for perm in itertools.permutations(range(6)))
+    assert e_aurc(risk, risk) == pytest.approx(worst)  # most confident where the risk is highest
+    assert worst > 0
+
+
+def test_slices_without_a_score_are_left_out_and_the_interval_is_seeded():
+    risk = np.array([0.1, 0.4, 0.2, 0.8, 0.3])
+    conf = np.array([0.9, 0.3, 0.7, 0.5, np.nan])
+    assert aurc(conf, risk) == pytest.approx(aurc(conf[:4], risk[:4]))
+    a = selective_risk(conf, risk, n_resamples=500, seed=1)
+    b = selective_risk(conf, risk, n_resamples=500, seed=1)
+    assert a == b and a.n == 4
+    assert a.aurc_low <= a.aurc <= a.aurc_high and a.e_aurc_low <= a.e_aurc_high
+
+
+def test_a_calibrated_prediction_has_ece_near_zero():
+    rng = np.random.default_rng(0)
+    p = rng.uniform(0, 1, (4, 128, 128)).astype(np.float32)
+    y = rng.uniform(0, 1, p.shape) < p
+    errors = calibration_errors(list(p), list(y))
+    assert errors["ece"] < 0.01 and errors["ace"] < 0.01 and errors["mce"] < 0.03
+
+
+def test_an_over_confident_prediction_has_the_hand_computed_errors():
+    # 500 pixels at 0.93 of which 300 are lesion (share 0.6), 500 at 0.07 of which 100 are lesion (0.2)
+    p = np.r_[np.full(500, 0.93), np.full(500, 0.07)].astype(np.float32).reshape(10, 100)
+    y = np.r_[np.ones(300), np.zeros(200), np.ones(100), np.zeros(400)].reshape(10, 100)
+    errors = calibration_errors([p], [y])
+    assert errors["ece"] == pytest.approx(0.5 * 0.33 + 0.5 * 0.13, abs=1e-5)
+    assert errors["ace"] == pytest.approx((0.33 + 0.13) / 2, abs=1e-5)
+    assert errors["mce"] == pytest.approx(0.33, abs=1e-5)
+    # the lesion region: the 0.93 block (predicted) and the 100 missed lesion pixels at 0.07 (share 1.0 there)
+    region = (p > 0.5) | (y > 0)
+    inside = calibration_errors([p], [y], regions=[region])
+    assert inside["ece"] == pytest.approx((500 * 0.33 + 100 * 0.93) / 600, abs=1e-5)
+    mean_p, share, counts = reliability_bins([p], [y])
+    assert counts.sum() == 1000 and counts[1] == 500 and counts[18] == 500
+    assert share[18] == pytest.approx(0.6, abs=1e-5) and mean_p[1] == pytest.approx(0.07, abs=1e-5)
+
+
+def test_temperature_scaling_recovers_a_known_temperature():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(0, 4, 200_000)
+    labels = rng.uniform(0, 1, logits.size) < 1 / (1 + np.exp(-logits / 2.5))
+    assert fit_temperature(logits, labels) == pytest.approx(2.5, rel=0.03)
+    # from probability maps (what domgen's predictions are): the same T within tolerance
+    p = (1 / (1 + np.exp(-logits))).astype(np.float32).reshape(100, 2000)
+    assert fit_temperature_on(list(p), list(labels.reshape(100, 2000))) == pytest.approx(2.5, rel=0.03)
+
+
+def test_temperature_scaling_keeps_the_prediction_when_the_cutoff_moves_with_it():
+    rng = np.random.default_rng(2)
+    p = rng.uniform(0, 1, (64, 64)).astype(np.float32)
+    for t, cutoff in ((2.0, 0.35), (0.5, 0.7)):
+        scaled = scale_probabilities(p, t)
+        assert np.array_equal(scaled > scaled_cutoff(cutoff, t), p > cutoff)
+    assert np.all(np.abs(scale_probabilities(p, 2.0) - 0.5) <= np.abs(p - 0.5) + 1e-6)  # T > 1 softens
+
+
+def test_temperature_scaling_needs_both_classes():
+    from domgen.errors import DomgenError
+
+    with pytest.raises(DomgenError, match="both classes"):
+        fit_temperature(np.zeros(10), np.zeros(10))
