@@ -406,10 +406,14 @@ def pseudolabel(target, run_id, checkpoint, ci_min, ci_rule, ci_quantile, min_pi
 @click.option("--tracking-uri", default=None)
 @click.option("--quiet", is_flag=True)
 def confidence(target, run_id, checkpoint, top_k, suite, device, tracking_uri, quiet):
-    """Score every slice of TARGET with every confidence score (CI, entropy, TTA agreement, MC dropout) without
-    retraining; print per score the Spearman correlation with the true slice DSC [95 % CI] and the mean true DSC of
-    the top-K slices it would select. Logged to MLflow (experiment domgen-confidence) with a DSC-vs-score plot."""
-    from domgen.families.confidence import EXPERIMENT, run_confidence
+    """Score every slice of TARGET with every confidence score (CI, entropy, TTA agreement, MC dropout, the CI of the
+    temperature-scaled model, boundary and interior entropy) without retraining. Prints per score the Spearman
+    correlation with the true slice DSC [95 % CI], AURC and E-AURC (risk = 1 - slice DSC) [95 % CI] and the mean true
+    DSC of the top-K slices; what the profile's selection rule keeps by the CI and by the scaled CI; and the lesion-pixel
+    calibration (ECE, ACE, MCE) of the in-domain test set and of TARGET before and after temperature scaling (fitted on
+    the fold's source validation slices). Logged to MLflow (experiment domgen-confidence) with the DSC-vs-score,
+    risk-coverage and reliability plots."""
+    from domgen.families.confidence import EXPERIMENT, confidence_tables, run_confidence
     from domgen.families.leave_one_out import checkpoint_of_run
     from domgen.tracking import mlflow_store as store
     from domgen.tracking.report import to_markdown
@@ -420,10 +424,18 @@ def confidence(target, run_id, checkpoint, top_k, suite, device, tracking_uri, q
     _threads(device or "cpu")
     with store.artifact_dir() as tmp:
         path = checkpoint if checkpoint else checkpoint_of_run(run_id, tmp)
-        run, table = run_confidence(path, target, top_k, suite=suite, device=device, progress=not quiet)
-    shown = table[[c for c in ("score", "slices", "Spearman", "top-K DSC") if c in table.columns]]
-    click.echo(f"\nConfidence scores on {target}: Spearman with the true slice DSC [95 % CI] and mean true DSC of the top {top_k} "
-               f"({EXPERIMENT}, run {run}, {uri})\n\n{to_markdown(shown)}")
+        run, _ = run_confidence(path, target, top_k, suite=suite, device=device, progress=not quiet)
+    tables = confidence_tables(run)
+    click.echo(f"\nConfidence scores on {target}: Spearman with the true slice DSC [95 % CI], AURC / E-AURC (risk 1 - slice DSC) "
+               f"[95 % CI] and mean true DSC of the top {top_k} ({EXPERIMENT}, run {run}, {uri})\n\n{to_markdown(tables['confidence'])}")
+    if "selection" in tables:
+        click.echo(f"\nThe profile's selection rule, ranking and limiting by the CI and by the temperature-scaled CI:\n\n"
+                   f"{to_markdown(tables['selection'])}")
+    if "calibration" in tables:
+        click.echo(f"\nLesion-pixel calibration ({NUM_BINS_TEXT}):\n\n{to_markdown(tables['calibration'])}")
+
+
+NUM_BINS_TEXT = "20 equal bins; ECE weighted by pixels, ACE unweighted, MCE the worst bin; temperature fitted on source validation slices"
 
 
 # ---------------------------------------------------------------- transfer

@@ -10,6 +10,12 @@ outliers" (confident-but-wrong slices); these scores let a researcher test that.
   flips and 90-degree rotations (mapped back), over all pairs; 1 for a model that is flip/rotation invariant.
 - ``mc-dropout``: 1 - 4 x mean variance of the lesion probability over Monte-Carlo dropout passes, over the
   predicted lesion (a Bernoulli variance is at most 1/4); needs dropout layers in the model.
+- ``ci-ts``: the CI of the temperature-scaled model (Guo et al. 2017): probabilities sigmoid(logit / T) with T fitted
+  on the fold's labelled source validation slices (``fit_fold_temperature``), over the same predicted pixels.
+- ``boundary`` / ``interior``: 1 - mean binary entropy over the predicted lesion's boundary band (pixels within
+  ``BAND`` px of its edge, inside or outside) and over its interior (the lesion eroded by ``BAND``). Errors of a
+  segmentation concentrate at the boundary (the failure-detection literature aggregates uncertainty over it
+  separately); NaN where the lesion has no interior or no band.
 """
 from __future__ import annotations
 
@@ -38,6 +44,7 @@ class ScoreContext:
     model_size: np.ndarray  # (N, S, S) probabilities at the model's size
     cutoff: float
     device: str = "cpu"
+    temperature: float | None = None  # fitted on the source validation slices; needed by ci-ts only
 
 
 def ci_score(ctx: ScoreContext) -> np.ndarray:
@@ -56,6 +63,51 @@ def entropy_score(ctx: ScoreContext) -> np.ndarray:
         lesion = p > ctx.cutoff
         out.append(1.0 - float(binary_entropy(p[lesion]).mean()) if lesion.any() else np.nan)
     return np.asarray(out, dtype=float)
+
+
+def ci_ts_score(ctx: ScoreContext) -> np.ndarray:
+    from domgen.evaluation.calibration import scale_probabilities, scaled_cutoff
+
+    if ctx.temperature is None:
+        raise DomgenError("the ci-ts confidence needs a temperature fitted on the source validation slices, and none was "
+                          "given; use it from `domgen confidence` or `domgen leave-one-out`/`pseudolabel`, which fit one")
+    cut = scaled_cutoff(ctx.cutoff, ctx.temperature)
+    return np.asarray([certainty_index(scale_probabilities(p, ctx.temperature), cut)[0] for p in ctx.probabilities], dtype=float)
+
+
+BAND = 2  # pixels either side of the predicted lesion's edge, at the slice's own size
+
+
+def _entropy_over(ctx: ScoreContext, region) -> np.ndarray:
+    out = []
+    for p in ctx.probabilities:
+        where = region(p > ctx.cutoff)
+        out.append(1.0 - float(binary_entropy(p[where]).mean()) if where.any() else np.nan)
+    return np.asarray(out, dtype=float)
+
+
+def boundary_score(ctx: ScoreContext) -> np.ndarray:
+    from scipy.ndimage import binary_dilation, binary_erosion
+
+    return _entropy_over(ctx, lambda m: binary_dilation(m, iterations=BAND) & ~binary_erosion(m, iterations=BAND) if m.any() else m)
+
+
+def interior_score(ctx: ScoreContext) -> np.ndarray:
+    from scipy.ndimage import binary_erosion
+
+    return _entropy_over(ctx, lambda m: binary_erosion(m, iterations=BAND))
+
+
+def fit_fold_temperature(model: nn.Module, val_slices: SliceSet, device: str = "cpu") -> float:
+    """Temperature scaling's T for ``model``, fitted on its fold's labelled source validation slices (Guo et al.)."""
+    from domgen.evaluation.calibration import fit_temperature_on
+    from domgen.training.trainer import to_original_size
+
+    if not len(val_slices):
+        raise DomgenError("temperature scaling needs the fold's source validation slices, and the fold has none; "
+                          "use a split with validation patients")
+    probabilities = to_original_size(predict_model_size(model, val_slices, device=device), val_slices)
+    return fit_temperature_on(probabilities, val_slices.truths)
 
 
 # (forward, inverse) on the last two axes of a (N, 1, S, S) / (N, S, S) array
@@ -125,7 +177,11 @@ CONFIDENCE_SCORES: dict[str, Callable[[ScoreContext], np.ndarray]] = {
     "entropy": entropy_score,
     "tta": tta_score,
     "mc-dropout": mc_dropout_score,
+    "ci-ts": ci_ts_score,
+    "boundary": boundary_score,
+    "interior": interior_score,
 }
+NEEDS_TEMPERATURE = ("ci-ts",)
 
 
 def get_score(name: str) -> Callable[[ScoreContext], np.ndarray]:

@@ -436,6 +436,11 @@ def artifact_dir() -> Iterator[Path]:
 
 
 @shield
+def artifact_names(run_id: str, folder: str | None = None) -> list[str]:
+    """The paths of the artifacts directly under ``folder`` (the run's root by default)."""
+    return [f.path for f in MlflowClient().list_artifacts(run_id, folder)]
+
+
 def download_artifact(run_id: str, path: str, dest: Path) -> Path:
     return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(dest)))
 
