@@ -92,3 +92,39 @@ def test_temperature_scaling_needs_both_classes():
 
     with pytest.raises(DomgenError, match="both classes"):
         fit_temperature(np.zeros(10), np.zeros(10))
+
+
+def _ctx(probabilities, cutoff=0.5, temperature=None):
+    from domgen.methods.confidence import ScoreContext
+
+    return ScoreContext(None, None, probabilities, None, cutoff, "cpu", temperature)
+
+
+def test_ci_of_the_temperature_scaled_model_by_hand():
+    from domgen.errors import DomgenError
+    from domgen.methods.confidence import get_score
+
+    p = np.array([[0.9, 0.6, 0.2], [0.45, 0.1, 0.05]], dtype=np.float32)
+    t, cutoff = 2.0, 0.4
+    scaled = [1 / (1 + np.exp(-np.log(v / (1 - v)) / t)) for v in (0.9, 0.6, 0.45)]  # the three pixels above 0.4
+    assert get_score("ci-ts")(_ctx([p], cutoff, t))[0] == pytest.approx(np.mean(scaled), rel=1e-5)
+    with pytest.raises(DomgenError, match="temperature"):
+        get_score("ci-ts")(_ctx([p], cutoff))
+
+
+def test_boundary_and_interior_entropy_by_hand():
+    from domgen.methods.confidence import binary_entropy, get_score
+
+    p = np.full((12, 12), 0.1, dtype=np.float32)
+    p[2:10, 2:10] = 0.7  # an 8 x 8 predicted lesion
+    p[4:8, 4:8] = 0.99  # its interior after two erosions (4 x 4)
+    interior = get_score("interior")(_ctx([p]))[0]
+    assert interior == pytest.approx(1 - binary_entropy(np.array([0.99]))[0], rel=1e-5)
+    # the band: pixels at most two 4-connected steps from the square (city-block distance <= 2), minus the interior
+    rows, cols = np.mgrid[0:12, 0:12]
+    distance = np.maximum(2 - rows, 0) + np.maximum(rows - 9, 0) + np.maximum(2 - cols, 0) + np.maximum(cols - 9, 0)
+    band = distance <= 2
+    band[4:8, 4:8] = False
+    assert band.sum() == 12 * 12 - 4 * 3 - 16  # three corner pixels of each corner are too far
+    assert get_score("boundary")(_ctx([p]))[0] == pytest.approx(1 - binary_entropy(p[band]).mean(), rel=1e-5)
+    assert np.isnan(get_score("interior")(_ctx([np.full((5, 5), 0.2, np.float32)]))[0])  # nothing predicted

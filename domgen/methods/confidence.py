@@ -13,7 +13,7 @@ outliers" (confident-but-wrong slices); these scores let a researcher test that.
 - ``ci-ts``: the CI of the temperature-scaled model (Guo et al. 2017): probabilities sigmoid(logit / T) with T fitted
   on the fold's labelled source validation slices (``fit_fold_temperature``), over the same predicted pixels.
 - ``boundary`` / ``interior``: 1 - mean binary entropy over the predicted lesion's boundary band (pixels within
-  ``BAND`` px of its edge, inside or outside) and over its interior (the lesion eroded by ``BAND``). Errors of a
+  ``BAND`` 4-connected steps of its edge, inside or outside) and over its interior (the lesion eroded by ``BAND``). Errors of a
   segmentation concentrate at the boundary (the failure-detection literature aggregates uncertainty over it
   separately); NaN where the lesion has no interior or no band.
 """
