@@ -63,3 +63,59 @@ def test_a_checkpoint_tells_the_input_its_model_learnt_on(tmp_path):
     assert input_differences(load_checkpoint(loo)[0], ours) == ""
     assert input_differences(load_checkpoint(bare)[0], ours) == ""  # the checkpoint does not say
     assert input_differences(None, ours) == ""  # no start model
+
+
+def _hub_snapshot(cache, encoder: str, weights: str = "imagenet") -> torch.nn.Module:
+    """An ImageNet-shaped encoder written into a Hugging Face cache layout, where smp's hf_hub_download looks for it."""
+    import json
+
+    from safetensors.torch import save_file
+
+    settings = smp.encoders.encoders[encoder]["pretrained_settings"][weights]
+    torch.manual_seed(7)
+    donor = smp.encoders.get_encoder(encoder, in_channels=3, weights=None)
+    snapshot = cache / f"models--{settings['repo_id'].replace('/', '--')}" / "snapshots" / settings["revision"]
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text(json.dumps({"encoder": encoder}))
+    save_file({k: v.contiguous() for k, v in donor.state_dict().items()}, str(snapshot / "model.safetensors"))
+    return donor
+
+
+def test_imagenet_weights_come_from_the_local_cache_without_the_network(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    import domgen.models as models
+
+    donor = _hub_snapshot(tmp_path, "resnet18")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(models, "hub_reachable", lambda *a: pytest.fail("the network was asked although the cache has the file"))
+    model = build_model("linknet", "resnet18", "imagenet")
+    assert torch.equal(model.encoder.layer1[0].conv1.weight, donor.layer1[0].conv1.weight)
+    assert torch.allclose(model.encoder.conv1.weight, donor.conv1.weight.sum(1, keepdim=True))  # smp: 3 -> 1 channel
+
+
+def test_missing_imagenet_weights_offline_fail_at_once_in_one_sentence(tmp_path, monkeypatch, caplog):
+    import socket
+    import time
+
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))  # an empty cache
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    with socket.socket() as s:  # a port nobody listens on: the hub "cannot be reached"
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    start = time.monotonic()
+    with pytest.raises(DomgenError) as err:
+        build_model("linknet", "resnet18", "imagenet")
+    assert time.monotonic() - start < 5  # huggingface_hub's own retries took about 25 s
+    assert "not in the Hugging Face cache" in str(err.value) and "--encoder-weights none" in str(err.value)
+    assert "Retry" not in caplog.text
+    # with the hub's offline switch on, the network is not even probed
+    import domgen.models as models
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(models, "hub_reachable", lambda *a: pytest.fail("probed the network in offline mode"))
+    with pytest.raises(DomgenError):
+        build_model("linknet", "resnet18", "imagenet")

@@ -4,7 +4,11 @@ Bizopoulos et al. Table I fixes the architecture hyper-parameters; Enshaei et al
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 import segmentation_models_pytorch as smp
 import torch
@@ -48,21 +52,65 @@ def build_model(
     cls, params = ARCHITECTURES[arch]
     weights = (encoder_weights or "none").strip()
     smp_weights = None if weights.lower() in ("none", "random", "") or Path(weights).suffix else weights
+    build = lambda: cls(encoder_name=encoder, encoder_weights=smp_weights, in_channels=in_channels, classes=classes, **params)  # noqa: E731
     try:
-        model = cls(encoder_name=encoder, encoder_weights=smp_weights, in_channels=in_channels, classes=classes, **params)
+        if smp_weights is None:
+            model = build()
+        else:
+            model = _with_pretrained(build, encoder, weights)
     except KeyError as exc:  # smp: no such pretrained setting for this encoder
         raise DomgenError(f"encoder '{encoder}' has no '{weights}' weights in the installed smp ({exc.args[0]})") from None
-    except (OSError, RuntimeError, ValueError) as exc:
-        if smp_weights is None:
-            raise
-        # huggingface_hub raises OSError subclasses (LocalEntryNotFoundError, connection errors) offline
-        raise DomgenError(
-            f"could not get the {weights} weights for encoder '{encoder}' (no network and not in the Hugging Face "
-            f"cache: {type(exc).__name__}); pass --encoder-weights none, or --encoder-weights PATH to a saved encoder state dict"
-        ) from None
     if smp_weights is None and weights.lower() not in ("none", "random", ""):
         load_encoder_weights(model, Path(weights))
     return model
+
+
+HUB_PROBE_SECONDS = 3.0
+
+
+@contextlib.contextmanager
+def _hub_offline():
+    """huggingface_hub's offline switch for one call: files come from the local cache or not at all."""
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
+def hub_reachable(timeout: float = HUB_PROBE_SECONDS) -> bool:
+    """One TCP connection to the Hugging Face endpoint (``HF_ENDPOINT``), within ``timeout`` seconds."""
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or (443 if endpoint.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _with_pretrained(build, encoder: str, weights: str) -> nn.Module:
+    """smp's model with downloaded encoder weights: the local cache first; the network once, only when the hub's offline
+    switch is off and the hub answers a connection within seconds (smp's own retries would wait about 25 s offline)."""
+    from huggingface_hub import constants
+
+    failure = (OSError, RuntimeError, ValueError)  # huggingface_hub raises OSError subclasses offline
+    try:
+        with _hub_offline():
+            return build()
+    except failure as exc:
+        cached_error = exc
+    if not constants.HF_HUB_OFFLINE and hub_reachable():
+        try:
+            return build()
+        except failure as exc:
+            cached_error = exc
+    raise DomgenError(
+        f"could not get the {weights} weights for encoder '{encoder}' (not in the Hugging Face cache, and the hub cannot be "
+        f"reached: {type(cached_error).__name__}); pass --encoder-weights none, or --encoder-weights PATH to a saved encoder "
+        "state dict") from None
 
 
 def load_encoder_weights(model: nn.Module, path: Path) -> None:
