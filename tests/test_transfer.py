@@ -243,6 +243,24 @@ def test_per_case_nsd_is_monais_3d_nsd_of_the_stacked_case_and_dsc_is_pooled():
     assert "q (slice sizes differ)" in note and "r (slice spacing unknown)" in note and "p (" not in note
 
 
+def test_a_case_with_no_lesion_in_truth_or_prediction_has_no_dsc_and_leaves_the_mean():
+    # the 0/0 convention of the per-case tables: case e is empty in truth and prediction; case f by hand: truth 4 pixels,
+    # prediction 2 of them and 2 others -> TP 2, FP 2, FN 2, TN 58: DSC = 4 / 8 = 0.5, accuracy (2 + 58) / 64
+    from domgen.evaluation.evaluate import case_summary
+
+    empty, truth, pred = np.zeros((8, 8), np.uint8), np.zeros((8, 8), np.uint8), np.zeros((8, 8), np.float32)
+    truth[0, 0:4] = 1
+    pred[0, 2:6] = 1.0
+    slices = SliceSet(np.zeros((2, 1, 8, 8), np.float32), np.zeros((2, 8, 8), np.uint8), ["X/e/0000", "X/f/0000"], ["e", "f"],
+                      ["X", "X"], [empty, truth], [empty, truth], [(1.0, 1.0)] * 2, slice_spacings=[2.0, 2.0])
+    cases = per_case_metrics([np.zeros((8, 8), np.float32), pred], slices, 0.5, EvaluationSettings(surface=False)).set_index("patient_id")
+    assert np.isnan(cases.loc["e", "dsc"]) and np.isnan(cases.loc["e", "f1"]) and cases.loc["e", "acc"] == 1.0
+    assert cases.loc["f", "dsc"] == pytest.approx(0.5) and cases.loc["f", "acc"] == pytest.approx(60 / 64)
+    summary = case_summary(cases.reset_index())
+    assert summary["dsc"] == pytest.approx(0.5) and summary["dsc_std"] == pytest.approx(0.0) and summary["n_cases"] == 2
+    assert summary["acc"] == pytest.approx((1.0 + 60 / 64) / 2)
+
+
 # ---------------------------------------------------------------- end to end, read back from MLflow
 TINY = ["--set", "preprocessing.image_size=32", "--set", "train.epochs=1", "--set", "train.batch_size=4", "--quiet"]
 
