@@ -44,17 +44,20 @@ def test_strategy_trains_and_freezes_the_right_parameters(name):
     frozen = FROZEN[name]
     for key, p in model.named_parameters():
         assert p.requires_grad == (not key.startswith(frozen) if frozen else True), key
-    # initial weights: the pretrained ones, except scratch (fresh) and the Multi-encoder's new decoder
+    # initial weights: the pretrained ones, except scratch (fresh), body's fresh decoder and the Multi-encoder's new decoder
     state = model.state_dict()
-    if name in ("continual", "body", "frozen"):
+    if name in ("continual", "frozen"):
         assert all(torch.equal(state[k], v) for k, v in before_pretrained.items())
+    elif name == "body":
+        assert all(torch.equal(state[k], v) for k, v in before_pretrained.items() if k.startswith("encoder."))
+        assert not torch.equal(state["segmentation_head.0.weight"], before_pretrained["segmentation_head.0.weight"])
     elif name == "multi-encoder":
         for prefix in ("encoder.", "adapted_encoder."):
             assert all(torch.equal(state[prefix + k.removeprefix("encoder.")], v)
                        for k, v in before_pretrained.items() if k.startswith("encoder."))
     else:
         assert not torch.equal(state["encoder.conv1.weight"], before_pretrained["encoder.conv1.weight"])
-    assert overrides == {"continual": {"lr": 0.01, "schedule": "poly"}, "body": {"lr": 1e-3, "schedule": "constant"}}.get(name, {})
+    assert overrides == {"continual": {"lr": 0.01, "schedule": "poly"}, "body": {"lr": 0.01, "schedule": "poly"}}.get(name, {})
 
     # one optimisation step: frozen tensors (BatchNorm statistics included) stay, trainable ones move
     snapshot = {k: v.clone() for k, v in model.state_dict().items()}
@@ -90,6 +93,108 @@ def test_poly_schedule_gives_the_expected_learning_rates():
     slices = tiny_slices(4)
     result = train(build_model("linknet", "resnet18", "none", 1), slices, slices, settings, progress=False)
     assert [h["lr"] for h in result.history] == pytest.approx(expected, rel=1e-5)
+
+
+# ---------------------------------------------------------------- continual vs body (Wang et al., Table I's two strategies)
+def _paper_profile() -> dict:
+    from domgen import settings
+    from domgen.config import load_profile
+
+    return settings.validate(load_profile("transfer", "paper"))
+
+
+def _as_if_pretrained(model: torch.nn.Module) -> torch.nn.Module:
+    """Every float tensor (BatchNorm statistics included) moved off its initial value, as pretraining would."""
+    with torch.no_grad():
+        for value in model.state_dict().values():
+            if value.is_floating_point():
+                value.add_(0.25)
+    return model
+
+
+def _pretrained_and_config(dims: int):
+    from domgen.families.transfer import volume_model_config
+    from domgen.models.unet3d import build_model_3d
+
+    cfg = _paper_profile()
+    torch.manual_seed(7)
+    if dims == 3:  # the paper profile's 3D model at 4 -> 8 filters (the same modules, a fraction of the time)
+        model_cfg = volume_model_config({**cfg, "volume": {**cfg["volume"], "model": {**cfg["volume"]["model"], "features": [4, 8]}}})
+        return cfg, _as_if_pretrained(build_model_3d(model_cfg)), model_cfg, torch.randn(1, 1, 8, 8, 8)
+    model_cfg = {**cfg["model"], "encoder": "resnet18"}  # the profile's Linknet with a smaller ResNet
+    return cfg, _as_if_pretrained(build_model(model_cfg["arch"], "resnet18", "none", 1)), model_cfg, torch.randn(1, 1, 32, 32)
+
+
+def _split(state: dict) -> tuple[dict, dict]:
+    """(encoder tensors, every other tensor) of a state dict."""
+    return ({k: v for k, v in state.items() if k.startswith("encoder.")}, {k: v for k, v in state.items() if not k.startswith("encoder.")})
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_continual_and_body_of_the_paper_profile_are_different_computations(dims):
+    cfg, pretrained, model_cfg, x = _pretrained_and_config(dims)
+    pre_encoder, pre_rest = _split(pretrained.state_dict())
+    assert pre_rest  # a decoder and head to tell the strategies apart
+    continual, continual_train = prepare_strategy("continual", pretrained, model_cfg, cfg["strategy_train"], seed=3)
+    rng = torch.get_rng_state()
+    body, body_train = prepare_strategy("body", pretrained, model_cfg, cfg["strategy_train"], seed=3)
+    # the same training settings (the paper's lr 0.01, poly) and the same global random stream afterwards
+    assert continual_train == body_train == {"lr": 0.01, "schedule": "poly"}
+    assert torch.equal(torch.get_rng_state(), rng)
+    c_encoder, c_rest = _split(continual.state_dict())
+    b_encoder, b_rest = _split(body.state_dict())
+    # both start from the pretrained encoder (the body), bit for bit
+    assert all(torch.equal(c_encoder[k], v) and torch.equal(b_encoder[k], v) for k, v in pre_encoder.items())
+    # continual keeps the pretrained decoder and head; body holds none of their float tensors
+    assert c_rest.keys() == b_rest.keys() == pre_rest.keys()
+    assert all(torch.equal(c_rest[k], v) for k, v in pre_rest.items())
+    floats = [k for k, v in pre_rest.items() if v.is_floating_point()]
+    assert floats and not any(torch.equal(b_rest[k], pre_rest[k]) for k in floats)
+    # so the two compute different functions from the first step on
+    continual.eval()
+    body.eval()
+    with torch.no_grad():
+        assert not torch.allclose(continual(x), body(x))
+    # every parameter of both trains (what freezes the encoder is the frozen strategy)
+    assert all(p.requires_grad for p in body.parameters()) and all(p.requires_grad for p in continual.parameters())
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_body_fresh_decoder_is_seeded(dims):
+    _, pretrained, model_cfg, _ = _pretrained_and_config(dims)
+    torch.manual_seed(100)  # the global state must not matter: the seed alone picks the fresh head
+    first = _split(prepare_strategy("body", pretrained, model_cfg, seed=5)[0].state_dict())[1]
+    torch.manual_seed(200)
+    again = _split(prepare_strategy("body", pretrained, model_cfg, seed=5)[0].state_dict())[1]
+    other = _split(prepare_strategy("body", pretrained, model_cfg, seed=6)[0].state_dict())[1]
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    weights = [k for k, v in first.items() if k.endswith("weight") and v.dim() > 1]  # convolution kernels: drawn at random
+    assert weights and not any(torch.equal(first[k], other[k]) for k in weights)
+
+
+def test_paper_profile_trains_every_strategy_with_the_papers_optimiser():
+    """Wang et al. (nnU-Net's set-up, values as experiments/transfer/paper.yaml states them): SGD, lr 0.01, Nesterov
+    momentum 0.99, poly schedule with power 0.9, in 2D and in 3D, for every strategy; the quick profile's departures too."""
+    from domgen import settings
+    from domgen.config import load_profile
+    from domgen.families.transfer import strategy_train_settings, volume_train_settings
+
+    cfg = _paper_profile()
+    assert cfg["strategies"] == ["scratch", "continual", "body", "frozen", "multi-encoder"]
+    pretrained = pretrained_model()
+    for name in cfg["strategies"]:
+        _, overrides = prepare_strategy(name, None if name == "scratch" else pretrained, MODEL_CFG, cfg["strategy_train"])
+        for run in (strategy_train_settings(cfg, 0, overrides), volume_train_settings(cfg, 0, overrides)):
+            assert (run.optimizer, run.lr, run.momentum, run.nesterov, run.schedule, run.poly_power) == ("sgd", 0.01, 0.99, True, "poly", 0.9), name
+    quick = settings.validate(load_profile("transfer", "quick"))
+    for name in quick["strategies"]:
+        _, overrides = prepare_strategy(name, None if name == "scratch" else pretrained, MODEL_CFG, quick["strategy_train"])
+        run = strategy_train_settings(quick, 0, overrides)
+        expected = ("adam", 0.01, "poly") if name in ("continual", "body") else ("adam", 0.001, "constant")
+        assert (run.optimizer, run.lr, run.schedule) == expected, name
+        volume = volume_train_settings(quick, 0, overrides)  # 3D keeps the paper's SGD; lr and schedule follow strategy_train
+        assert (volume.optimizer, volume.momentum, volume.nesterov) == ("sgd", 0.99, True)
+        assert (volume.lr, volume.schedule) == (0.01, "poly"), name
 
 
 # ---------------------------------------------------------------- per-case metrics (Wang et al. report per scan)
@@ -136,6 +241,24 @@ def test_per_case_nsd_is_monais_3d_nsd_of_the_stacked_case_and_dsc_is_pooled():
     assert cases.loc["r", "nsd_mode"] == "per-slice: slice spacing unknown"
     note = volume_note(cases.reset_index())
     assert "q (slice sizes differ)" in note and "r (slice spacing unknown)" in note and "p (" not in note
+
+
+def test_a_case_with_no_lesion_in_truth_or_prediction_has_no_dsc_and_leaves_the_mean():
+    # the 0/0 convention of the per-case tables: case e is empty in truth and prediction; case f by hand: truth 4 pixels,
+    # prediction 2 of them and 2 others -> TP 2, FP 2, FN 2, TN 58: DSC = 4 / 8 = 0.5, accuracy (2 + 58) / 64
+    from domgen.evaluation.evaluate import case_summary
+
+    empty, truth, pred = np.zeros((8, 8), np.uint8), np.zeros((8, 8), np.uint8), np.zeros((8, 8), np.float32)
+    truth[0, 0:4] = 1
+    pred[0, 2:6] = 1.0
+    slices = SliceSet(np.zeros((2, 1, 8, 8), np.float32), np.zeros((2, 8, 8), np.uint8), ["X/e/0000", "X/f/0000"], ["e", "f"],
+                      ["X", "X"], [empty, truth], [empty, truth], [(1.0, 1.0)] * 2, slice_spacings=[2.0, 2.0])
+    cases = per_case_metrics([np.zeros((8, 8), np.float32), pred], slices, 0.5, EvaluationSettings(surface=False)).set_index("patient_id")
+    assert np.isnan(cases.loc["e", "dsc"]) and np.isnan(cases.loc["e", "f1"]) and cases.loc["e", "acc"] == 1.0
+    assert cases.loc["f", "dsc"] == pytest.approx(0.5) and cases.loc["f", "acc"] == pytest.approx(60 / 64)
+    summary = case_summary(cases.reset_index())
+    assert summary["dsc"] == pytest.approx(0.5) and summary["dsc_std"] == pytest.approx(0.0) and summary["n_cases"] == 2
+    assert summary["acc"] == pytest.approx((1.0 + 60 / 64) / 2)
 
 
 # ---------------------------------------------------------------- end to end, read back from MLflow

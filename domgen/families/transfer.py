@@ -242,8 +242,9 @@ def run_strategy(r: TransferRound, fold: dict, strategy: str, pretrain_name: str
         return run_strategy_volumes(r, fold, strategy, pretrain_name, run.info.run_id)
     with store.finishing(run.info.run_id), store.artifact_dir() as tmp:
         seed_everything(cfg["seed"] + k)
-        model, overrides = prepare_strategy(strategy, r.pretrained_model(pretrain_name), cfg["model"], cfg.get("strategy_train"))
-        train_settings = settings.build(TrainSettings, cfg["train"], seed=cfg["seed"] + k, device=cfg["device"], **overrides)
+        model, overrides = prepare_strategy(strategy, r.pretrained_model(pretrain_name), cfg["model"], cfg.get("strategy_train"),
+                                            seed=cfg["seed"] + k)
+        train_settings = strategy_train_settings(cfg, cfg["seed"] + k, overrides)
         store.log_config(run.info.run_id, {"strategy_train": overrides})
         trainable, total = count_parameters(model)
         train_set = r.target.of_patients(fold["train"])
@@ -295,6 +296,11 @@ def lesion_volumes(suite, name: str, cfg: dict, progress: bool) -> list[Volume]:
     """The volumes of dataset ``name`` with training labels background 0 / lesion 1 (``truth`` keeps lesion = 2)."""
     pre = VolumePreprocessing.from_config(volume_section(cfg).get("preprocessing", {}))
     return [replace(v, labels=(v.labels == LESION).astype(np.uint8)) for v in load_volumes(suite, name, pre, progress, lung=False)]
+
+
+def strategy_train_settings(cfg: dict, seed: int, overrides: dict | None = None) -> TrainSettings:
+    """The 2D ``train`` section with a strategy's changes (``prepare_strategy``'s overrides): what a fold run trains with."""
+    return settings.build(TrainSettings, cfg["train"], seed=seed, device=cfg["device"], **(overrides or {}))
 
 
 def volume_train_settings(cfg: dict, seed: int, overrides: dict | None = None) -> VolumeTrainSettings:
@@ -359,7 +365,8 @@ def run_strategy_volumes(r: TransferRound, fold: dict, strategy: str, pretrain_n
     k, cfg = fold["fold"], r.cfg
     with store.finishing(run_id), store.artifact_dir() as tmp:
         seed_everything(cfg["seed"] + k)
-        model, overrides = prepare_strategy(strategy, r.pretrained_model(pretrain_name), volume_model_config(cfg), cfg.get("strategy_train"))
+        model, overrides = prepare_strategy(strategy, r.pretrained_model(pretrain_name), volume_model_config(cfg), cfg.get("strategy_train"),
+                                            seed=cfg["seed"] + k)
         train_settings = volume_train_settings(cfg, cfg["seed"] + k, overrides)
         store.log_config(run_id, {"strategy_train": overrides, "volume_train": asdict(train_settings)})
         trainable, total = count_parameters(model)
