@@ -547,7 +547,10 @@ def report(experiment, run_id, out, tracking_uri, compare, against_paper, paper_
 @click.option("--tracking-uri", default=None)
 @click.option("--port", default=5000, show_default=True)
 def ui(tracking_uri, port):
-    """Start the MLflow UI on 127.0.0.1 for the domgen store."""
+    """Start the MLflow UI on 127.0.0.1 for the domgen store (Ctrl-C or SIGTERM stops it and everything it started)."""
+    import contextlib
+    import os
+    import signal
     import subprocess
 
     from domgen.families import FAMILIES
@@ -561,7 +564,34 @@ def ui(tracking_uri, port):
             exp = store.get_experiment(family.experiment)
             if exp is not None:
                 click.echo(f"  {family.experiment:22s} {store.ui_url(base, exp.experiment_id)}")
-    subprocess.run([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)], check=False)
+    from domgen.executors.ray_executor import NO_JOB_RUNNER
+
+    # its own process group, without MLflow's GenAI job runner (huey workers domgen never uses): Ctrl-C or SIGTERM to
+    # domgen ends the whole group, so no worker outlives the UI
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)],
+                              start_new_session=True, env={**os.environ, **NO_JOB_RUNNER})
+
+    def stop(*_):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupted)  # SIGTERM (a scheduler, `timeout`) stops it like Ctrl-C
+    try:
+        server.wait()
+    except KeyboardInterrupt:
+        click.echo("stopping the MLflow UI")
+    finally:
+        stop()
+        signal.signal(signal.SIGTERM, previous)
 
 
 # ---------------------------------------------------------------- benchmark (Bizopoulos et al.)

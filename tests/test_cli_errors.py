@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import contextlib
 import subprocess
 import sys
 from pathlib import Path
@@ -181,21 +182,21 @@ def test_device_cuda_without_a_gpu_is_one_sentence(tmp_path, tiny_suite):
     assert not (tmp_path / "mlflow.db").exists()  # nothing was started
 
 
-def test_ui_serves_the_store_on_loopback(tmp_path):
-    """`domgen ui` starts the MLflow UI on 127.0.0.1 for the given store; its health endpoint answers."""
+def test_ui_serves_the_store_on_loopback_and_sigterm_leaves_no_child(tmp_path):
+    """`domgen ui` starts the MLflow UI on 127.0.0.1 for the given store, without MLflow's job runner; its health endpoint
+    answers; SIGTERM to domgen ends every process it started."""
+    import signal
     import socket
     import time
     import urllib.request
-
-    from domgen.executors.ray_executor import NO_JOB_RUNNER
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "domgen.cli", "ui", "--port", str(port),
                              "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True,
-                            env={**os.environ, **NO_JOB_RUNNER})  # MLflow's GenAI job runner: not under test
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True)
+    children = []
     try:
         deadline, body = time.monotonic() + 120, b""
         while time.monotonic() < deadline and proc.poll() is None:
@@ -205,8 +206,42 @@ def test_ui_serves_the_store_on_loopback(tmp_path):
             except OSError:
                 time.sleep(1)
         assert body.strip() == b"OK", proc.stdout.read1() if proc.poll() is not None else "no answer in 120 s"
+        children = _descendants(proc.pid)
+        assert children, "domgen ui started no MLflow process"
+        assert not any("huey" in cmd for cmd in children.values())  # no GenAI job runner workers
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and any(_alive(pid) for pid in children):
+            time.sleep(0.5)
+        assert not [cmd for pid, cmd in children.items() if _alive(pid)], "left running after SIGTERM"
     finally:
-        import signal
+        for pid in [proc.pid, *children]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+
+def _descendants(pid: int) -> dict[int, str]:
+    """{pid: command line} of every process below ``pid`` (from /proc)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = {}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        for child, ppid in parents.items():
+            if ppid == parent and child not in found:
+                with contextlib.suppress(OSError):
+                    found[child] = (Path("/proc") / str(child) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                frontier.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """A process that exists and is not a zombie."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
