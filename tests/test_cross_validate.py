@@ -81,12 +81,27 @@ def test_nifti_predictions_have_the_source_geometry_and_match_the_metrics(tiny_r
     # the logged Dice and IoU, recomputed by hand from the written label map and the reference masks
     labels = np.asarray(pred.dataobj)
     truth = to_xyz(class_labels(case.lesion, case.lung))
-    for region, values in (("lung", (1, 2)), ("lesion", (2,))):
+    for region, values in (("lung", (1,)), ("lesion", (2,))):  # each class on its own label
         p, t = np.isin(labels, values), np.isin(truth, values)
         if p.sum() + t.sum():
             assert row[f"{region}_dsc"] == pytest.approx(2 * (p & t).sum() / (p.sum() + t.sum()), abs=1e-9)
         if (p | t).sum():
             assert row[f"{region}_iou"] == pytest.approx((p & t).sum() / (p | t).sum(), abs=1e-9)
+
+
+def test_lung_is_scored_without_its_lesion_by_hand():
+    """Müller et al. score each class on its own label: a model that calls the lesion lung is perfect on lung ∪ lesion
+    (DSC 1) but over-segments the lung class. By hand: truth lung 4 voxels, prediction lung 6 (the 4 + the 2 lesion)."""
+    from domgen.evaluation.volume_metrics import volume_metrics
+
+    truth = np.array([0, 0, 1, 1, 1, 1, 2, 2], np.uint8).reshape(2, 2, 2)
+    pred = np.array([0, 0, 1, 1, 1, 1, 1, 1], np.uint8).reshape(2, 2, 2)
+    m = volume_metrics(pred, truth, (1.0, 1.0, 1.0), surface=False)
+    assert m["lung_dsc"] == pytest.approx(2 * 4 / (6 + 4))  # 0.8, where lung ∪ lesion would give 1.0
+    assert m["lung_iou"] == pytest.approx(4 / 6)
+    assert m["lung_sen"] == pytest.approx(1.0) and m["lung_prec"] == pytest.approx(4 / 6)
+    assert m["lung_spc"] == pytest.approx(2 / 4) and m["lung_acc"] == pytest.approx(6 / 8)
+    assert m["lesion_dsc"] == pytest.approx(0.0) and m["lesion_sen"] == pytest.approx(0.0)
 
 
 def test_rerun_resumes_without_training_again(tiny_round):
