@@ -150,6 +150,28 @@ def test_report_rebuilds_the_tables(tiny_round, tmp_path):
     assert written and "ensemble" in written[0].read_text()
 
 
+def test_tables_carry_each_fold_model_on_the_external_set_and_label_the_ensemble(tiny_round):
+    """The paper's external figures are its fold models'; the ensemble is domgen's addition and says so in every table."""
+    from domgen.tracking.cross_validate_report import ablation_table, cross_validate_tables
+
+    runs = _runs(tiny_round["uri"])
+    parent = next(r for r in runs if r.data.tags["domgen.role"] == "round").info.run_id
+    fold_rows = pd.concat([pd.read_csv(store.download_artifact(r.info.run_id, "per_volume.csv", tiny_round["root"] / f"t{r.info.run_id}"))
+                           for r in runs if r.data.tags["domgen.role"] == "fold"])
+    fold_ext = fold_rows[fold_rows["set"] == "external"]
+    external = cross_validate_tables(parent)["external"]
+    lesion = external[external["class"] == "lesion"].set_index("model")
+    assert list(lesion.index) == ["fold 0", "fold 1", "fold models, pooled", "ensemble (domgen's addition)"]
+    assert lesion.loc["fold models, pooled", "volumes"] == 2 * 3  # two fold models x B's 3 volumes
+    dsc = fold_ext["lesion_dsc"].dropna().to_numpy()  # median ± SD (population) over the 6 scores, by numpy
+    assert lesion.loc["fold models, pooled", "DSC"] == (f"{np.median(dsc):.3f} ± {dsc.std():.3f}" if dsc.size else "-")
+    ablation = ablation_table([parent])
+    assert ablation.loc[0, "lesion DSC (external, fold models, pooled)"] == lesion.loc["fold models, pooled", "DSC"]
+    assert ablation.loc[0, "lesion DSC (external, ensemble (domgen's addition))"] == lesion.loc["ensemble (domgen's addition)", "DSC"]
+    assert "lung DSC (external, fold models, pooled)" in ablation.columns
+    assert "fold models, pooled" in tiny_round["output"] and "ensemble (domgen's addition)" in tiny_round["output"]
+
+
 @pytest.fixture(scope="module")
 def error_store(tmp_path_factory) -> str:
     return f"sqlite:///{tmp_path_factory.mktemp('errors')}/mlflow.db"
