@@ -696,15 +696,16 @@ def export(run_id, sweep_id, fmt, out, tracking_uri, quiet):
 @click.option("--external", default=None, help="External test dataset (profile default B; 'none' for no external set).")
 @click.option("--folds", type=int, default=None, help="k of the k-fold cross-validation (quick: 3, paper: 5).")
 @click.option("--sampler", type=click.Choice(["uniform", "foreground"]), default=None, help="Patch sampler (paper: uniform).")
-@click.option("--ablation", is_flag=True, help="Run the profile's sensitivity grid: k x preprocessing on/off x augmentation on/off.")
+@click.option("--ablation", is_flag=True, help="Run the profile's ablation grid: k x preprocessing on/off x augmentation on/off (a superset of the paper's).")
 @_common_run_options
 @_executor_options
 def cross_validate(source, external, folds, sampler, ablation, suite, profile, seed, device, encoder_weights, lung_mask,
                    lungmask_weights, tracking_uri, overrides, quiet, executor, workers, address, gpus_per_trial):
-    """Müller et al.'s limited-data 3D U-Net: k-fold on SOURCE, each fold model and their ensemble on EXTERNAL.
+    """Müller et al.'s limited-data 3D U-Net: k-fold on SOURCE, each fold model (and domgen's ensemble) on EXTERNAL.
 
     Prints median ± SD over volumes of DSC, IoU, SEN, SPC, ACC, precision, NSD and HD95 for lungs and lesion
-    (validation folds pooled; external set per fold model and for the ensemble). Re-running resumes.
+    (validation folds pooled; external set per fold model, pooled over the fold models as the paper reports, and for
+    the ensemble, domgen's addition). Re-running resumes.
     """
     if encoder_weights is not None:
         raise DomgenError("--encoder-weights applies to the 2D smp encoders; the 3D U-Net of cross-validate starts from random weights")

@@ -81,12 +81,27 @@ def test_nifti_predictions_have_the_source_geometry_and_match_the_metrics(tiny_r
     # the logged Dice and IoU, recomputed by hand from the written label map and the reference masks
     labels = np.asarray(pred.dataobj)
     truth = to_xyz(class_labels(case.lesion, case.lung))
-    for region, values in (("lung", (1, 2)), ("lesion", (2,))):
+    for region, values in (("lung", (1,)), ("lesion", (2,))):  # each class on its own label
         p, t = np.isin(labels, values), np.isin(truth, values)
         if p.sum() + t.sum():
             assert row[f"{region}_dsc"] == pytest.approx(2 * (p & t).sum() / (p.sum() + t.sum()), abs=1e-9)
         if (p | t).sum():
             assert row[f"{region}_iou"] == pytest.approx((p & t).sum() / (p | t).sum(), abs=1e-9)
+
+
+def test_lung_is_scored_without_its_lesion_by_hand():
+    """Müller et al. score each class on its own label: a model that calls the lesion lung is perfect on lung ∪ lesion
+    (DSC 1) but over-segments the lung class. By hand: truth lung 4 voxels, prediction lung 6 (the 4 + the 2 lesion)."""
+    from domgen.evaluation.volume_metrics import volume_metrics
+
+    truth = np.array([0, 0, 1, 1, 1, 1, 2, 2], np.uint8).reshape(2, 2, 2)
+    pred = np.array([0, 0, 1, 1, 1, 1, 1, 1], np.uint8).reshape(2, 2, 2)
+    m = volume_metrics(pred, truth, (1.0, 1.0, 1.0), surface=False)
+    assert m["lung_dsc"] == pytest.approx(2 * 4 / (6 + 4))  # 0.8, where lung ∪ lesion would give 1.0
+    assert m["lung_iou"] == pytest.approx(4 / 6)
+    assert m["lung_sen"] == pytest.approx(1.0) and m["lung_prec"] == pytest.approx(4 / 6)
+    assert m["lung_spc"] == pytest.approx(2 / 4) and m["lung_acc"] == pytest.approx(6 / 8)
+    assert m["lesion_dsc"] == pytest.approx(0.0) and m["lesion_sen"] == pytest.approx(0.0)
 
 
 def test_rerun_resumes_without_training_again(tiny_round):
@@ -133,6 +148,28 @@ def test_report_rebuilds_the_tables(tiny_round, tmp_path):
     assert printed.splitlines()[2] in result.output  # the same median ± SD row, rebuilt from MLflow
     written = list(tmp_path.rglob("external.md"))
     assert written and "ensemble" in written[0].read_text()
+
+
+def test_tables_carry_each_fold_model_on_the_external_set_and_label_the_ensemble(tiny_round):
+    """The paper's external figures are its fold models'; the ensemble is domgen's addition and says so in every table."""
+    from domgen.tracking.cross_validate_report import ablation_table, cross_validate_tables
+
+    runs = _runs(tiny_round["uri"])
+    parent = next(r for r in runs if r.data.tags["domgen.role"] == "round").info.run_id
+    fold_rows = pd.concat([pd.read_csv(store.download_artifact(r.info.run_id, "per_volume.csv", tiny_round["root"] / f"t{r.info.run_id}"))
+                           for r in runs if r.data.tags["domgen.role"] == "fold"])
+    fold_ext = fold_rows[fold_rows["set"] == "external"]
+    external = cross_validate_tables(parent)["external"]
+    lesion = external[external["class"] == "lesion"].set_index("model")
+    assert list(lesion.index) == ["fold 0", "fold 1", "fold models, pooled", "ensemble (domgen's addition)"]
+    assert lesion.loc["fold models, pooled", "volumes"] == 2 * 3  # two fold models x B's 3 volumes
+    dsc = fold_ext["lesion_dsc"].dropna().to_numpy()  # median ± SD (population) over the 6 scores, by numpy
+    assert lesion.loc["fold models, pooled", "DSC"] == (f"{np.median(dsc):.3f} ± {dsc.std():.3f}" if dsc.size else "-")
+    ablation = ablation_table([parent])
+    assert ablation.loc[0, "lesion DSC (external, fold models, pooled)"] == lesion.loc["fold models, pooled", "DSC"]
+    assert ablation.loc[0, "lesion DSC (external, ensemble (domgen's addition))"] == lesion.loc["ensemble (domgen's addition)", "DSC"]
+    assert "lung DSC (external, fold models, pooled)" in ablation.columns
+    assert "fold models, pooled" in tiny_round["output"] and "ensemble (domgen's addition)" in tiny_round["output"]
 
 
 @pytest.fixture(scope="module")

@@ -98,13 +98,51 @@ def test_sliding_window_averages_half_overlapping_patches():
     np.testing.assert_allclose(predict_volume(model, volume, (4, 6, 4), overlap=0.5), whole, atol=1e-6)
 
 
-def test_tversky_half_half_plus_ce_matches_dice_plus_ce():
-    from monai.losses import DiceCELoss
+def _eq6_plus_ce_by_hand(logits: np.ndarray, labels: np.ndarray, alpha: float, beta: float) -> float:
+    """Müller et al.'s eq. 6 + cross-entropy with plain loops: per sample, N - sum over classes of TP / (TP + a FN + b FP)."""
+    batch, classes = logits.shape[:2]
+    per_sample, ce, voxels = [], 0.0, 0
+    for b in range(batch):
+        z = logits[b].reshape(classes, -1).astype(np.float64)
+        y = labels[b].reshape(-1).astype(int)
+        p = np.exp(z) / np.exp(z).sum(0)
+        total = 0.0
+        for c in range(classes):
+            g = (y == c).astype(float)
+            tp, fn, fp = (p[c] * g).sum(), ((1 - p[c]) * g).sum(), (p[c] * (1 - g)).sum()
+            total += tp / (tp + alpha * fn + beta * fp)
+        per_sample.append(classes - total)
+        ce += -np.log(p[y, np.arange(y.size)]).sum()
+        voxels += y.size
+    return float(np.mean(per_sample) + ce / voxels)
 
-    logits = torch.randn(2, 3, 4, 4, 4)
-    labels = torch.randint(0, 3, (2, 1, 4, 4, 4)).float()
-    expected = DiceCELoss(to_onehot_y=True, softmax=True, smooth_nr=1e-5, smooth_dr=1e-5)(logits, labels)
-    assert float(TverskyCrossEntropyLoss()(logits, labels)) == pytest.approx(float(expected), rel=1e-4)
+
+@pytest.mark.parametrize("alpha,beta,classes", [(0.5, 0.5, 3), (0.3, 0.7, 3), (0.5, 0.5, 2)])
+def test_tversky_loss_is_eq6_summed_over_classes_plus_ce(alpha, beta, classes):
+    """Eq. 6 sums the N classes' Tversky indices (a mean over classes would be 1/N of it); 2 classes is transfer --dims 3."""
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((2, classes, 3, 2, 2)).astype(np.float32)
+    labels = rng.integers(0, classes, (2, 1, 3, 2, 2)).astype(np.float32)
+    labels[1, 0, 0, 0, 0] = classes - 1  # every class present in the batch
+    expected = _eq6_plus_ce_by_hand(logits, labels, alpha, beta)
+    got = float(TverskyCrossEntropyLoss(alpha, beta)(torch.from_numpy(logits), torch.from_numpy(labels)))
+    assert got == pytest.approx(expected, rel=1e-5)
+
+
+def test_tversky_loss_of_a_perfect_prediction_is_zero_and_sums_per_sample():
+    """Confident and right: every Tversky index is 1 and CE is 0, so L = 0. One sample confidently wrong for class 2
+    (absent from its truth, present in the other's): that sample's index for class 2 is 0, costing exactly 1 / batch."""
+    labels = np.zeros((2, 1, 2, 2, 1), np.float32)
+    labels[:, 0, 0, 0, 0], labels[:, 0, 1, 1, 0] = 1, 2
+    onehot = np.moveaxis(np.eye(3)[labels[:, 0].astype(int)], -1, 1)
+    logits = torch.from_numpy((60.0 * onehot).astype(np.float32))
+    loss = TverskyCrossEntropyLoss()
+    assert float(loss(logits, torch.from_numpy(labels))) == pytest.approx(0.0, abs=1e-5)
+    labels[1, 0, 1, 1, 0] = 0  # sample 1 has no class 2 now, its prediction still says 2 at one voxel
+    # by hand, sample 1: background TP 2, FN 1, FP 0 -> 2 / 2.5 = 0.8; lung 1; class 2 TP 0, FP 1 -> 0; L = 3 - 1.8 = 1.2.
+    # Sample 0: 0. CE: one voxel of 8 at -log softmax = 60. (Pooling the batch would give class 2 1 / 1.5 instead.)
+    got = float(loss(logits, torch.from_numpy(labels)))
+    assert got == pytest.approx(1.2 / 2 + 60.0 / 8, rel=1e-4)
 
 
 def test_augmentation_keeps_labels_integral_and_is_seeded():

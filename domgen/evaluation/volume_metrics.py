@@ -1,9 +1,10 @@
 """Metrics of one whole volume (Müller et al., Table 2): DSC, IoU, sensitivity, specificity, accuracy and
 precision for the lungs and the lesion, plus NSD and HD95 in 3D with the voxel spacing (MONAI).
 
-Scored on the case's own grid, the predicted label map against background 0 / lung 1 / lesion 2. The
-"lung" region is the lungs including their lesions (labels 1 and 2), as a lung mask is drawn; "lesion"
-is label 2.
+Scored on the case's own grid, the predicted label map against background 0 / lung 1 / lesion 2. Each
+class is scored on its own label, as Müller et al. score their classes: "lung" is label 1, the lung WITHOUT
+its lesions (the paper averages its left and right lung classes; domgen's lung masks are one binary class,
+so there is one lung score), "lesion" is label 2.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import numpy as np
 from domgen.evaluation.metrics import confusion, overlap_metrics, surface_metrics
 from domgen.preprocessing.volume import LESION, LUNG
 
-REGIONS = {"lung": (LUNG, LESION), "lesion": (LESION,)}
+REGIONS = {"lung": (LUNG,), "lesion": (LESION,)}  # one label each: Müller et al.'s lung classes exclude the infection
 VOLUME_METRICS = ("dsc", "iou", "sen", "spc", "acc", "prec", "nsd", "hd95")
 
 

@@ -2,9 +2,10 @@
 segmentation of COVID-19 lung infection based on limited data", the MIScnn pipeline).
 
 k-fold by patient on the source dataset: each fold model trains on k-1 parts and is scored on its held-out
-part (the validation fold) and on the external dataset; the fold models' averaged softmax is scored on the
-external set too (the ensemble). ``--ablation`` repeats this over the paper's sensitivity grid (k,
-preprocessing on/off, augmentation on/off), one round per combination.
+part (the validation fold) and on the external dataset, as the paper reports; the fold models' averaged
+softmax is scored on the external set too (the ensemble: domgen's addition, the paper leaves ensembling to
+future work). ``--ablation`` repeats this over the profile's grid (k x preprocessing on/off x augmentation
+on/off, one round per combination), a superset of the paper's sensitivity analysis.
 
 MLflow (experiment ``domgen-cross-validate``): a parent run per round (role ``round``), a child per fold
 (role ``fold``, with model/checkpoint.pt) and one for the ensemble (role ``ensemble``); each child logs
@@ -206,7 +207,7 @@ def fold_probabilities(r: Round, k: int) -> list[np.ndarray]:
 
 
 def evaluate_ensemble(r: Round, folds: list[dict]) -> None:
-    """The fold models' softmax outputs averaged on the external set (Müller et al.'s ensemble)."""
+    """The fold models' softmax outputs averaged on the external set (domgen's addition, not Müller et al.'s protocol)."""
     cfg = r.cfg
     h = child_hash(cfg, role="ensemble")
     if not r.external or store.find_run(r.exp_id, h) is not None:
@@ -266,7 +267,7 @@ def _run_round(cfg: dict, exp_id: str, h: str, settings: Settings, suite, source
 
 
 def ablation_configs(cfg: dict) -> list[dict]:
-    """The sensitivity grid of the profile's ``ablation`` section (k x preprocessing x augmentation), one config each."""
+    """The full grid of the profile's ``ablation`` section (k x preprocessing x augmentation), one config each."""
     grid = cfg.get("ablation") or {}
     axes = {"folds": grid.get("folds", [cfg["folds"]]), "preprocessing": grid.get("preprocessing", [True]),
             "augmentation": grid.get("augmentation", [True])}
@@ -282,7 +283,7 @@ def ablation_configs(cfg: dict) -> list[dict]:
 
 
 def run_ablation(cfg: dict, progress: bool = True, runner=None) -> list[str]:
-    """One round per combination of the sensitivity grid; returns their parent run ids (finished ones are reused)."""
+    """One round per combination of the ablation grid; returns their parent run ids (finished ones are reused)."""
     configs = ablation_configs(cfg)
     for child in configs:  # check the whole grid before training anything
         Settings.from_config(child)

@@ -2,8 +2,8 @@
 
 Every iteration draws ``batch_size`` patches from randomly chosen training volumes (uniformly at random, or
 foreground-biased: half the patches centred on a lesion voxel), augments them on the fly (MONAI, each
-transform with probability ``augment_p``), and minimises Tversky (alpha = beta = 0.5) + cross-entropy with
-Adam; the learning rate drops x0.1 after ``plateau_patience`` epochs without a lower training loss and
+transform with probability ``augment_p``), and minimises Tversky (alpha = beta = 0.5, eq. 6: summed over the
+classes) + cross-entropy with Adam; the learning rate drops x0.1 after ``plateau_patience`` epochs without a lower training loss and
 training stops after ``early_stopping_patience`` (the paper monitors the training loss, Keras-style).
 ``optimizer: sgd`` with ``schedule: poly`` is Wang et al.'s nnU-Net set-up (``domgen transfer --dims 3``); parameters
 that do not require grad (a frozen encoder) are left out of the optimiser and keep their BatchNorm statistics.
@@ -19,7 +19,6 @@ from typing import Callable
 import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
-from monai.losses import TverskyLoss
 from monai.transforms import (Compose, Rand3DElasticd, RandAdjustContrastd, RandCropByPosNegLabeld, RandFlipd,
                               RandGaussianNoised, RandRotated, RandScaleIntensityd, RandScaleIntensityFixedMeand,
                               RandSpatialCropd, RandZoomd, SpatialPadd)
@@ -139,15 +138,28 @@ def muller_augmentation(p: float, seed: int) -> Compose:
 
 
 class TverskyCrossEntropyLoss(nn.Module):
-    """Tversky (alpha = beta = 0.5, i.e. soft Dice) over all classes plus cross-entropy (MIScnn's tversky_crossentropy)."""
+    """Müller et al.'s eq. 6, L = N - sum_c TP_c / (TP_c + alpha FN_c + beta FP_c), plus cross-entropy.
 
-    def __init__(self, alpha: float = 0.5, beta: float = 0.5) -> None:
+    Soft TP/FN/FP of each class over one sample's voxels, the N classes' Tversky indices SUMMED (not averaged),
+    then the mean over the batch, as MIScnn's ``tversky_crossentropy`` (miscnn/neural_network/metrics.py) that the
+    authors trained with; ``smooth`` is MIScnn's 1e-6 in numerator and denominator. Cross-entropy is the mean over voxels.
+    """
+
+    def __init__(self, alpha: float = 0.5, beta: float = 0.5, smooth: float = 1e-6) -> None:
         super().__init__()
-        self.tversky = TverskyLoss(to_onehot_y=True, softmax=True, alpha=alpha, beta=beta)
+        self.alpha, self.beta, self.smooth = alpha, beta, smooth
         self.ce = nn.CrossEntropyLoss()
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.tversky(logits, labels) + self.ce(logits, labels[:, 0].long())
+        target = labels[:, 0].long()
+        probs = torch.softmax(logits, dim=1)
+        onehot = nn.functional.one_hot(target, logits.shape[1]).movedim(-1, 1).to(probs.dtype)
+        spatial = tuple(range(2, logits.ndim))
+        tp = (probs * onehot).sum(spatial)  # (batch, classes)
+        fn = ((1 - probs) * onehot).sum(spatial)
+        fp = (probs * (1 - onehot)).sum(spatial)
+        tversky = (tp + self.smooth) / (tp + self.alpha * fn + self.beta * fp + self.smooth)
+        return (logits.shape[1] - tversky.sum(1)).mean() + self.ce(logits, target)
 
 
 @dataclass
