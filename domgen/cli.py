@@ -339,7 +339,7 @@ def leave_one_out(source, targets, folds, ci_min, ci_rule, ci_quantile, min_pixe
 @click.option("--target", required=True, help="Unseen dataset to pseudo-label (a suite dataset name).")
 @click.option("--run-id", default=None, help="A finished leave-one-out fold run (its model/checkpoint.pt is used).")
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None, help="Or a checkpoint file written by domgen.")
-@click.option("--ci-min", type=float, default=None, help="Keep slices with Certainty Index >= this (default: the run's, 0.8).")
+@click.option("--ci-min", type=float, default=None, help="Keep slices with Certainty Index >= this under --ci-rule fixed (default: the run's; 0.8 is domgen's choice, the paper gives no number).")
 @click.option("--ci-rule", type=click.Choice(["fixed", "indomain-quantile"]), default=None,
               help="CI limit: --ci-min, or the --ci-quantile of the fold's in-domain test CI.")
 @click.option("--ci-quantile", type=float, default=None)

@@ -208,7 +208,7 @@ SETTINGS: list[Setting] = [
     S("splits_file", "path", None, (LOO,), "a splits.json to use instead of drawing folds", nullable=True),
     S("init_checkpoint", "path", None, (LOO,), "start from this domgen checkpoint", nullable=True, flag="--init-checkpoint"),
     S("init_run", "str", None, (LOO,), "start from the model of this MLflow run", nullable=True, flag="--init-run"),
-    S("pseudolabel.ci_min", "float", 0.8, (LOO,), "keep pseudo-labels with Certainty Index >= this", **_PROB, flag="--ci-min"),
+    S("pseudolabel.ci_min", "float", 0.8, (LOO,), "CI limit under ci_rule fixed (0.8: domgen's choice; the paper gives no number)", **_PROB, flag="--ci-min"),
     S("pseudolabel.min_pixels", "int", 50, (LOO,), "drop slices with fewer pixels above the cut-off", low=0, flag="--min-pixels"),
     S("pseudolabel.min_pixels_at", "int", None, (LOO,), "image side min_pixels is counted at (null: original)", low=1, nullable=True),
     S("pseudolabel.top_k", "int", None, (LOO,), "at most this many pseudo-labelled slices per target", low=1, nullable=True,

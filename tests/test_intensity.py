@@ -63,9 +63,29 @@ def test_zscore_with_mask_uses_mask_statistics_and_zeros_outside():
     assert np.all(zscore_per_slice(image, np.zeros((4, 4))) == 0)
 
 
+def test_zscore_slice_uses_every_pixel_then_the_lung_mask_zeros_outside():
+    # 0..15: mean 7.5, population variance (16^2 - 1) / 12 = 21.25, by hand
+    image = np.arange(16, dtype=np.float32).reshape(4, 4)
+    out = get_normalisation("zscore-slice")(image)
+    np.testing.assert_allclose(out, (image - 7.5) / np.sqrt(21.25), atol=1e-6)
+    # through the slice preprocessing with mask_to_lung: whole-slice statistics, zeros outside the lung
+    from domgen.data.case import Case
+    from domgen.preprocessing.slices import SlicePreprocessing, _normalised_slices
+
+    lung = np.zeros((1, 4, 4), np.uint8)
+    lung[0, 1:3, 1:3] = 1
+    case = Case("p", "A", image[None], np.zeros((1, 4, 4), np.uint8), spacing=(1.0, 1.0), lung=lung)
+    [whole] = _normalised_slices(case, SlicePreprocessing(normalisation="zscore-slice"), list(lung))
+    [inside] = _normalised_slices(case, SlicePreprocessing(normalisation="zscore"), list(lung))
+    np.testing.assert_allclose(whole[1:3, 1:3], (image[1:3, 1:3] - 7.5) / np.sqrt(21.25), atol=1e-6)
+    # lung-only: 5, 6, 9, 10 -> mean 7.5, variance (2.5^2 + 1.5^2) / 2 = 4.25
+    np.testing.assert_allclose(inside[1:3, 1:3], (image[1:3, 1:3] - 7.5) / np.sqrt(4.25), atol=1e-6)
+    assert np.all(whole[lung[0] == 0] == 0) and np.all(inside[lung[0] == 0] == 0)
+
+
 def test_fixed_normalise_and_registry():
     np.testing.assert_allclose(fixed_normalise(np.array([-1000.0, -500.0, 0.0])), [-1, 0, 1])
-    assert set(NORMALISATIONS) == {"zscore", "fixed", "window"}
+    assert set(NORMALISATIONS) == {"zscore", "zscore-slice", "fixed", "window"}
     assert get_normalisation("fixed") is fixed_normalise
     with pytest.raises(DomgenError, match="zscore"):
         get_normalisation("minmax")

@@ -1,6 +1,8 @@
 """A tiny leave-one-out round through the CLI, read back from a real MLflow store; resume; determinism."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -65,21 +67,26 @@ def test_round_through_cli_is_tracked_and_resumes(tmp_path, tiny_suite):
     assert enhanced.data.metrics["n_pseudo_labels"] == ranking.selected.sum()
     assert {"model"} <= {a.path for a in MlflowClient().list_artifacts(enhanced.info.run_id)}
 
-    # the DSC change in Table II is the paired patient bootstrap of the per-patient DSCs in the runs' artifacts
-    from domgen.evaluation.evaluate import patient_dsc
-    from domgen.evaluation.statistics import paired_bootstrap_change
-
+    # the DSC change in Table II, by hand from the runs' per-slice confusion counts: per patient 2TP / (2TP + FP + FN)
+    # pooled over the patient's slices, then the mean over patients of after - before
     per_patient = {}
     for run in (baseline_b, enhanced):
         (tmp_path / run.info.run_id).mkdir()
-        per_patient[run.data.tags["domgen.phase"]] = patient_dsc(pd.read_csv(
-            store.download_artifact(run.info.run_id, "per_slice_metrics.csv", tmp_path / run.info.run_id)))
-    both = [p for p in per_patient["baseline"] if np.isfinite(per_patient["baseline"][p]) and np.isfinite(per_patient["enhanced"][p])]
-    change = paired_bootstrap_change({p: per_patient["baseline"][p] for p in both}, {p: per_patient["enhanced"][p] for p in both})
+        table = pd.read_csv(store.download_artifact(run.info.run_id, "per_slice_metrics.csv", tmp_path / run.info.run_id))
+        sums = table.groupby("patient_id")[["tp", "fp", "fn"]].sum()
+        denom = 2 * sums.tp + sums.fp + sums.fn
+        per_patient[run.data.tags["domgen.phase"]] = {str(p): 2 * row.tp / d for (p, row), d in zip(sums.iterrows(), denom) if d > 0}
+    both = sorted(set(per_patient["baseline"]) & set(per_patient["enhanced"]))
+    assert both
+    mean_change = sum(per_patient["enhanced"][p] - per_patient["baseline"][p] for p in both) / len(both)
     row = next(line for line in result.output.splitlines() if line.startswith("| A | B |"))
-    assert f"{change.mean_change:+.3f} [{change.low:+.3f}, {change.high:+.3f}]" in row
-    assert enhanced.data.metrics["dsc_change"] == pytest.approx(change.mean_change)
-    assert "ci_dsc_spearman_low" in baseline_b.data.metrics or "ci_dsc_spearman" not in baseline_b.data.metrics
+    low, high = (float(x) for x in re.search(r"[+-]\d\.\d{3} \[([+-]\d\.\d{3}), ([+-]\d\.\d{3})\]", row).groups())
+    assert f"{mean_change:+.3f} [" in row and low <= round(mean_change, 3) <= high
+    assert enhanced.data.metrics["dsc_change"] == pytest.approx(mean_change)
+    # the CI-DSC Spearman interval is logged exactly when rho is defined: >= 3 ranked slices with a true DSC, both varying
+    ok = ranking[ranking.eligible & ranking.ci.notna() & ranking.dice.notna()]
+    defined = len(ok) >= 3 and ok.ci.nunique() > 1 and ok.dice.nunique() > 1
+    assert ("ci_dsc_spearman_low" in baseline_b.data.metrics) == defined
 
     # the same command again: nothing new is run
     again = CliRunner().invoke(main, args)
@@ -144,3 +151,82 @@ def test_same_seed_same_numbers(tiny_suite):
     assert [r["train_loss"] for r in h1] == [r["train_loss"] for r in h2]
     assert torch.equal(w1, w2)
     assert [r["train_loss"] for r in h1] != [r["train_loss"] for r in h3]
+
+
+def test_default_kfold_round_tests_every_source_patient_once(tmp_path, tiny_suite):
+    """The default protocol end to end (k-fold, k = 2): every source patient is in exactly one in-domain test set;
+    with --select-by pseudo-val the pseudo-labels held out to choose the weights count as not used."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = ["leave-one-out", "--source", "A", "--targets", "B", "--suite", str(tiny_suite), "--tracking-uri", uri,
+            "--set", "train.epochs=1", "--set", "preprocessing.image_size=32", "--set", "train.batch_size=8",
+            "--set", "pseudolabel.ci_min=0.0", "--min-pixels", "1", "--set", "pseudolabel.min_pixels_at=null",
+            "--folds", "2", "--select-by", "pseudo-val", "--set", "pseudolabel.track_target_slices=0", "--quiet"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    runs = _runs(uri)
+    [parent] = [r for r in runs if r.data.tags.get("domgen.role") == "round"]
+    assert parent.data.params["split.protocol"] == "kfold"
+    tested = []
+    for run in (r for r in runs if r.data.tags.get("domgen.role") == "in-domain"):
+        (tmp_path / run.info.run_id).mkdir()
+        table = pd.read_csv(store.download_artifact(run.info.run_id, "per_slice_metrics.csv", tmp_path / run.info.run_id))
+        tested += sorted(set(table.patient_id.astype(str)))
+    from domgen.data.registry import load_cases, load_suite
+
+    patients = sorted(c.patient_id for c in load_cases(load_suite(str(tiny_suite)).get("A")))
+    assert len(patients) == 4 and sorted(tested) == patients  # each of the 4 patients in exactly one test fold
+    enhanced = [r for r in runs if r.data.tags.get("domgen.phase") == "enhanced"]
+    assert sorted(r.data.tags["domgen.fold"] for r in enhanced) == ["0", "1"]
+    for run in enhanced:
+        m = run.data.metrics
+        (tmp_path / f"sel-{run.info.run_id}").mkdir()
+        selection = pd.read_csv(store.download_artifact(run.info.run_id, "pseudo_label_selection.csv", tmp_path / f"sel-{run.info.run_id}"))
+        selected = int(selection.selected.sum())
+        # retrained-on + held out = selected; every slice not retrained on is in the unused metrics
+        assert m["n_pseudo_labels"] + m["n_pseudo_val_held_out"] == selected
+        assert m["n_slices_unused"] == len(selection) - m["n_pseudo_labels"]
+        used = run.data.tags["domgen.select_by_used"]
+        if selected >= 2:
+            assert used == "pseudo-val" and m["n_pseudo_val_held_out"] >= 1
+        else:
+            assert used == "source-val" and f"fold {run.data.tags['domgen.fold']}, B: too few pseudo-labels" in result.output
+
+
+def test_empty_validation_set_is_refused_not_scored_as_perfect(tiny_suite, tmp_path):
+    from domgen.data.registry import load_cases, load_suite
+    from domgen.errors import DomgenError
+    from domgen.models import build_model
+    from domgen.preprocessing.slices import SlicePreprocessing, prepare_slices
+    from domgen.training.trainer import TrainSettings, train
+
+    slices = prepare_slices(load_cases(load_suite(str(tiny_suite)).get("A")), SlicePreprocessing(image_size=32))
+    empty = slices.subset([])
+    with pytest.raises(DomgenError, match="validation set is empty"):
+        train(build_model("linknet", "resnet18", "none"), slices, empty, TrainSettings(epochs=1, batch_size=8), progress=False)
+    # nothing chosen on it: the last epoch's weights, every epoch run, the validation numbers NaN rather than 0 / 1
+    result = train(build_model("linknet", "resnet18", "none"), slices, empty,
+                   TrainSettings(epochs=2, batch_size=8, select_by="last", patience=None, augment="none"), progress=False)
+    assert result.epochs_run == 2 and all(np.isnan(h["val_loss"]) and np.isnan(h["val_dsc"]) for h in result.history)
+    # through the CLI: refused in one sentence before any run exists
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    out = CliRunner().invoke(main, ["leave-one-out", "--source", "A", "--targets", "B", "--suite", str(tiny_suite),
+                                    "--tracking-uri", uri, *TINY_RUN, "--set", "split.val=0.0", "--set", "split.train=0.7"])
+    assert out.exit_code == 2 and "have no validation patient" in out.output and out.output.count("\n") == 1
+    store.configure(uri)
+    assert MlflowClient().get_experiment_by_name(loo.EXPERIMENT) is None or not _runs(uri)
+
+
+def test_paper_profile_draws_five_independent_60_10_30_splits():
+    import yaml
+
+    from domgen.config import EXPERIMENTS_DIR
+
+    cfg = yaml.safe_load((EXPERIMENTS_DIR / "leave_one_out" / "paper.yaml").read_text())
+    assert cfg["split"]["protocol"] == "repeated-holdout" and cfg["folds"] == 5
+    patients = [f"p{i:02d}" for i in range(20)]
+    folds = loo.profile_folds(cfg, patients)
+    assert len(folds) == 5
+    for fold in folds:  # 20 patients: 12 / 2 / 6, disjoint, covering everyone
+        assert [len(fold[p]) for p in ("train", "val", "test")] == [12, 2, 6]
+        assert sorted(fold["train"] + fold["val"] + fold["test"]) == patients
+    assert len({tuple(f["test"]) for f in folds}) > 1  # independent draws, not one split repeated

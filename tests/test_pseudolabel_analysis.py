@@ -134,7 +134,8 @@ def fold_round(tmp_path_factory, tiny_suite):
     tmp = tmp_path_factory.mktemp("analysis")
     uri = f"sqlite:///{tmp}/mlflow.db"
     out = CliRunner().invoke(main, ["leave-one-out", "--source", "A", "--targets", "B", "--suite", str(tiny_suite), "--tracking-uri", uri,
-                                    "--seeds", "2", "--select-by", "last", *TINY, "--set", "pseudolabel.retrain_epochs=2"])
+                                    "--seeds", "2", "--select-by", "last", *TINY, "--set", "pseudolabel.retrain_epochs=2",
+                                    "--top-k", "3"])
     assert out.exit_code == 0, out.output
     runs = _runs(uri)
     return {"uri": uri, "tmp": tmp, "runs": runs, "output": out.output,
@@ -146,7 +147,10 @@ def test_seeds_last_weights_and_target_curves(fold_round):
     assert sorted(r.data.tags["domgen.repeat"] for r in enhanced) == ["0", "1"]
     client = MlflowClient()
     for run in enhanced:
-        assert "unused_dsc" in run.data.metrics or run.data.metrics["n_slices_unused"] == 0
+        # top-k 3 of B's slices: 3 retrained on, every other slice scored apart as unused
+        selection = pd.read_csv(store.download_artifact(run.info.run_id, "pseudo_label_selection.csv", fold_round["tmp"]))
+        assert selection.selected.sum() == run.data.metrics["n_pseudo_labels"] == 3
+        assert run.data.metrics["n_slices_unused"] == len(selection) - 3 > 0 and "unused_dsc" in run.data.metrics
         assert [m.step for m in client.get_metric_history(run.info.run_id, "target_dsc")] == [0, 1]  # one per retraining epoch
         assert "plots/retraining_curves.png" in {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
         assert run.data.params["pseudolabel.select_by"] == "last"
@@ -162,14 +166,15 @@ def test_confidence_command_scores_every_slice(fold_round, tiny_suite):
         assert name in out.output
     assert "n/a (not available for this model)" in out.output  # Linknet has no dropout layers
     [run] = _runs(fold_round["uri"], "domgen-confidence")
-    assert {"ci_dsc_spearman", "tta_topk_dsc"} <= set(run.data.metrics) or "ci_topk_dsc" in run.data.metrics
+    assert {"ci_topk_dsc", "tta_topk_dsc", "entropy_topk_dsc"} <= set(run.data.metrics)
     table = pd.read_csv(store.download_artifact(run.info.run_id, "slice_scores.csv", fold_round["tmp"]))
     assert {"ci", "entropy", "tta", "dice"} <= set(table.columns)
     ok = table[table.eligible & table.dice.notna()]
-    from scipy.stats import spearmanr
-
-    if len(ok) >= 3 and ok.ci.nunique() > 1:
-        assert run.data.metrics["ci_dsc_spearman"] == pytest.approx(spearmanr(ok.ci, ok.dice).statistic)
+    assert len(ok) >= 3 and ok.ci.nunique() > 1 and ok.dice.nunique() > 1
+    # Spearman by hand: Pearson's r of the average ranks (ties share their mean rank)
+    rx, ry = ok.ci.rank().to_numpy(), ok.dice.rank().to_numpy()
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    assert run.data.metrics["ci_dsc_spearman"] == pytest.approx((rx * ry).sum() / np.sqrt((rx * rx).sum() * (ry * ry).sum()))
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 0 and len(_runs(fold_round["uri"], "domgen-confidence")) == 1
 
@@ -223,3 +228,36 @@ def test_pseudo_val_holds_out_whole_patients():
     single = slice_set(inputs[:5])
     train, val = hold_out_patients(single, 0.2, seed=3)
     assert len(val) == 1 and len(train) == 4  # one patient: held out by slice
+
+
+def _enhance_record(target_bright: list[int], patients: list[str], select_by: str, fraction: float = 0.34) -> dict:
+    """enhance() on hand-made slices with the 1x1-convolution model: slices in ``target_bright`` have a 3x3 patch of
+    value 2 (probability sigmoid(6) > 0.5), the others none, so exactly they become pseudo-labels."""
+    from domgen.methods.pseudolabel import PseudoLabelSettings, enhance
+    from domgen.training.trainer import TrainSettings
+
+    inputs = np.zeros((len(patients), 1, 8, 8))
+    for i in target_bright:
+        inputs[i, 0, 2:5, 2:5] = 2.0
+    target = slice_set(inputs)
+    target.patient_ids = list(patients)
+    source = slice_set(np.zeros((2, 1, 8, 8)))
+    record: dict = {}
+    settings = PseudoLabelSettings(ci_min=0.0, min_pixels=1, select_by=select_by, pseudo_val_fraction=fraction)
+    enhance(Pixelwise(), source, source, target, 0.5, settings, TrainSettings(epochs=1, batch_size=4, augment="none"),
+            progress=False, record=record)
+    return record
+
+
+def test_pseudo_val_with_one_pseudo_label_says_it_chose_on_source_val():
+    record = _enhance_record([0], ["a", "b", "c"], "pseudo-val")
+    assert record["select_by_used"] == ["source-val"] and record["trained"] == {"X/p/0000"} and not record["held_out"]
+
+
+def test_pseudo_val_held_out_slices_are_not_counted_as_trained():
+    # six pseudo-labels of patients a, b, c; round(0.34 x 3) = 1 patient (2 slices) held out to choose the weights
+    record = _enhance_record([0, 1, 2, 3, 4, 5], ["a", "a", "b", "b", "c", "c"], "pseudo-val")
+    assert record["select_by_used"] == ["pseudo-val"]
+    assert len(record["held_out"]) == 2 and len(record["trained"]) == 4 and not record["held_out"] & record["trained"]
+    assert record["held_out"] | record["trained"] == {f"X/p/{i:04d}" for i in range(6)}
+    assert _enhance_record([0, 1], ["a", "b", "c"], "source-val")["trained"] == {"X/p/0000", "X/p/0001"}

@@ -1,4 +1,4 @@
-"""domgen.evaluation.statistics against hand-enumerated bootstrap distributions and scipy."""
+"""domgen.evaluation.statistics against hand-enumerated bootstrap and sign-pattern distributions and hand-ranked data."""
 from __future__ import annotations
 
 import itertools
@@ -6,7 +6,6 @@ import math
 
 import numpy as np
 import pytest
-from scipy import stats
 
 from domgen.errors import DomgenError
 from domgen.evaluation.statistics import (pair_by_patient, paired_bootstrap_change, spearman_interval,
@@ -73,21 +72,31 @@ def test_degenerate_cases():
         paired_bootstrap_change([0.1, 0.2], [0.2, 0.1], confidence=95)
 
 
-def test_wilcoxon_matches_scipy():
-    rng = np.random.default_rng(4)
-    before = rng.uniform(0.2, 0.8, 9)
-    after = before + rng.normal(0.05, 0.08, 9)
-    assert wilcoxon_p(before, after) == pytest.approx(stats.wilcoxon(after - before).pvalue)
-    # all five patients improved: exact two-sided p = 2 / 2^5
+def test_wilcoxon_exact_p_by_enumerating_sign_patterns():
+    # all five patients improved: W- = 0, only 1 of the 2^5 sign patterns is as extreme on each side -> p = 2 / 32
     assert wilcoxon_p([0.1, 0.2, 0.3, 0.4, 0.5], [0.15, 0.3, 0.33, 0.6, 0.51]) == pytest.approx(2 / 32)
     assert paired_bootstrap_change([0.1, 0.2, 0.3, 0.4, 0.5], [0.15, 0.3, 0.33, 0.6, 0.51]).p_wilcoxon == pytest.approx(1 / 16)
+    # d = +1, +2, +3, -4 (ranks 1..4): W- = 4; subsets of {1,2,3,4} summing to <= 4: {}, 1, 2, 3, 1+2, 4, 1+3 -> 7 of 16
+    assert wilcoxon_p([0, 0, 0, 0], [0.1, 0.2, 0.3, -0.4]) == pytest.approx(2 * 7 / 16)
+    # d = +1, +2, -3, +4, +5, +6: W- = 3; subsets of {1..6} summing to <= 3: {}, 1, 2, 3, 1+2 -> 5 of 64
+    assert wilcoxon_p([0] * 6, [0.1, 0.2, -0.3, 0.4, 0.5, 0.6]) == pytest.approx(2 * 5 / 64)
+    # by brute force over every sign pattern of ranks 1..7 for one more case: d ranks 1..7, negatives at ranks 2 and 5
+    ranks = np.arange(1, 8)
+    w_minus = 2 + 5
+    sums = [sum(r for r, s in zip(ranks, signs) if s) for signs in itertools.product([0, 1], repeat=7)]
+    expected = 2 * np.mean(np.asarray(sums) <= w_minus)
+    d = np.array([1, -2, 3, 4, -5, 6, 7]) / 10
+    assert wilcoxon_p(np.zeros(7), d) == pytest.approx(expected)
 
 
-def test_spearman_point_estimate_matches_scipy_with_ties():
+def test_spearman_point_estimate_by_hand_with_ties():
     x = np.array([0.9, 0.8, 0.8, 0.5, 0.3, 0.3, 0.1])
     y = np.array([0.7, 0.9, 0.6, 0.4, 0.4, 0.2, 0.3])
     result = spearman_interval(x, y, n_resamples=2000)
-    assert result.rho == pytest.approx(stats.spearmanr(x, y).statistic)
+    # by hand: average ranks (ties share their mean rank), then Pearson's r of the ranks
+    rx = np.array([7, 5.5, 5.5, 4, 2.5, 2.5, 1]) - 4
+    ry = np.array([6, 7, 5, 3.5, 3.5, 1, 2]) - 4
+    assert result.rho == pytest.approx((rx * ry).sum() / np.sqrt((rx * rx).sum() * (ry * ry).sum()))
     assert result.low <= result.rho <= result.high and result.n_slices == 7
 
 

@@ -1,8 +1,6 @@
 """Suite files (dataset registry), load_cases and the dataset check."""
 from __future__ import annotations
 
-import sys
-import types
 from pathlib import Path
 
 import nibabel as nib
@@ -105,18 +103,15 @@ def test_missing_and_malformed_suite_files(tmp_path):
 
 
 def test_synthetic_means_the_generated_suite(tmp_path, monkeypatch):
-    generated = write(tmp_path, SUITE, "generated.yaml")
-    calls = []
-
-    def ensure_synthetic_suite():
-        calls.append(1)
-        return generated
-
-    fake = types.ModuleType("domgen.data.synthetic")
-    fake.ensure_synthetic_suite = ensure_synthetic_suite
-    monkeypatch.setitem(sys.modules, "domgen.data.synthetic", fake)
+    """The real generator (no stand-in): ``synthetic`` writes the default suite under $DOMGEN_DATA once, then reuses it."""
+    monkeypatch.setenv("DOMGEN_DATA", str(tmp_path))
     suite = load_suite("synthetic")
-    assert calls == [1] and suite.path == generated and suite.names() == ["A", "B", "C"]
+    assert suite.path == (tmp_path / "synthetic" / "suite.yaml").resolve()
+    assert suite.names() == ["A", "B", "C", "D", "tumour", "effusion"]
+    assert (tmp_path / "synthetic" / "generator.json").is_file()
+    written = (tmp_path / "synthetic" / "generator.json").stat().st_mtime_ns
+    assert load_suite("synthetic").path == suite.path
+    assert (tmp_path / "synthetic" / "generator.json").stat().st_mtime_ns == written  # current: not generated again
 
 
 def make_case(pid: str, z: int, lesion_slices: list[int], cls: int = 1) -> Case:

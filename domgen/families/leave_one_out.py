@@ -17,6 +17,7 @@ import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import click
 import numpy as np
 import pandas as pd
 
@@ -142,6 +143,20 @@ def check_init_run_overlap(cfg: dict, folds: list[dict]) -> None:
         raise DomgenError(f"--init-run {cfg['init_run']} was trained on {cfg['source']} patients {names}, whom this split tests "
                           f"in-domain; pass --set splits_file=FILE keeping them out of every fold's test part (e.g. the init "
                           f"run's train patients as train), or start from a model not trained on {cfg['source']}")
+
+
+def check_validation_parts(cfg: dict, folds: list[dict]) -> None:
+    """Refuse folds without validation patients when the best epoch or early stopping is chosen on them (the
+    trainer refuses too; here it is said before any run exists)."""
+    train_cfg = cfg["train"]
+    if train_cfg.get("select_by", "val_dsc") == "last" and train_cfg.get("patience") is None:
+        return
+    empty = [str(fold["fold"]) for fold in folds if not fold["val"]]
+    if empty:
+        raise DomgenError(f"fold(s) {', '.join(empty)} of source {cfg['source']} have no validation patient, but "
+                          f"train.select_by {train_cfg.get('select_by')} and train.patience {train_cfg.get('patience')} "
+                          "choose on it; give the split a validation part (split.val > 0, or val patients in the "
+                          "splits file) or use --set train.select_by=last --set train.patience=null")
 
 
 # preprocessing settings that change what a model sees; a start model trained otherwise is noted on the round
@@ -318,17 +333,24 @@ def _enhance_once(r: Round, fold: dict, name: str, model, cutoff: float, limit: 
             log_epoch(record)
 
         monitor = target_monitor(slices, cutoff, settings.device, r.cfg["pseudolabel"].get("track_target_slices", 64), r.cfg["seed"])
+        record: dict = {}
         model_out, rankings = enhance(copy.deepcopy(model), r.source.of_patients(fold["train"]), r.source.of_patients(fold["val"]),
                                       slices, cutoff, pl, settings, progress=r.progress, on_epoch=on_epoch, monitor=monitor,
-                                      reviewed=None if review is None else review.slices, small=r.predicted.get((k, name, start)))
+                                      reviewed=None if review is None else review.slices, small=r.predicted.get((k, name, start)),
+                                      record=record)
+        if record["select_by_used"]:
+            store.set_tag(run.info.run_id, "domgen.select_by_used", ",".join(record["select_by_used"]))
+        if pl.select_by == "pseudo-val" and "source-val" in record["select_by_used"]:
+            click.echo(f"note: fold {k}, {name}: too few pseudo-labels (< 2) to hold one out for --select-by pseudo-val; "
+                       "the retrained weights were chosen on the source's validation slices (tag domgen.select_by_used)", err=True)
         small = predict_model_size(model_out, slices, device=settings.device)
         probs = to_original_size(small, slices)
         summary, per_slice = evaluate(probs, slices, cutoff, r.eval_settings)
         test = r.source.of_patients(fold["test"])
         quick = EvaluationSettings(**{**r.eval_settings.__dict__, "surface": False})
         indomain, _ = evaluate(to_original_size(predict_model_size(model_out, test, device=settings.device), test), test, cutoff, quick)
-        used = set(review.slices.slice_ids) if review else {s for x in rankings[:1] for s in x.slice_id[x.selected]}
-        used |= {s for x in rankings[1:] for s in x.slice_id[x.selected]}
+        # "used" = retrained on; pseudo-val slices held out to choose the weights were not, so they count as unused
+        used = record["trained"]
         unused_index = [i for i, s in enumerate(slices.slice_ids) if s not in used]
         unused = {}
         if unused_index:
@@ -338,6 +360,7 @@ def _enhance_once(r: Round, fold: dict, name: str, model, cutoff: float, limit: 
         before = baseline_per_slice(r, fold, name, start, tmp)
         change = paired_bootstrap_change(*paired_patients(patient_dsc(before), patient_dsc(per_slice)), seed=r.cfg["seed"] + k).metrics()
         store.log_metrics(run.info.run_id, {**summary, "cutoff": cutoff, "ci_min_used": pl.ci_min, "n_pseudo_labels": float(len(used)),
+                                            "n_pseudo_val_held_out": float(len(record["held_out"] - used)),
                                             **{f"indomain_{m}": indomain[m] for m in ("dsc", "sen", "spc")},
                                             **{f"unused_{m}": unused[m] for m in ("dsc", "sen", "spc") if m in unused},
                                             "n_slices_unused": float(len(unused_index)), **change,
@@ -447,8 +470,10 @@ def run_leave_one_out(cfg: dict, progress: bool = True, runner=None) -> str:
     pre = SlicePreprocessing.from_config(cfg["preprocessing"])
     needed = list(dict.fromkeys(n for rc in rounds for n in [rc["source"], *rc["targets"]]))
     prepared = {n: prepare_dataset(suite, n, pre, progress) for n in needed}
-    for rc in rounds:  # a bad splits file or init run stops here, before any run exists
-        check_init_run_overlap(rc, fold_splits(rc, prepared[rc["source"]]))
+    for rc in rounds:  # a bad splits file, init run or empty validation part stops here, before any run exists
+        folds = fold_splits(rc, prepared[rc["source"]])
+        check_init_run_overlap(rc, folds)
+        check_validation_parts(rc, folds)
     with units.shared_store(runner, EXPERIMENT):
         if len(rounds) == 1:
             return run_round(rounds[0], suite, prepared, pre, progress, runner=runner)

@@ -159,12 +159,15 @@ def hold_out_patients(pseudo: SliceSet, fraction: float, seed: int) -> tuple[Sli
 def enhance(model, source_train: SliceSet, source_val: SliceSet, target: SliceSet, cutoff: float,
             settings: PseudoLabelSettings, train_settings: TrainSettings, progress: bool = True,
             on_epoch=None, monitor=None, reviewed: SliceSet | None = None,
-            small: np.ndarray | None = None) -> tuple[object, list[pd.DataFrame]]:
+            small: np.ndarray | None = None, record: dict | None = None) -> tuple[object, list[pd.DataFrame]]:
     """Select-and-retrain ``settings.rounds`` times; returns the retrained model and each round's ranking.
 
     ``reviewed``: the first round trains on these slices (a radiologist's corrected masks) instead of the
     raw predictions. ``monitor(model)`` adds per-epoch metrics (target DSC for plots), never used to choose.
-    ``small``: the starting model's model-size probabilities of ``target``, when already predicted."""
+    ``small``: the starting model's model-size probabilities of ``target``, when already predicted.
+    ``record`` (a dict, filled in): ``trained`` (ids of the target slices retrained on), ``held_out`` (pseudo-labelled
+    slices held out by select_by pseudo-val, not trained on) and ``select_by_used`` (per round; pseudo-val with fewer
+    than 2 pseudo-labels cannot hold one out and chooses on the source's validation slices instead)."""
     if settings.mix not in MIXES:
         raise ValueError(f"mix must be one of {MIXES}")
     if settings.ci_rule not in CI_RULES:
@@ -173,6 +176,8 @@ def enhance(model, source_train: SliceSet, source_val: SliceSet, target: SliceSe
         raise ValueError(f"select_by must be one of {SELECT_BY}")
     if settings.confidence not in CONFIDENCE_SCORES:
         raise ValueError(f"confidence must be one of {tuple(CONFIDENCE_SCORES)}")
+    record = {} if record is None else record
+    record.update(trained=set(), held_out=set(), select_by_used=[])
     rankings = []
     for round_index in range(settings.rounds):
         ranking, small = rank_target(model, target, cutoff, settings, train_settings.device, small=small if round_index == 0 else None)
@@ -186,11 +191,16 @@ def enhance(model, source_train: SliceSet, source_val: SliceSet, target: SliceSe
             pseudo = pseudo_labelled(target, small, selected, cutoff) if selected.any() else None
         if pseudo is None or not len(pseudo):
             break  # nothing confident enough: the model stays as it is
-        val_set, ts = source_val, train_settings
+        val_set, ts, used = source_val, train_settings, settings.select_by
         if settings.select_by == "pseudo-val" and len(pseudo) >= 2:
             pseudo, val_set = hold_out_patients(pseudo, settings.pseudo_val_fraction, train_settings.seed)
+            record["held_out"] |= set(val_set.slice_ids)
+        elif settings.select_by == "pseudo-val":
+            used = "source-val"  # one pseudo-label cannot be split into train and held-out: the caller says so
         elif settings.select_by == "last":
             ts = replace(train_settings, select_by="last")
+        record["select_by_used"].append(used)
+        record["trained"] |= set(pseudo.slice_ids)
         train_set = pseudo if settings.mix == "pseudo-only" else SliceSet.concat([source_train, pseudo])
         model = train(model, train_set, val_set, ts, on_epoch=on_epoch, progress=progress,
                       desc=f"retrain round {round_index + 1}", monitor=monitor).model

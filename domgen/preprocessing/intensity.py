@@ -96,6 +96,12 @@ def zscore_per_slice(image: np.ndarray, mask: np.ndarray | None = None, eps: flo
     return out[0] if image.ndim == 2 else out
 
 
+def zscore_whole_slice(image: np.ndarray) -> np.ndarray:
+    """Per-slice z-score over every pixel of the slice, lung or not: Enshaei et al.'s z-score read literally
+    (the text does not restrict the statistics to the lung); ``zscore`` is domgen's lung-only reading."""
+    return zscore_per_slice(image, mask=None)
+
+
 def fixed_normalise(image: np.ndarray, mu: float = -500.0, sigma: float = 500.0) -> np.ndarray:
     """(HU - mu) / sigma with dataset-independent constants (Bizopoulos et al.)."""
     return ((np.asarray(image, dtype=np.float32) - mu) / sigma).astype(np.float32)
@@ -133,10 +139,15 @@ def resize_volume(volume: np.ndarray, size: tuple[int, int], kind: str = "image"
 
 # Normalisations chosen by name in configs; each takes an HU array (plus keyword options).
 NORMALISATIONS = {
-    "zscore": zscore_per_slice,
+    "zscore": zscore_per_slice,  # statistics over the lung mask when the input is masked to the lung
+    "zscore-slice": zscore_whole_slice,  # statistics over the whole slice (Enshaei et al. as written)
     "fixed": fixed_normalise,
     "window": hu_window,
 }
+
+
+# a z-score is unchanged by the linear map of a window, so these need no Hounsfield units
+HU_FREE_NORMALISATIONS = ("zscore", "zscore-slice")
 
 
 def get_normalisation(name: str):

@@ -13,7 +13,7 @@ import numpy as np
 
 from domgen.data.case import Case
 from domgen.errors import DomgenError
-from domgen.preprocessing.intensity import NORMALISATIONS, hu_recoverable, require_hu, resize_slice, to_hu
+from domgen.preprocessing.intensity import HU_FREE_NORMALISATIONS, NORMALISATIONS, hu_recoverable, require_hu, resize_slice, to_hu
 from domgen.preprocessing.lung_mask import get_lung_mask_provider, lung_mask_of
 
 TARGETS = ("lesion", "lung")
@@ -101,7 +101,7 @@ def _normalised_slices(case: Case, pre: SlicePreprocessing, lung: list[np.ndarra
     """The normalised image of every slice. Only steps that need HU convert to HU (the per-slice z-score is
     unchanged by the linear map of a window, so 8-bit data with no recorded window z-scores as stored)."""
     normalise = NORMALISATIONS[pre.normalisation]
-    if pre.normalisation != "zscore":
+    if pre.normalisation not in HU_FREE_NORMALISATIONS:
         require_hu(case.intensity, case.dataset, f"normalisation {pre.normalisation!r} (preprocessing.normalisation)",
                    "use --set preprocessing.normalisation=zscore")
     out = []

@@ -382,7 +382,7 @@ def _validate(model, loss_fn, slices: SliceSet, batch_size: int, device: str, pr
             # TP, FP, FN summed on the device: one copy back per epoch instead of four per batch
             counts.append(torch.stack([(pred & (y > 0)).sum(), (pred & (y == 0)).sum(), (~pred & (y > 0)).sum()]))
     if not counts:
-        return 0.0, 1.0
+        return float("nan"), float("nan")  # no validation slice: nothing measured (train refuses to choose by it)
     tp, fp, fn = (float(c) for c in torch.stack(counts).sum(0).cpu())
     dsc = 2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) > 0 else 1.0
     return float(np.sum(torch.stack(losses).cpu().tolist()) / max(len(slices), 1)), dsc
@@ -401,6 +401,11 @@ def train(
     """Train ``model`` in place; returns it loaded with the best weights (the last ones with select_by "last").
 
     ``monitor(model)`` adds metrics to each epoch's record (e.g. the target's DSC, for plots); it never chooses."""
+    if not len(val_set) and (settings.select_by != "last" or settings.patience is not None):
+        # an empty validation set used to score loss 0 / DSC 1, so early stopping kept the first epoch's weights
+        raise DomgenError(f"the validation set is empty, so train.select_by {settings.select_by} and early stopping "
+                          f"(train.patience {settings.patience}) have nothing to measure; give the split a validation part "
+                          "(split.val > 0) or use --set train.select_by=last --set train.patience=null")
     seed_everything(settings.seed)
     device = settings.device
     precision = resolve_precision(settings.precision, device)
