@@ -128,3 +128,43 @@ def test_boundary_and_interior_entropy_by_hand():
     assert band.sum() == 12 * 12 - 4 * 3 - 16  # three corner pixels of each corner are too far
     assert get_score("boundary")(_ctx([p]))[0] == pytest.approx(1 - binary_entropy(p[band]).mean(), rel=1e-5)
     assert np.isnan(get_score("interior")(_ctx([np.full((5, 5), 0.2, np.float32)]))[0])  # nothing predicted
+
+
+class _Pixelwise(__import__("torch").nn.Module):
+    """logit = 3 x - 1 per pixel: a model whose probabilities are known in closed form."""
+
+    def forward(self, x):
+        return 3.0 * x - 1.0
+
+
+def _slices(inputs, truths):
+    from domgen.preprocessing.slices import SliceSet
+
+    n, _, h, w = inputs.shape
+    return SliceSet(inputs.astype(np.float32), (truths > 0).astype(np.uint8), [f"X/p{i}/{i:04d}" for i in range(n)],
+                    [f"p{i}" for i in range(n)], ["X"] * n, [t.astype(np.uint8) for t in truths],
+                    [np.ones((h, w), np.uint8)] * n, [(1.0, 1.0)] * n)
+
+
+def test_pseudo_label_ranking_by_the_scaled_ci_fits_the_temperature_on_the_source_validation_slices():
+    from domgen.errors import DomgenError
+    from domgen.methods.pseudolabel import PseudoLabelSettings, rank_target
+    from domgen.methods.confidence import fit_fold_temperature
+
+    rng = np.random.default_rng(0)
+    val_inputs = rng.uniform(0, 1, (6, 1, 16, 16))
+    truths = rng.uniform(0, 1, (6, 16, 16)) < 1 / (1 + np.exp(-(3 * val_inputs[:, 0] - 1) / 2.0))  # labels of a T = 2 model
+    val = _slices(val_inputs, truths)
+    target = _slices(rng.uniform(0, 1, (4, 1, 16, 16)), np.zeros((4, 16, 16)))
+    settings = PseudoLabelSettings(confidence="ci-ts", ci_min=0.0, min_pixels=1, min_pixels_at=None)
+    with pytest.raises(DomgenError, match="source validation slices"):
+        rank_target(_Pixelwise(), target, 0.5, settings)
+    ranking, _ = rank_target(_Pixelwise(), target, 0.5, settings, calibration=val)
+    t = fit_fold_temperature(_Pixelwise(), val)
+    assert t == pytest.approx(2.0, rel=0.25)  # 1536 pixels: a rough recovery
+    for i, sid in enumerate(target.slice_ids):
+        x = target.inputs[i, 0]
+        above = (3 * x - 1) > 0  # p > 0.5
+        by_hand = (1 / (1 + np.exp(-(3 * x[above] - 1) / t))).mean()
+        assert ranking.set_index("slice_id").loc[sid, "ci-ts"] == pytest.approx(by_hand, rel=1e-4)
+    assert list(ranking["ci-ts"][ranking.eligible]) == sorted(ranking["ci-ts"][ranking.eligible], reverse=True)

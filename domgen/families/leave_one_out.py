@@ -253,7 +253,7 @@ def evaluate_target(r: Round, fold: dict, name: str, model, cutoff: float, limit
         r.predicted[(k, name, start)] = small  # the enhancement of this fold starts from the same model
         probs = to_original_size(small, slices)
         summary, per_slice = evaluate(probs, slices, cutoff, r.eval_settings)
-        ranking, _ = rank_target(model, slices, cutoff, settings, r.cfg["device"], small=small)
+        ranking, _ = rank_target(model, slices, cutoff, settings, r.cfg["device"], small=small, calibration=r.source.of_patients(fold["val"]))
         extra = {f"{s}_dsc_spearman": ci_dice_spearman(ranking, s) for s in settings.score_names if s != "ci"}
         store.log_metrics(run.info.run_id, {**summary, "cutoff": cutoff, "ci_min_used": settings.ci_min, **extra,
                                             **ci_dice_spearman_metrics(ranking), **selection_counts(ranking, r.pl_settings, limit)})
@@ -536,7 +536,8 @@ def run_pseudolabel(checkpoint: Path, target: str, pseudolabel: dict, suite: str
         from domgen.methods.review import export_for_review
 
         slices = r.targets[target]
-        ranking, small = rank_target(model, slices, cutoff, r.pl_settings.with_ci_limit(limit), r.cfg["device"])
+        ranking, small = rank_target(model, slices, cutoff, r.pl_settings.with_ci_limit(limit), r.cfg["device"],
+                                     calibration=r.source.of_patients(fold["val"]))
         probs = dict(zip(slices.slice_ids, to_original_size(small, slices)))
         chosen = sorted(set(ranking.patient_id[ranking.selected]))
         cases = {c.patient_id: c for c in load_cases(loaded.get(target), chosen)} if chosen else {}

@@ -14,10 +14,11 @@ import numpy as np
 import pandas as pd
 from scipy.stats import spearmanr
 
+from domgen.errors import DomgenError
 from domgen.evaluation.metrics import confusion, overlap_metrics
 from domgen.evaluation.statistics import spearman_interval
 from domgen.methods.certainty import Selection, certainty_index, rank_and_select
-from domgen.methods.confidence import CONFIDENCE_SCORES, ScoreContext, score_slices
+from domgen.methods.confidence import CONFIDENCE_SCORES, NEEDS_TEMPERATURE, ScoreContext, fit_fold_temperature, score_slices
 from domgen.preprocessing.slices import SliceSet
 from domgen.training.trainer import TrainSettings, predict_model_size, to_original_size, train
 
@@ -109,12 +110,21 @@ def ci_ranking(probabilities: list[np.ndarray], slices: SliceSet, cutoff: float,
 
 
 def rank_target(model, slices: SliceSet, cutoff: float, settings: PseudoLabelSettings, device: str = "cpu",
-                small: np.ndarray | None = None) -> tuple[pd.DataFrame, np.ndarray]:
-    """(ranking, model-size probabilities) of ``slices`` under the settings' confidence score and limits."""
+                small: np.ndarray | None = None, calibration: SliceSet | None = None) -> tuple[pd.DataFrame, np.ndarray]:
+    """(ranking, model-size probabilities) of ``slices`` under the settings' confidence score and limits.
+
+    ``calibration``: labelled source validation slices, on which a score of the temperature-scaled model (``ci-ts``)
+    fits the model's temperature; never the target's labels."""
     small = predict_model_size(model, slices, device=device) if small is None else small
     probabilities = to_original_size(small, slices)
     names = settings.score_names
-    scores = score_slices(ScoreContext(model, slices, probabilities, small, cutoff, device), names) if names != ["ci"] else None
+    temperature = None
+    if set(names) & set(NEEDS_TEMPERATURE):
+        if calibration is None:
+            raise DomgenError(f"--confidence/--filter {', '.join(set(names) & set(NEEDS_TEMPERATURE))} needs the source "
+                              "validation slices to fit a temperature on; none were given")
+        temperature = fit_fold_temperature(model, calibration, device)
+    scores = score_slices(ScoreContext(model, slices, probabilities, small, cutoff, device, temperature), names) if names != ["ci"] else None
     return ci_ranking(probabilities, slices, cutoff, settings.selection, scores, settings.confidence, settings.filters), small
 
 
@@ -180,7 +190,8 @@ def enhance(model, source_train: SliceSet, source_val: SliceSet, target: SliceSe
     record.update(trained=set(), held_out=set(), select_by_used=[])
     rankings = []
     for round_index in range(settings.rounds):
-        ranking, small = rank_target(model, target, cutoff, settings, train_settings.device, small=small if round_index == 0 else None)
+        ranking, small = rank_target(model, target, cutoff, settings, train_settings.device, small=small if round_index == 0 else None,
+                                     calibration=source_val)
         rankings.append(ranking.assign(round=round_index))
         if reviewed is not None and round_index == 0:
             pseudo = reviewed
