@@ -85,8 +85,9 @@ class DiceBCELoss(nn.Module):
 
 
 class SquaredDiceLoss(nn.Module):
-    """Bizopoulos et al.'s Eq. 1: 1 - (2 sum(Y Yhat) + eps) / (sum(Y^2) + sum(Yhat^2) + eps), Yhat = sigmoid(logits),
-    sums over the whole batch, eps = 1e-5."""
+    """Bizopoulos et al.'s Eq. 1: 1 - 2 sum(Y Yhat) / (sum(Y^2) + sum(Yhat^2) + eps), Yhat = sigmoid(logits),
+    sums over the whole batch, eps = 1e-5 in the denominator only: a batch with no target pixel scores 1 (and gives
+    no gradient), whatever is predicted."""
 
     def __init__(self, eps: float = 1e-5) -> None:
         super().__init__()
@@ -95,7 +96,7 @@ class SquaredDiceLoss(nn.Module):
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         p = torch.sigmoid(logits.float())
         t = target.float()
-        return 1.0 - (2.0 * (p * t).sum() + self.eps) / ((t * t).sum() + (p * p).sum() + self.eps)
+        return 1.0 - 2.0 * (p * t).sum() / ((t * t).sum() + (p * p).sum() + self.eps)  # Eq. 1: eps only below
 
 
 LOSSES: dict[str, Callable[[], nn.Module]] = {
