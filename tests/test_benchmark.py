@@ -234,6 +234,8 @@ def test_per_epoch_times_are_one_value_per_epoch_and_their_mean_has_its_own_key(
     history = MlflowClient().get_metric_history(run.info.run_id, "val_seconds")
     assert [m.step for m in history] == list(range(1, len(history) + 1)) or [m.step for m in history] == list(range(len(history)))
     assert run.data.metrics["val_seconds_per_epoch"] == pytest.approx(np.mean([m.value for m in history]))
+    # what the quick profile's fp32 run actually used, as tags (not metrics)
+    assert (run.data.tags["domgen.precision"], run.data.tags["domgen.memory_format"]) == ("fp32", "contiguous")
 
 
 def test_report_defaults_to_the_newest_finished_sweep(finished_sweep):

@@ -133,6 +133,11 @@ def resolve_precision(precision: str, device: str) -> str:
     return precision
 
 
+def memory_format_name(channels_last: bool) -> str:
+    """The name a run records for its activations' layout (tag ``domgen.memory_format``)."""
+    return "channels_last" if channels_last else "contiguous"
+
+
 def device_type(device: str) -> str:
     return torch.device(device).type
 
@@ -401,7 +406,9 @@ def train(
 ) -> TrainResult:
     """Train ``model`` in place; returns it loaded with the best weights (the last ones with select_by "last").
 
-    ``monitor(model)`` adds metrics to each epoch's record (e.g. the target's DSC, for plots); it never chooses."""
+    ``monitor(model)`` adds metrics to each epoch's record (e.g. the target's DSC, for plots); it never chooses.
+    Each record also names the precision ``auto`` resolved to and the memory format (text, not metrics: the
+    ``store.epoch_logger`` callback writes them as the run's tags ``domgen.precision`` / ``domgen.memory_format``)."""
     seed_everything(settings.seed)
     device = settings.device
     precision = resolve_precision(settings.precision, device)
@@ -439,7 +446,9 @@ def train(
         # training and validation seconds apart: Bizopoulos et al. Table II reports both
         record = {"epoch": epoch, "train_loss": float(total) / max(count, 1), "val_loss": val_loss,
                   "val_dsc": val_dsc, "lr": optimizer.param_groups[0]["lr"],
-                  "train_seconds": val_started - epoch_started, "val_seconds": time.perf_counter() - val_started}
+                  "train_seconds": val_started - epoch_started, "val_seconds": time.perf_counter() - val_started,
+                  # what ran, not what was asked: `auto` differs between CPUs with and without native bf16
+                  "precision": precision, "memory_format": memory_format_name(settings.channels_last)}
         if monitor is not None:
             record.update(monitor(model))
         history.append(record)
