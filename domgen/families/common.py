@@ -4,7 +4,8 @@ open (or resume) the round's parent run, and end it.
 A run's identity is the hash of its resolved config with every path replaced by the contents it points
 at: the suite by the listing of the dataset files it uses (relative names, sizes, SHA-256 of each file,
 and how they are read - not where they lie), a splits file and an init checkpoint by their SHA-256. Moving
-a dataset or renaming a checkpoint keeps the hash; changing one file changes it.
+a dataset or renaming a checkpoint keeps the hash; changing one file changes it. ``train.precision: auto`` enters as
+the precision it resolves to on the machine (``hashed_view``), so bf16 and fp32 runs of one command never mix.
 """
 from __future__ import annotations
 
