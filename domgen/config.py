@@ -70,7 +70,8 @@ def apply_overrides(cfg: dict, overrides: list[str] | tuple[str, ...] = (), **fl
 
 # Bumped when domgen computes other numbers from an unchanged config, so finished runs of the older computation are
 # not found again (and mixed into a resumed round). 2: a slice's augmentation is drawn from (seed, epoch, index).
-RESULTS_VERSION = 2
+# 3: Bizopoulos et al.'s Eq. 1 loss and Eq. 4 Dice take eps in the denominator only (it was in the numerator too).
+RESULTS_VERSION = 3
 
 
 def config_hash(cfg: dict) -> str:

@@ -182,7 +182,7 @@ SETTINGS: list[Setting] = [
     S("train.pin_memory", "switch", "auto", ALL, "page-locked batches, copied to the GPU without blocking (auto: on with cuda)"),
     # evaluation
     S("evaluation.empty", "choice", "both-empty-one", ALL, "per-slice ratio when its denominator is 0", choices=_empty_conventions),
-    S("evaluation.dice_eps", "float", 0.0, ALL, "eps added to Dice's numerator and denominator", low=0.0),
+    S("evaluation.dice_eps", "float", 0.0, ALL, "eps added to the Dice's denominator (Bizopoulos et al. Eq. 4)", low=0.0),
     S("evaluation.nsd_tolerance_mm", "float", 3.0, (LOO, TRANSFER), "NSD tolerance in mm", low=0.0, low_open=True),
     S("evaluation.surface", "bool", True, (LOO, TRANSFER), "compute NSD and HD95"),
     S("evaluation.cutoff_candidates", "floats", None, (LOO,), "cut-offs tried on the in-domain test set (null: 0.05..0.95)",

@@ -83,13 +83,13 @@ def test_paper_metrics_match_hand_computed_values():
     test = SliceSet(inputs, truth, ["p/0", "p/1", "p/2"], ["p"] * 3, ["T"] * 3, list(truth), list(truth), [(1.0, 1.0)] * 3)
     cfg = load_profile("benchmark", "quick")
     metrics, probs = bm.score(FixedLogits(logits), test, cfg)
-    eps = 1e-5
-    dice0 = (2 * 2 + eps) / (2 * 2 + 1 + 2 + eps)
+    eps = 1e-5  # Eq. 4: 2TP / (2TP + FP + FN + eps), eps in the denominator only
+    dice0 = 2 * 2 / (2 * 2 + 1 + 2 + eps)
     assert metrics["dice"] == pytest.approx((dice0 + 1 + 1) / 3, abs=1e-12)
     assert metrics["sens"] == pytest.approx((2 / 4 + 1 + 1) / 3, abs=1e-12)
     assert metrics["spec"] == pytest.approx((59 / 60 + 1 + 1) / 3, abs=1e-12)
     # without the rule, one patient pooled over its slices: TP 2, FP 1, FN 2 + 3 (the missed slice)
-    assert metrics["dice_pooled"] == pytest.approx((2 * 2 + eps) / (2 * 2 + 1 + 5 + eps), abs=1e-12)
+    assert metrics["dice_pooled"] == pytest.approx(2 * 2 / (2 * 2 + 1 + 5 + eps), abs=1e-12)
     assert probs.shape == (3, s, s)
 
 
@@ -234,6 +234,8 @@ def test_per_epoch_times_are_one_value_per_epoch_and_their_mean_has_its_own_key(
     history = MlflowClient().get_metric_history(run.info.run_id, "val_seconds")
     assert [m.step for m in history] == list(range(1, len(history) + 1)) or [m.step for m in history] == list(range(len(history)))
     assert run.data.metrics["val_seconds_per_epoch"] == pytest.approx(np.mean([m.value for m in history]))
+    # what the quick profile's fp32 run actually used, as tags (not metrics)
+    assert (run.data.tags["domgen.precision"], run.data.tags["domgen.memory_format"]) == ("fp32", "contiguous")
 
 
 def test_report_defaults_to_the_newest_finished_sweep(finished_sweep):

@@ -44,9 +44,12 @@ def test_empty_conventions():
         overlap_metrics(missed, "zero")
 
 
-def test_dice_eps():
-    counts = np.array([0, 0, 0, 16])
-    assert overlap_metrics(counts, "nan", eps=1e-5)["dsc"] == pytest.approx(1.0)
+def test_dice_eps_is_in_the_denominator_only():
+    # 2TP / (2TP + FP + FN + eps) by hand: 2 / (2 + 1 + 1 + 4) = 0.25; an empty slice is 0 / eps = 0, not 1
+    assert overlap_metrics(np.array([1, 1, 1, 13]), "nan", eps=4.0)["dsc"] == pytest.approx(0.25)
+    assert overlap_metrics(np.array([0, 0, 0, 16]), "nan", eps=1e-5)["dsc"] == 0.0
+    # the conventions still decide their own cases: both-empty-one gives the empty slice 1 whatever eps is
+    assert overlap_metrics(np.array([0, 0, 0, 16]), "both-empty-one", eps=1e-5)["dsc"] == 1.0
 
 
 def test_surface_metrics_on_shifted_squares():

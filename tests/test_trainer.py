@@ -122,3 +122,25 @@ def test_augmentation_depends_on_seed_epoch_and_index_only():
     assert torch.equal(one[(0, 1)][0], other[(0, 1)][0])
     assert not torch.equal(one[(0, 1)][0], one[(1, 1)][0])  # a new epoch, a new augmentation
     assert torch.equal(one[1][0], one[(0, 1)][0])  # a bare index is epoch 0
+
+
+def test_a_training_run_records_the_precision_and_memory_format_it_resolved(tracking_uri, monkeypatch):
+    """`auto` is tagged as what ran (a real SQLite MLflow store), on a CPU without and with native bf16."""
+    import domgen.training.trainer as trainer
+    from mlflow.tracking import MlflowClient
+
+    from domgen.tracking import mlflow_store as store
+
+    exp_id = store.experiment_id("precision-tags")
+    slices = tiny_slices(n=2)
+    seen = {}
+    for native, channels_last in ((False, False), (True, True)):
+        monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda native=native: native)
+        run_id = MlflowClient().create_run(exp_id).info.run_id
+        settings = TrainSettings(epochs=1, batch_size=2, patience=None, augment="none", precision="auto", channels_last=channels_last)
+        train(model(), slices, slices, settings, on_epoch=store.epoch_logger(run_id), progress=False)
+        run = MlflowClient().get_run(run_id)
+        seen[native] = (run.data.tags.get("domgen.precision"), run.data.tags.get("domgen.memory_format"))
+        assert len(MlflowClient().get_metric_history(run_id, "val_loss")) == 1  # the numbers are still metrics
+        assert "precision" not in run.data.metrics and "memory_format" not in run.data.metrics
+    assert seen == {False: ("fp32", "contiguous"), True: ("bf16", "channels_last")}

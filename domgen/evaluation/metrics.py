@@ -39,7 +39,9 @@ def _ratio(num: float, den: float) -> float:
 def overlap_metrics(counts: np.ndarray, empty: str = "nan", eps: float = 0.0) -> dict[str, float]:
     """DSC, sensitivity, specificity and IoU from [TP, FP, FN, TN] under an empty-set convention.
 
-    ``eps`` is added to numerator and denominator of the Dice (Bizopoulos et al. use 1e-5).
+    ``eps`` is added to the Dice's denominator only, Bizopoulos et al.'s Eq. 4: 2TP / (2TP + FP + FN + eps) (they use
+    1e-5). With eps > 0 an empty truth and an empty prediction score 0 / eps = 0, unless the convention decides first:
+    ``bizopoulos`` and ``no-prediction-one`` give 1 whenever TP + FP = 0, ``both-empty-one`` gives 1 when TP + FP + FN = 0.
     """
     if empty not in EMPTY_CONVENTIONS:
         raise ValueError(f"empty convention must be one of {EMPTY_CONVENTIONS}, not {empty!r}")
@@ -47,7 +49,7 @@ def overlap_metrics(counts: np.ndarray, empty: str = "nan", eps: float = 0.0) ->
     if empty in ("no-prediction-one", "bizopoulos") and tp + fp == 0:
         return {m: 1.0 for m in OVERLAP_METRICS}
     out = {
-        "dsc": (2 * tp + eps) / (2 * tp + fp + fn + eps) if (2 * tp + fp + fn + eps) > 0 else float("nan"),
+        "dsc": 2 * tp / (2 * tp + fp + fn + eps) if (2 * tp + fp + fn + eps) > 0 else float("nan"),  # Eq. 4 (Bizopoulos)
         "sen": _ratio(tp, tp + fn),
         "spc": _ratio(tn, tn + fp),
         "iou": _ratio(tp, tp + fp + fn),

@@ -4,7 +4,8 @@ open (or resume) the round's parent run, and end it.
 A run's identity is the hash of its resolved config with every path replaced by the contents it points
 at: the suite by the listing of the dataset files it uses (relative names, sizes, SHA-256 of each file,
 and how they are read - not where they lie), a splits file and an init checkpoint by their SHA-256. Moving
-a dataset or renaming a checkpoint keeps the hash; changing one file changes it.
+a dataset or renaming a checkpoint keeps the hash; changing one file changes it. ``train.precision: auto`` enters as
+the precision it resolves to on the machine (``hashed_view``), so bf16 and fp32 runs of one command never mix.
 """
 from __future__ import annotations
 
@@ -85,25 +86,37 @@ def with_content_digests(cfg: dict, datasets: list[str]) -> dict:
 LOADER_KEYS = ("loader_workers", "pin_memory")
 
 
-def _without_loader_keys(cfg: dict) -> dict:
-    """``cfg`` (a copy where needed) without ``LOADER_KEYS`` in its train sections, so older runs keep their hashes."""
-    def strip(section):
-        return {k: v for k, v in section.items() if k not in LOADER_KEYS} if isinstance(section, dict) else section
+def _as_trained(cfg: dict) -> dict:
+    """``cfg`` (a copy where needed) with its train sections as they train: without ``LOADER_KEYS`` (so older runs keep
+    their hashes) and with ``precision: auto`` replaced by what this machine resolves it to (bf16 on a CPU with native
+    bf16, else fp32): two machines that would compute different numbers never share a run."""
+    from domgen.training.trainer import resolve_precision  # torch: only once a run is hashed, never for a flag check
+
+    device = str(cfg.get("device") or "cpu")
+
+    def as_trained(section):
+        if not isinstance(section, dict):
+            return section
+        out = {k: v for k, v in section.items() if k not in LOADER_KEYS}
+        if out.get("precision") == "auto":
+            out["precision"] = resolve_precision("auto", device)
+        return out
 
     out = dict(cfg)
     if "train" in out:
-        out["train"] = strip(out["train"])
+        out["train"] = as_trained(out["train"])
     if isinstance(out.get("pretraining"), dict) and "train" in out["pretraining"]:
-        out["pretraining"] = {**out["pretraining"], "train": strip(out["pretraining"]["train"])}
+        out["pretraining"] = {**out["pretraining"], "train": as_trained(out["pretraining"]["train"])}
     if isinstance(out.get("strategy_train"), dict):
-        out["strategy_train"] = {k: strip(v) for k, v in out["strategy_train"].items()}
+        out["strategy_train"] = {k: as_trained(v) for k, v in out["strategy_train"].items()}
     return out
 
 
 def hashed_view(cfg: dict) -> dict:
     """What a hash should see: with ``content_digest`` attached, the paths are left out (their contents are in); the
-    loader settings (``LOADER_KEYS``) never enter."""
-    cfg = _without_loader_keys(cfg)
+    loader settings (``LOADER_KEYS``) never enter; ``train.precision: auto`` enters as the precision it resolves to.
+    Every family hashes through here (or takes its train sections from here)."""
+    cfg = _as_trained(cfg)
     if "content_digest" not in cfg:
         return cfg
     return {k: v for k, v in cfg.items() if k not in PATH_KEYS}

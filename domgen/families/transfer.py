@@ -125,9 +125,10 @@ def pretraining_identity(cfg: dict, datasets: list[str]) -> dict:
         return {"family": FAMILY, "phase": "pretrain", "dims": 3, "datasets": datasets, "suite": suite, "seed": cfg["seed"],
                 "device": cfg["device"], "model": volume_model_config(cfg), "preprocessing": volume.get("preprocessing", {}),
                 "train": volume.get("train", {})}
+    trained = hashed_view(cfg)  # the train sections as they train: precision auto resolved, loader keys out
     return {"family": FAMILY, "phase": "pretrain", "datasets": datasets, "suite": suite, "seed": cfg["seed"],
             "device": cfg["device"], "model": cfg["model"], "preprocessing": cfg["preprocessing"],
-            "pretraining": cfg["pretraining"], "train": cfg["train"]}
+            "pretraining": trained["pretraining"], "train": trained["train"]}
 
 
 def pretrain(exp_id: str, suite, cfg: dict, name: str, progress: bool = True) -> str:

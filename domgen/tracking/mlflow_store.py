@@ -446,8 +446,18 @@ def download_artifact(run_id: str, path: str, dest: Path) -> Path:
 
 
 def epoch_logger(run_id: str):
-    """A ``train(on_epoch=...)`` callback logging each epoch's record as metrics at step = epoch."""
-    return lambda record: log_metrics(run_id, {k: v for k, v in record.items() if k != "epoch"}, step=record["epoch"])
+    """A ``train(on_epoch=...)`` callback logging each epoch's record: numbers as metrics at step = epoch, text (the
+    precision and memory format ``train`` resolved) as ``domgen.<key>`` tags, written when first seen or changed."""
+    tagged: dict[str, str] = {}
+
+    def log(record: dict) -> None:
+        for key, value in record.items():
+            if isinstance(value, str) and tagged.get(key) != value:
+                set_tag(run_id, f"{TAG}{key}", value)
+                tagged[key] = value
+        log_metrics(run_id, {k: v for k, v in record.items() if k != "epoch" and not isinstance(v, str)}, step=record["epoch"])
+
+    return log
 
 
 def tracking_error(exc: BaseException) -> str | None:

@@ -85,8 +85,9 @@ class DiceBCELoss(nn.Module):
 
 
 class SquaredDiceLoss(nn.Module):
-    """Bizopoulos et al.'s Eq. 1: 1 - (2 sum(Y Yhat) + eps) / (sum(Y^2) + sum(Yhat^2) + eps), Yhat = sigmoid(logits),
-    sums over the whole batch, eps = 1e-5."""
+    """Bizopoulos et al.'s Eq. 1: 1 - 2 sum(Y Yhat) / (sum(Y^2) + sum(Yhat^2) + eps), Yhat = sigmoid(logits),
+    sums over the whole batch, eps = 1e-5 in the denominator only: a batch with no target pixel scores 1 (and gives
+    no gradient), whatever is predicted."""
 
     def __init__(self, eps: float = 1e-5) -> None:
         super().__init__()
@@ -95,7 +96,7 @@ class SquaredDiceLoss(nn.Module):
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         p = torch.sigmoid(logits.float())
         t = target.float()
-        return 1.0 - (2.0 * (p * t).sum() + self.eps) / ((t * t).sum() + (p * p).sum() + self.eps)
+        return 1.0 - 2.0 * (p * t).sum() / ((t * t).sum() + (p * p).sum() + self.eps)  # Eq. 1: eps only below
 
 
 LOSSES: dict[str, Callable[[], nn.Module]] = {
@@ -130,6 +131,11 @@ def resolve_precision(precision: str, device: str) -> str:
     if precision == "auto":
         return "bf16" if device_type(device) == "cpu" and cpu_has_native_bf16() else "fp32"
     return precision
+
+
+def memory_format_name(channels_last: bool) -> str:
+    """The name a run records for its activations' layout (tag ``domgen.memory_format``)."""
+    return "channels_last" if channels_last else "contiguous"
 
 
 def device_type(device: str) -> str:
@@ -400,7 +406,9 @@ def train(
 ) -> TrainResult:
     """Train ``model`` in place; returns it loaded with the best weights (the last ones with select_by "last").
 
-    ``monitor(model)`` adds metrics to each epoch's record (e.g. the target's DSC, for plots); it never chooses."""
+    ``monitor(model)`` adds metrics to each epoch's record (e.g. the target's DSC, for plots); it never chooses.
+    Each record also names the precision ``auto`` resolved to and the memory format (text, not metrics: the
+    ``store.epoch_logger`` callback writes them as the run's tags ``domgen.precision`` / ``domgen.memory_format``)."""
     if not len(val_set) and (settings.select_by != "last" or settings.patience is not None):
         # an empty validation set used to score loss 0 / DSC 1, so early stopping kept the first epoch's weights
         raise DomgenError(f"the validation set is empty, so train.select_by {settings.select_by} and early stopping "
@@ -443,7 +451,9 @@ def train(
         # training and validation seconds apart: Bizopoulos et al. Table II reports both
         record = {"epoch": epoch, "train_loss": float(total) / max(count, 1), "val_loss": val_loss,
                   "val_dsc": val_dsc, "lr": optimizer.param_groups[0]["lr"],
-                  "train_seconds": val_started - epoch_started, "val_seconds": time.perf_counter() - val_started}
+                  "train_seconds": val_started - epoch_started, "val_seconds": time.perf_counter() - val_started,
+                  # what ran, not what was asked: `auto` differs between CPUs with and without native bf16
+                  "precision": precision, "memory_format": memory_format_name(settings.channels_last)}
         if monitor is not None:
             record.update(monitor(model))
         history.append(record)
