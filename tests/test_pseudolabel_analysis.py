@@ -175,8 +175,24 @@ def test_confidence_command_scores_every_slice(fold_round, tiny_suite):
     rx, ry = ok.ci.rank().to_numpy(), ok.dice.rank().to_numpy()
     rx, ry = rx - rx.mean(), ry - ry.mean()
     assert run.data.metrics["ci_dsc_spearman"] == pytest.approx((rx * ry).sum() / np.sqrt((rx * rx).sum() * (ry * ry).sum()))
+    # AURC by hand from the logged slice scores: mean over k of the mean risk (1 - DSC) of the k most confident slices
+    risk = 1 - ok.sort_values("ci", ascending=False, kind="stable").dice.to_numpy()
+    assert run.data.metrics["ci_aurc"] == pytest.approx(np.mean(np.cumsum(risk) / np.arange(1, len(risk) + 1)))
+    assert run.data.metrics["ci_eaurc"] >= 0 and "| AURC | E-AURC |" in out.output
+    # selection by the CI and the scaled CI, calibration of both domains before and after temperature scaling
+    assert "| ci-ts |" in out.output and "temperature" in run.data.metrics and run.data.metrics["temperature"] > 0
+    assert {"ece_indomain", "ece_target", "ece_target_ts", "ece_target_lesion", "mce_target", "ace_indomain_ts"} <= set(run.data.metrics)
+    calibration = pd.read_csv(store.download_artifact(run.info.run_id, "calibration.csv", fold_round["tmp"]))
+    assert len(calibration) == 8 and set(calibration.model) == {"as trained", "temperature-scaled"}
+    plots = {a.path for a in MlflowClient().list_artifacts(run.info.run_id, "plots")}
+    assert {"plots/risk_coverage.png", "plots/reliability.png", "plots/dsc_vs_score.png"} <= plots
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 0 and len(_runs(fold_round["uri"], "domgen-confidence")) == 1
+    assert "Lesion-pixel calibration" in again.output  # a resumed run prints the same tables from its artifacts
+    report = CliRunner().invoke(main, ["report", "--experiment", "domgen-confidence", "--tracking-uri", fold_round["uri"],
+                                       "--out", str(fold_round["tmp"] / "report")])
+    assert report.exit_code == 0, report.output
+    assert "calibration" in report.output and "E-AURC" in report.output
 
 
 def test_review_folder_round_trip(fold_round, tmp_path):
