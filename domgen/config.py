@@ -71,7 +71,9 @@ def apply_overrides(cfg: dict, overrides: list[str] | tuple[str, ...] = (), **fl
 # Bumped when domgen computes other numbers from an unchanged config, so finished runs of the older computation are
 # not found again (and mixed into a resumed round). 2: a slice's augmentation is drawn from (seed, epoch, index).
 # 3: Bizopoulos et al.'s Eq. 1 loss and Eq. 4 Dice take eps in the denominator only (it was in the numerator too).
-RESULTS_VERSION = 3
+# 4: each transform of a slice's augmentation draws from its own seed (albumentations gave them all one seed, so
+#    their draws coincided: Bizopoulos's two flips always together, Enshaei's flip only with the affine).
+RESULTS_VERSION = 4
 
 
 def config_hash(cfg: dict) -> str:

@@ -144,3 +144,32 @@ def test_a_training_run_records_the_precision_and_memory_format_it_resolved(trac
         assert len(MlflowClient().get_metric_history(run_id, "val_loss")) == 1  # the numbers are still metrics
         assert "precision" not in run.data.metrics and "memory_format" not in run.data.metrics
     assert seen == {False: ("fp32", "contiguous"), True: ("bf16", "channels_last")}
+
+
+def test_the_transforms_of_a_slice_augmentation_draw_independently():
+    """Two flips at p = 0.5 with one seed per slice: each of the four combinations about a quarter of the time (they
+    coincided when albumentations gave every transform the slice's seed)."""
+    import albumentations as A
+
+    from domgen.training.augment import build_augmentation, seed_augmentation
+    from domgen.training.trainer import augmentation_seed
+
+    image = np.arange(16, dtype=np.float32).reshape(4, 4)
+    pipeline = A.Compose([A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5)])
+    counts = {}
+    n = 4000
+    for i in range(n):
+        seed_augmentation(pipeline, augmentation_seed(0, 0, i))
+        out = pipeline(image=image)["image"]
+        key = (bool(out[0, 0] in (3, 15)), bool(out[0, 0] in (12, 15)))  # (mirrored left-right, upside down)
+        counts[key] = counts.get(key, 0) + 1
+    assert set(counts) == {(False, False), (True, False), (False, True), (True, True)}
+    for combination, count in counts.items():  # binomial(4000, 1/4): sd 27, so +-120 is over 4 sd
+        assert abs(count - n / 4) < 120, (combination, counts)
+    seed_augmentation(pipeline, 5)
+    first = pipeline(image=image)["image"]
+    seed_augmentation(pipeline, 5)
+    assert np.array_equal(first, pipeline(image=image)["image"])  # still a function of the seed alone
+    for name in ("enshaei", "bizopoulos"):
+        transforms = build_augmentation(name, 3).transforms
+        assert len({t.seed for t in transforms}) == len(transforms)  # a seed of its own for every transform

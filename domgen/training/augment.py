@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import albumentations as A
 import cv2
+import numpy as np
 
 
 def _enshaei() -> list:
@@ -30,4 +31,20 @@ def build_augmentation(name: str, seed: int) -> A.Compose | None:
     if name not in AUGMENTATIONS:
         raise ValueError(f"unknown augmentation {name!r}; choose one of {sorted(AUGMENTATIONS)}")
     transforms = AUGMENTATIONS[name]()
-    return A.Compose(transforms, seed=seed) if transforms else None
+    if not transforms:
+        return None
+    pipeline = A.Compose(transforms)
+    seed_augmentation(pipeline, seed)
+    return pipeline
+
+
+def seed_augmentation(pipeline: A.Compose, seed: int) -> None:
+    """Seed ``pipeline`` for one slice: each transform from its own child of ``seed``, so their draws are independent.
+
+    albumentations' ``Compose.set_random_seed`` gives every transform the same seed, so their "apply?" draws were
+    equal: Bizopoulos et al.'s two flips (p = 0.5 each) always came together, a 180-degree turn and never a mirror
+    image, and Enshaei et al.'s flip only came with the affine."""
+    pipeline.set_random_seed(seed)
+    children = np.random.SeedSequence(seed).spawn(len(pipeline.transforms))
+    for transform, child in zip(pipeline.transforms, children):
+        transform.set_random_seed(int(child.generate_state(1)[0]))

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from domgen.errors import DomgenError
 from domgen.preprocessing.slices import SliceSet
-from domgen.training.augment import build_augmentation
+from domgen.training.augment import build_augmentation, seed_augmentation
 
 
 @dataclass(frozen=True)
@@ -213,7 +213,7 @@ class SliceDataset(Dataset):
         image = self.slices.inputs[i, 0]
         mask = self.slices.targets[i]
         if self.transform is not None:
-            self.transform.set_random_seed(augmentation_seed(self.seed, epoch, i))
+            seed_augmentation(self.transform, augmentation_seed(self.seed, epoch, i))
             out = self.transform(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
         return torch.from_numpy(np.ascontiguousarray(image))[None], torch.from_numpy(np.ascontiguousarray(mask))[None].float()
