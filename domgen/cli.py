@@ -315,11 +315,13 @@ def _check_pseudolabel_flags(flags: dict) -> None:
 @click.option("--rounds", type=int, default=None, help="Select-and-retrain rounds.")
 @click.option("--init-checkpoint", type=click.Path(), default=None, help="Start from this domgen checkpoint instead of a fresh model.")
 @click.option("--init-run", default=None, help="Start from the model of this MLflow run (a pretrain or transfer run's model/checkpoint.pt).")
+@click.option("--arch", default=None, help="smp architecture: linknet | unet | fpn | pspnet (profile default: linknet).")
+@click.option("--encoder", default=None, help="smp encoder name, e.g. resnet34 (profile default).")
 @_selection_options
 @_common_run_options
 @_executor_options
 def leave_one_out(source, targets, folds, ci_min, ci_rule, ci_quantile, min_pixels, min_pixels_at, keep_slices, top_k, top_fraction,
-                  mix, rounds, init_checkpoint, init_run, confidence, filters, per_patient_max, min_patients, size_strata, select_by, seeds,
+                  mix, rounds, init_checkpoint, init_run, arch, encoder, confidence, filters, per_patient_max, min_patients, size_strata, select_by, seeds,
                   suite, profile, seed, device, encoder_weights, lung_mask, lungmask_weights, tracking_uri, overrides, quiet,
                   executor, workers, address, gpus_per_trial):
     """Train on SOURCE, test in-domain and on unseen datasets, retrain on Certainty-Index pseudo-labels.
@@ -331,6 +333,7 @@ def leave_one_out(source, targets, folds, ci_min, ci_rule, ci_quantile, min_pixe
     """
     cfg = _resolve("leave_one_out", profile, overrides, **{
         "source": source, "targets": targets, "folds": folds, "suite": suite, "seed": seed, "device": device,
+        "model.arch": arch, "model.encoder": encoder,
         "model.encoder_weights": encoder_weights, "preprocessing.lung_mask": lung_mask,
         "preprocessing.lungmask_weights": lungmask_weights, "pseudolabel.ci_min": ci_min,
         "pseudolabel.min_pixels": min_pixels, "pseudolabel.top_k": top_k, "pseudolabel.top_fraction": top_fraction,
@@ -630,6 +633,9 @@ def ui(tracking_uri, port):
 @click.option("--profile", default="quick", show_default=True, help="quick (CPU size) | paper (GPU, --suite with medseg100/medseg9) | a YAML path.")
 @click.option("--suite", default=None, help="'synthetic' or a suite YAML (the paper profile needs one, see experiments/benchmark/paper.yaml).")
 @click.option("--device", type=DEVICE, default=None, help="cpu or cuda (ray: one GPU per trial unless --gpus-per-trial).")
+@click.option("--seed", type=int, default=None, help="Seed of every configuration's split and training (profile default: 0).")
+@click.option("--lung-mask", default=None, help="Lung-mask provider: threshold | otsu | reference | lungmask (profile default).")
+@click.option("--lungmask-weights", default=None, type=click.Path(), help="Weights file for --lung-mask lungmask.")
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True)
 @click.option("--workers", type=int, default=1, show_default=True, help="Trials in parallel (local: worker processes; ray: local Ray CPUs/GPUs).")
 @click.option("--gpus-per-trial", type=float, default=None,
@@ -641,7 +647,7 @@ def ui(tracking_uri, port):
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI (ray: an `mlflow server` URL; none: one is started on 127.0.0.1).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override any profile field, e.g. train.epochs=1.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def benchmark(experiments, archs, encoders, weights, profile, suite, device, executor, workers, gpus_per_trial, address, retry_failed,
+def benchmark(experiments, archs, encoders, weights, profile, suite, device, seed, lung_mask, lungmask_weights, executor, workers, gpus_per_trial, address, retry_failed,
               dry_run, tracking_uri, overrides, quiet):
     """Bizopoulos et al.'s grid: experiment x architecture x encoder x weights, one MLflow run each.
 
@@ -652,7 +658,8 @@ def benchmark(experiments, archs, encoders, weights, profile, suite, device, exe
     import yaml
 
     # the grid flags enter as settings, so the image size is checked against the architectures actually run
-    grid = {"grid.experiments": experiments, "grid.archs": archs, "grid.encoders": encoders, "grid.weights": weights}
+    grid = {"grid.experiments": experiments, "grid.archs": archs, "grid.encoders": encoders, "grid.weights": weights,
+            "seed": seed, "preprocessing.lung_mask": lung_mask, "preprocessing.lungmask_weights": lungmask_weights}
     cfg = _resolve("benchmark", profile, overrides, suite=suite, device=device, **grid)  # every --set checked
 
     from domgen.executors import get_executor
