@@ -538,7 +538,7 @@ def report(experiment, run_id, out, tracking_uri, compare, against_paper, paper_
     from domgen.families import family_of_experiment
     from domgen.tracking.report import to_markdown, write_tables
 
-    _check_flags("report", experiment=experiment, paper_table=None if paper_table is None else str(paper_table))
+    _check_flags("report", experiment=experiment)
     if paper_table is not None and not against_paper:
         raise DomgenError("--paper-table is read only with --against-paper; add --against-paper")
     if against_paper:
@@ -549,6 +549,7 @@ def report(experiment, run_id, out, tracking_uri, compare, against_paper, paper_
         if experiment != EXPERIMENT:
             raise DomgenError(f"--against-paper compares the benchmark with Bizopoulos et al.'s Table II; use it with "
                               f"--experiment {EXPERIMENT}, not {experiment}")
+        _check_flags("report", paper_table=None if paper_table is None else str(paper_table))
         paper = load_paper_table(paper_table)  # a bad table fails before the store is opened
         _tracking(tracking_uri, existing=True)
         built = against_paper_report(out, run_id, paper)

@@ -66,7 +66,7 @@ BAD_FLAGS = [
     (["export", "--sweep", "some-sweep"], "--out"),
     (["report", "--experiment", "nope"], "--experiment"),
     (["report", "--paper-table", "{file}"], "--paper-table"),
-    (["report", "--against-paper", "--paper-table", "missing.csv"], "--paper-table"),
+    (["report", "--experiment", "domgen-benchmark", "--against-paper", "--paper-table", "missing.csv"], "--paper-table"),
     (["ui", "--port", "0"], "--port"),
     (["ui", "--port", "70000"], "--port"),
 ]
