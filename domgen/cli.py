@@ -1,6 +1,7 @@
 """The ``domgen`` command line. Every user mistake ends as one sentence on stderr and exit code 2."""
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -24,6 +25,12 @@ class DomgenGroup(click.Group):
             return super().invoke(ctx)
         except DomgenError as exc:
             click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except click.UsageError as exc:
+            if isinstance(exc, click.exceptions.NoArgsIsHelpError):
+                raise
+            # a flag click itself refuses (not a number, not a choice, missing) is one line too, like every other mistake
+            click.echo(f"error: {exc.format_message()}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted: finished runs are kept in MLflow; re-run the same command to resume", err=True)
@@ -90,15 +97,14 @@ def data():
 def data_list(suite):
     """The public datasets domgen knows (see data_cards/) and, with --suite, a suite's datasets."""
     from domgen.data.fetch import PUBLIC_DATASETS
+    from domgen.data.registry import load_suite
 
+    s = load_suite(suite) if suite else None  # a wrong --suite is its one sentence, before any listing
     click.echo("Public datasets (cards in data_cards/):")
     for key, info in PUBLIC_DATASETS.items():
         how = "domgen data fetch" if info.urls else "manual download"
         click.echo(f"  {key:26s} {info.title[:70]:70s} [{how}]")
-    if suite:
-        from domgen.data.registry import load_suite
-
-        s = load_suite(suite)
+    if s is not None:
         click.echo(f"\nSuite {s.name} ({s.path}):")
         for name, spec in s.datasets.items():
             click.echo(f"  {name:10s} {spec.format:7s} {spec.intensity.describe():32s} {spec.lesion_kind:9s} {spec.root}")
@@ -138,7 +144,7 @@ def data_check(name, suite, profile, lung_mask, overrides, no_count):
 
 @data.command("fetch")
 @click.argument("name")
-@click.option("--dest", type=click.Path(path_type=Path), default=Path("domgen-data/public"), show_default=True)
+@click.option("--dest", type=click.Path(file_okay=False, path_type=Path), default=Path("domgen-data/public"), show_default=True)
 def data_fetch(name, dest):
     """Download a public dataset where its source allows, and verify its checksum."""
     from domgen.data.fetch import fetch
@@ -154,6 +160,7 @@ def generate(out, seed, scale):
     """Write the synthetic multi-site CT suite (NIfTI, DICOM, PNG slice folders) to disk."""
     from domgen.data.synthetic import ensure_synthetic_suite
 
+    _check_flags("generate", seed=seed, scale=scale)
     params = {"seed": seed, **({"scale": scale} if scale else {})}
     click.echo(f"suite file: {ensure_synthetic_suite(out, **params)}")
 
@@ -259,13 +266,33 @@ def _resolve(family: str, profile: str, overrides, **flat) -> dict:
     return cfg
 
 
-def _check_flags(family: str, **values) -> None:
-    """Flags that do not go through a profile, checked against the same table."""
+def _without_set(exc: DomgenError) -> DomgenError:
+    """The table's sentence for a command that has no --set: it names the flag alone."""
+    return DomgenError(re.sub(r" or --set \S+=\.\.\.", "", str(exc)))
+
+
+def _check_flags(family: str, **values) -> dict:
+    """Flags that do not go through a profile, checked against the same table; the given ones, coerced."""
     from domgen.settings import TABLE, check_value
 
+    checked = {}
     for key, value in values.items():
         if value is not None:
-            check_value(TABLE[(family, key)], value)
+            try:
+                checked[key] = check_value(TABLE[(family, key)], value)
+            except DomgenError as exc:
+                raise _without_set(exc) from None
+    return checked
+
+
+def _check_pseudolabel_flags(flags: dict) -> None:
+    """The pseudo-label flags (keys of the profile's pseudolabel section) checked like a profile's, filters included."""
+    from domgen.settings import LOO, validate
+
+    try:
+        validate({"family": LOO, "pseudolabel": {k: v for k, v in flags.items() if v is not None}})
+    except DomgenError as exc:
+        raise _without_set(exc) from None
 
 
 @main.command("leave-one-out")
@@ -288,11 +315,13 @@ def _check_flags(family: str, **values) -> None:
 @click.option("--rounds", type=int, default=None, help="Select-and-retrain rounds.")
 @click.option("--init-checkpoint", type=click.Path(), default=None, help="Start from this domgen checkpoint instead of a fresh model.")
 @click.option("--init-run", default=None, help="Start from the model of this MLflow run (a pretrain or transfer run's model/checkpoint.pt).")
+@click.option("--arch", default=None, help="smp architecture: linknet | unet | fpn | pspnet (profile default: linknet).")
+@click.option("--encoder", default=None, help="smp encoder name, e.g. resnet34 (profile default).")
 @_selection_options
 @_common_run_options
 @_executor_options
 def leave_one_out(source, targets, folds, ci_min, ci_rule, ci_quantile, min_pixels, min_pixels_at, keep_slices, top_k, top_fraction,
-                  mix, rounds, init_checkpoint, init_run, confidence, filters, per_patient_max, min_patients, size_strata, select_by, seeds,
+                  mix, rounds, init_checkpoint, init_run, arch, encoder, confidence, filters, per_patient_max, min_patients, size_strata, select_by, seeds,
                   suite, profile, seed, device, encoder_weights, lung_mask, lungmask_weights, tracking_uri, overrides, quiet,
                   executor, workers, address, gpus_per_trial):
     """Train on SOURCE, test in-domain and on unseen datasets, retrain on Certainty-Index pseudo-labels.
@@ -304,6 +333,7 @@ def leave_one_out(source, targets, folds, ci_min, ci_rule, ci_quantile, min_pixe
     """
     cfg = _resolve("leave_one_out", profile, overrides, **{
         "source": source, "targets": targets, "folds": folds, "suite": suite, "seed": seed, "device": device,
+        "model.arch": arch, "model.encoder": encoder,
         "model.encoder_weights": encoder_weights, "preprocessing.lung_mask": lung_mask,
         "preprocessing.lungmask_weights": lungmask_weights, "pseudolabel.ci_min": ci_min,
         "pseudolabel.min_pixels": min_pixels, "pseudolabel.top_k": top_k, "pseudolabel.top_fraction": top_fraction,
@@ -367,8 +397,10 @@ def pseudolabel(target, run_id, checkpoint, ci_min, ci_rule, ci_quantile, min_pi
         raise DomgenError("give exactly one of --run-id and --checkpoint")
     if export_dir is not None and reviewed_dir is not None:
         raise DomgenError("give at most one of --export-for-review (write a review folder) and --reviewed (retrain on one)")
-    _check_flags("leave-one-out", **{"pseudolabel.ci_min": ci_min, "pseudolabel.min_pixels": min_pixels, "pseudolabel.top_k": top_k,
-                                     "pseudolabel.top_fraction": top_fraction, "pseudolabel.rounds": rounds})
+    flags = {"ci_min": ci_min, "min_pixels": min_pixels, "top_k": top_k, "top_fraction": top_fraction, "mix": mix, "rounds": rounds,
+             "ci_rule": ci_rule, "ci_quantile": ci_quantile, "min_pixels_at": min_pixels_at,
+             **_selection_settings(confidence, filters, per_patient_max, min_patients, size_strata, select_by, seeds)}
+    _check_pseudolabel_flags(flags)  # before the store is opened or the checkpoint read
     from domgen.families.leave_one_out import checkpoint_of_run, run_pseudolabel
     from domgen.tracking import mlflow_store as store
 
@@ -376,12 +408,7 @@ def pseudolabel(target, run_id, checkpoint, ci_min, ci_rule, ci_quantile, min_pi
     _threads(device or "cpu")
     with store.artifact_dir() as tmp:
         path = checkpoint if checkpoint else checkpoint_of_run(run_id, tmp)
-        result = run_pseudolabel(path, target, {"ci_min": ci_min, "min_pixels": min_pixels, "top_k": top_k,
-                                                "top_fraction": top_fraction, "mix": mix, "rounds": rounds, "ci_rule": ci_rule,
-                                                "ci_quantile": ci_quantile, "min_pixels_at": min_pixels_at,
-                                                **_selection_settings(confidence, filters, per_patient_max, min_patients, size_strata,
-                                                                      select_by, seeds)},
-                                 suite=suite, device=device, progress=not quiet, export_dir=export_dir, reviewed_dir=reviewed_dir)
+        result = run_pseudolabel(path, target, flags, suite=suite, device=device, progress=not quiet, export_dir=export_dir, reviewed_dir=reviewed_dir)
     if export_dir is not None:
         click.echo(f"wrote {result['exported']} slices to {export_dir}: edit masks/*.nii.gz (ITK-SNAP, 3D Slicer), delete a row of "
                    f"manifest.csv to reject a slice, then run the same command with --reviewed {export_dir}")
@@ -420,6 +447,7 @@ def confidence(target, run_id, checkpoint, top_k, suite, device, tracking_uri, q
 
     if (run_id is None) == (checkpoint is None):
         raise DomgenError("give exactly one of --run-id and --checkpoint")
+    _check_flags("confidence", top_k=top_k)
     uri = store.configure(tracking_uri)
     _threads(device or "cpu")
     with store.artifact_dir() as tmp:
@@ -510,6 +538,7 @@ def report(experiment, run_id, out, tracking_uri, compare, against_paper, paper_
     from domgen.families import family_of_experiment
     from domgen.tracking.report import to_markdown, write_tables
 
+    _check_flags("report", experiment=experiment)
     if paper_table is not None and not against_paper:
         raise DomgenError("--paper-table is read only with --against-paper; add --against-paper")
     if against_paper:
@@ -520,6 +549,7 @@ def report(experiment, run_id, out, tracking_uri, compare, against_paper, paper_
         if experiment != EXPERIMENT:
             raise DomgenError(f"--against-paper compares the benchmark with Bizopoulos et al.'s Table II; use it with "
                               f"--experiment {EXPERIMENT}, not {experiment}")
+        _check_flags("report", paper_table=None if paper_table is None else str(paper_table))
         paper = load_paper_table(paper_table)  # a bad table fails before the store is opened
         _tracking(tracking_uri, existing=True)
         built = against_paper_report(out, run_id, paper)
@@ -556,6 +586,7 @@ def ui(tracking_uri, port):
     from domgen.families import FAMILIES
     from domgen.tracking import mlflow_store as store
 
+    _check_flags("ui", port=port)
     uri = _tracking(tracking_uri)
     base = f"http://127.0.0.1:{port}"
     click.echo(f"MLflow UI for {uri} at {store.ui_url(base)}")
@@ -603,6 +634,9 @@ def ui(tracking_uri, port):
 @click.option("--profile", default="quick", show_default=True, help="quick (CPU size) | paper (GPU, --suite with medseg100/medseg9) | a YAML path.")
 @click.option("--suite", default=None, help="'synthetic' or a suite YAML (the paper profile needs one, see experiments/benchmark/paper.yaml).")
 @click.option("--device", type=DEVICE, default=None, help="cpu or cuda (ray: one GPU per trial unless --gpus-per-trial).")
+@click.option("--seed", type=int, default=None, help="Seed of every configuration's split and training (profile default: 0).")
+@click.option("--lung-mask", default=None, help="Lung-mask provider: threshold | otsu | reference | lungmask (profile default).")
+@click.option("--lungmask-weights", default=None, type=click.Path(), help="Weights file for --lung-mask lungmask.")
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True)
 @click.option("--workers", type=int, default=1, show_default=True, help="Trials in parallel (local: worker processes; ray: local Ray CPUs/GPUs).")
 @click.option("--gpus-per-trial", type=float, default=None,
@@ -614,7 +648,7 @@ def ui(tracking_uri, port):
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI (ray: an `mlflow server` URL; none: one is started on 127.0.0.1).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override any profile field, e.g. train.epochs=1.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def benchmark(experiments, archs, encoders, weights, profile, suite, device, executor, workers, gpus_per_trial, address, retry_failed,
+def benchmark(experiments, archs, encoders, weights, profile, suite, device, seed, lung_mask, lungmask_weights, executor, workers, gpus_per_trial, address, retry_failed,
               dry_run, tracking_uri, overrides, quiet):
     """Bizopoulos et al.'s grid: experiment x architecture x encoder x weights, one MLflow run each.
 
@@ -625,7 +659,8 @@ def benchmark(experiments, archs, encoders, weights, profile, suite, device, exe
     import yaml
 
     # the grid flags enter as settings, so the image size is checked against the architectures actually run
-    grid = {"grid.experiments": experiments, "grid.archs": archs, "grid.encoders": encoders, "grid.weights": weights}
+    grid = {"grid.experiments": experiments, "grid.archs": archs, "grid.encoders": encoders, "grid.weights": weights,
+            "seed": seed, "preprocessing.lung_mask": lung_mask, "preprocessing.lungmask_weights": lungmask_weights}
     cfg = _resolve("benchmark", profile, overrides, suite=suite, device=device, **grid)  # every --set checked
 
     from domgen.executors import get_executor
@@ -663,7 +698,7 @@ def benchmark(experiments, archs, encoders, weights, profile, suite, device, exe
 @click.argument("run_id", required=False)
 @click.option("--sweep", "sweep_id", default=None, metavar="SWEEP_RUN_ID",
               help="Export every finished configuration of this benchmark sweep into --out DIR, with manifest.csv/.json.")
-@click.option("--format", "fmt", type=click.Choice(["state-dict", "torchscript", "onnx"]), default="state-dict", show_default=True)
+@click.option("--format", "fmt", default="state-dict", show_default=True, help="state-dict | torchscript | onnx.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Output file (default exports/<run>-<arch>-<encoder>.<ext>); with --sweep the zoo folder (required).")
 @click.option("--tracking-uri", default=None)
@@ -671,6 +706,7 @@ def benchmark(experiments, archs, encoders, weights, profile, suite, device, exe
 def export(run_id, sweep_id, fmt, out, tracking_uri, quiet):
     """Export RUN_ID's trained model (a benchmark configuration), or with --sweep every model of a sweep with a
     manifest; load one with domgen.models.export.load_exported or load_from_manifest."""
+    _check_flags("export", format=fmt)
     if (run_id is None) == (sweep_id is None):
         raise DomgenError("give either RUN_ID (one model) or --sweep SWEEP_RUN_ID (every model of a benchmark sweep), not both or neither")
     if sweep_id is not None and out is None:

@@ -22,6 +22,8 @@ LOO, TRANSFER, BENCHMARK, CV = "leave-one-out", "transfer", "benchmark", "cross-
 ALL = (LOO, TRANSFER, BENCHMARK)  # the 2D families
 EVERY = (*ALL, CV)
 TRAINING = (LOO, TRANSFER, BENCHMARK)
+# commands whose flags have rows but no profile
+CONFIDENCE, REPORT, EXPORT, GENERATE, UI = "confidence", "report", "export", "generate", "ui"
 
 
 # ---------------------------------------------------------------- registries read when checked
@@ -73,6 +75,16 @@ def _mixes():
 def _confidence_scores():
     from domgen.methods.confidence import CONFIDENCE_SCORES
     return list(CONFIDENCE_SCORES)
+
+
+def _experiments():
+    from domgen.families import FAMILIES
+    return [f.experiment for f in FAMILIES.values()]
+
+
+def _export_formats():
+    from domgen.models.export import FORMATS
+    return list(FORMATS)
 
 
 def _benchmark_experiments():
@@ -210,14 +222,16 @@ SETTINGS: list[Setting] = [
     S("init_run", "str", None, (LOO,), "start from the model of this MLflow run", nullable=True, flag="--init-run"),
     S("pseudolabel.ci_min", "float", 0.8, (LOO,), "CI limit under ci_rule fixed (0.8: domgen's choice; the paper gives no number)", **_PROB, flag="--ci-min"),
     S("pseudolabel.min_pixels", "int", 50, (LOO,), "drop slices with fewer pixels above the cut-off", low=0, flag="--min-pixels"),
-    S("pseudolabel.min_pixels_at", "int", None, (LOO,), "image side min_pixels is counted at (null: original)", low=1, nullable=True),
+    S("pseudolabel.min_pixels_at", "int", None, (LOO,), "image side min_pixels is counted at (null: original)", low=1, nullable=True,
+      flag="--min-pixels-at"),
     S("pseudolabel.top_k", "int", None, (LOO,), "at most this many pseudo-labelled slices per target", low=1, nullable=True,
       flag="--top-k"),
     S("pseudolabel.top_fraction", "float", None, (LOO,), "at most this fraction of the ranked slices", low=0.0, high=1.0,
       low_open=True, nullable=True, flag="--top-fraction"),
     S("pseudolabel.mix", "choice", "source+pseudo", (LOO,), "what the retraining sees", choices=_mixes, flag="--mix"),
     S("pseudolabel.rounds", "int", 1, (LOO,), "select-and-retrain rounds", low=1, flag="--rounds"),
-    S("pseudolabel.ci_rule", "choice", "fixed", (LOO,), "how the CI threshold is chosen", choices=("fixed", "indomain-quantile")),
+    S("pseudolabel.ci_rule", "choice", "fixed", (LOO,), "how the CI threshold is chosen", choices=("fixed", "indomain-quantile"),
+      flag="--ci-rule"),
     S("pseudolabel.ci_quantile", "float", 0.5, (LOO,), "quantile of the in-domain CI for ci_rule indomain-quantile", **_PROB,
       flag="--ci-quantile"),
     S("pseudolabel.confidence", "choice", "ci", (LOO,), "the score that ranks the slices", choices=_confidence_scores,
@@ -333,6 +347,17 @@ SETTINGS: list[Setting] = [
     S("ablation.folds", "ints", None, (CV,), "k values of the sensitivity analysis", low=2),
     S("ablation.preprocessing", "bools", None, (CV,), "preprocessing on/off of the sensitivity analysis"),
     S("ablation.augmentation", "bools", None, (CV,), "augmentation on/off of the sensitivity analysis"),
+    # ------------------------------------------------------------ commands that read runs (flags only, no profile)
+    S("top_k", "int", 50, (CONFIDENCE,), "K of the mean true DSC of the top-K slices per score", low=1, flag="--top-k"),
+    S("experiment", "choice", "domgen-leave-one-out", (REPORT,), "the MLflow experiment whose tables are rebuilt",
+      choices=_experiments, flag="--experiment"),
+    S("paper_table", "path", None, (REPORT,), "CSV of Bizopoulos et al.'s published Table II", nullable=True,
+      flag="--paper-table"),
+    S("format", "choice", "state-dict", (EXPORT,), "export format", choices=_export_formats, flag="--format"),
+    S("seed", "int", 0, (GENERATE,), "seed of the synthetic suite", low=0, flag="--seed"),
+    S("scale", "float", None, (GENERATE,), "matrix scale: 512*scale and 630*scale pixels (null: the default)", low=0.0,
+      low_open=True, nullable=True, flag="--scale"),
+    S("port", "int", 5000, (UI,), "port of the MLflow UI on 127.0.0.1", low=1, high=65535, flag="--port"),
 ]
 TABLE: dict[tuple[str, str], Setting] = {(fam, s.key): s for s in SETTINGS for fam in s.families}
 FAMILIES_WITH_SETTINGS = sorted({fam for s in SETTINGS for fam in s.families})

@@ -245,3 +245,22 @@ def _alive(pid: int) -> bool:
         return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_table2_in_domain_row_shows_a_dash_where_it_has_no_change():
+    """The in-domain row has no before/after change: its change cells print '-', never 'nan'; the rest is untouched."""
+    from domgen.tracking.report import table2_frame, to_markdown
+
+    indomain = {"source": "A", "test set": "A (in-domain)", "DSC before": "0.700", "DSC after": "-", "in-domain DSC after": "-",
+                "CI-DSC Spearman": "0.400", "pseudo-labels": "-", "note": ""}
+    unseen = {"source": "A", "test set": "B", "DSC before": "0.500", "DSC after": "0.550", "in-domain DSC after": "0.690",
+              "CI-DSC Spearman": "0.300", "pseudo-labels": "12 of 40", "DSC change [95 % CI]": "+0.050 [+0.010, +0.090]",
+              "Wilcoxon p": "0.031", "change over seeds x folds": "+0.040", "note": ""}
+    text = to_markdown(table2_frame([indomain, unseen]))
+    assert text.splitlines() == [
+        "| source | test set | DSC before | DSC after | in-domain DSC after | CI-DSC Spearman | pseudo-labels | note | "
+        "DSC change [95 % CI] | Wilcoxon p | change over seeds x folds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| A | A (in-domain) | 0.700 | - | - | 0.400 | - |  | - | - | - |",
+        "| A | B | 0.500 | 0.550 | 0.690 | 0.300 | 12 of 40 |  | +0.050 [+0.010, +0.090] | 0.031 | +0.040 |",
+    ]

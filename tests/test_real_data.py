@@ -99,6 +99,23 @@ def test_data_check_reports_the_quirks(quirky_suite):
     assert lost.exit_code == 0 and "0 kept, 8 dropped" in lost.output and "2 patient(s) lose every slice" in lost.output
 
 
+def test_data_check_reports_an_unusable_lung_mask_as_a_finding(tmp_path, quirky_suite):
+    """8-bit slices with no recorded window under the profile's threshold provider: every finding is reported, exit 0;
+    only a broken file makes the check fail."""
+    out = CliRunner().invoke(main, ["data", "check", "S", "--suite", str(quirky_suite)])
+    assert out.exit_code == 0, out.output
+    assert "patients         4" in out.output and "slices           16 (8 with lesions" in out.output  # 4 patients x 4 slices
+    assert "lung-mask providers usable: otsu" in out.output
+    counted = next(line for line in out.output.splitlines() if line.strip().startswith("kept slices"))
+    assert "not counted" in counted and "threshold lung mask" in counted and "--lung-mask otsu" in counted
+    root = tmp_path / "broken"
+    write_collection(root / "S", 1, "cropped", seed=3)
+    (root / "S" / "images" / "pat0_002.png").write_bytes(b"\x89PNG not really")
+    (root / "suite.yaml").write_text(quirky_suite.read_text())
+    broken = CliRunner().invoke(main, ["data", "check", "S", "--suite", str(root / "suite.yaml")])
+    assert broken.exit_code == 2 and "pat0_002.png" in broken.output and "Traceback" not in broken.output
+
+
 def test_unknown_window_names_dataset_step_and_alternatives(tmp_path, quirky_suite):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     out = CliRunner().invoke(main, ["leave-one-out", "--source", "S", "--targets", "T", "--suite", str(quirky_suite),

@@ -190,3 +190,46 @@ def test_heartbeat_is_refreshed_while_a_run_lives(tracking_uri, monkeypatch):
             raise ValueError("boom")
     failed = MlflowClient().get_run(run.info.run_id)
     assert failed.info.status == "FAILED" and not store.is_interrupted(failed)
+
+
+def _commands() -> dict:
+    from domgen.cli import main
+
+    found = {name: cmd for name, cmd in main.commands.items() if not hasattr(cmd, "commands")}
+    for group, cmd in main.commands.items():
+        found.update({f"{group} {name}": sub for name, sub in getattr(cmd, "commands", {}).items()})
+    return found
+
+
+def test_every_flag_of_the_table_is_an_option_whose_default_leaves_it_to_the_profile():
+    """A row naming a flag: that option exists on the command of each of the row's families (and on pseudolabel and data
+    check where they take it), and its default is None (the profile decides) or the row's own default."""
+    import click
+
+    commands = _commands()
+    also = {settings.LOO: ("pseudolabel", "data check")}  # commands that take leave-one-out's flags without a profile
+    unset = getattr(getattr(click.core, "UNSET", None), "__class__", type(None))
+    checked = 0
+    for row in (s for s in settings.SETTINGS if s.flag):
+        for family in row.families:
+            for name in (family, *also.get(family, ())):
+                option = next((p for p in commands[name].params if row.flag in p.opts), None)
+                if option is None:
+                    assert name != family, f"{row.key} names {row.flag}, which `domgen {name}` does not take"
+                    continue
+                default = None if isinstance(option.default, unset) or option.default in ((), []) else option.default
+                assert default is None or default == row.default, f"domgen {name} {row.flag} defaults to {default}, the table to {row.default}"
+                checked += 1
+    assert checked > 50
+
+
+def test_every_profile_file_is_allowed_by_its_rows():
+    """Each experiments/<family>/*.yaml, read as written (no merging), holds only values its family's rows allow."""
+    import yaml
+
+    profiles = sorted(EXPERIMENTS_DIR.glob("*/*.yaml"))
+    assert len(profiles) >= 8
+    for path in profiles:
+        raw = yaml.safe_load(path.read_text())
+        assert raw["family"] in settings.FAMILIES_WITH_SETTINGS, path  # strict: an unknown key is refused too
+        settings.validate(raw)  # raises a DomgenError sentence naming the key

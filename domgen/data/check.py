@@ -7,6 +7,7 @@ from typing import Callable
 import numpy as np
 
 from domgen.data.case import Case
+from domgen.errors import DomgenError
 from domgen.data.registry import DatasetSpec, load_cases
 
 
@@ -18,7 +19,9 @@ def check_dataset(spec: DatasetSpec, keep: Callable[[Case], tuple[int, int]] | N
     (patients whose slices differ in size), intensity_min/max, lesion_voxels and lesion_slices ({class
     name: count}), lung_masks (patients with a lung mask), spacings, mask_values (most distinct raw values
     in one patient's lesion mask), mask_threshold, resize_to, resized_from, and with ``keep`` (a function
-    giving (kept, total) slices of a case under a profile's rule) kept and dropped slice counts.
+    giving (kept, total) slices of a case under a profile's rule) kept and dropped slice counts. When ``keep``
+    cannot run on this dataset (a lung-mask provider that needs HU it does not have), ``not_counted`` holds its
+    sentence and the count is left out: that is a finding about the profile, not a broken file.
     """
     patient_ids: list[str] = []
     slices = infected = lungs = kept = 0
@@ -31,6 +34,7 @@ def check_dataset(spec: DatasetSpec, keep: Callable[[Case], tuple[int, int]] | N
     voxels: Counter[str] = Counter({name: 0 for name in spec.lesion_labels.values()})
     slices_with: Counter[str] = Counter({name: 0 for name in spec.lesion_labels.values()})
     emptied: list[str] = []
+    not_counted: str | None = None
     for case in load_cases(spec):
         patient_ids.append(case.patient_id)
         slices += case.n_slices
@@ -51,8 +55,13 @@ def check_dataset(spec: DatasetSpec, keep: Callable[[Case], tuple[int, int]] | N
                 voxels[name] += hits
                 slices_with[name] += hits > 0
         lungs += case.lung is not None
-        if keep is not None:
-            k, _ = keep(case)
+        if keep is not None and not_counted is None:
+            # every file was read above, so an error here is the provider refusing this dataset, not a broken file
+            try:
+                k, _ = keep(case)
+            except DomgenError as exc:
+                not_counted = str(exc)
+                continue
             kept += k
             if k == 0:
                 emptied.append(case.patient_id)
@@ -78,7 +87,8 @@ def check_dataset(spec: DatasetSpec, keep: Callable[[Case], tuple[int, int]] | N
         "lung_masks": lungs,
         "mask_values": mask_values,
         "mask_threshold": spec.mask_threshold,
-        "kept": kept if keep is not None else None,
+        "kept": kept if keep is not None and not_counted is None else None,
+        "not_counted": not_counted,
         "patients_without_slices": emptied,
     }
 
@@ -127,4 +137,6 @@ def format_check(summary: dict, usable_providers: list[str] | None = None, rule:
         if summary["patients_without_slices"]:
             line += f"; {len(summary['patients_without_slices'])} patient(s) lose every slice (e.g. {summary['patients_without_slices'][0]})"
         lines.append(line)
+    if summary.get("not_counted"):
+        lines.append(f"  kept slices      not counted under keep_slices={rule}: {summary['not_counted']}")
     return "\n".join(lines)

@@ -509,7 +509,13 @@ def _pseudolabel_round(checkpoint: Path, target: str, pseudolabel: dict, suite: 
     if "config" not in ckpt or "fold" not in ckpt:
         raise DomgenError(f"checkpoint {checkpoint} does not record its config and fold; use a checkpoint written by `domgen leave-one-out`")
     cfg = copy.deepcopy(ckpt["config"])
-    cfg["pseudolabel"] = {**cfg["pseudolabel"], **{k: v for k, v in pseudolabel.items() if v is not None}}
+    from domgen.settings import LOO, validate
+
+    given = {k: v for k, v in pseudolabel.items() if v is not None}
+    # checked as a profile's pseudolabel section (the checkpoint's own values were checked when its round ran); merged as
+    # given, so the runs keep the hashes they had
+    validate({"family": LOO, "pseudolabel": copy.deepcopy(given)})
+    cfg["pseudolabel"] = {**cfg["pseudolabel"], **given}
     cfg["suite"] = suite or cfg["suite"]
     cfg["device"] = device or cfg["device"]
     fold = ckpt["fold"]

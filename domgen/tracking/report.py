@@ -154,6 +154,11 @@ def _round_tables(round_id: str) -> tuple[list[dict], list[dict], list[dict], li
     return rows, extended, selection, counts, means
 
 
+def table2_frame(rows: list[dict]) -> pd.DataFrame:
+    """Table II from its rows: a cell a row does not have (the in-domain row's change columns) reads '-', not nan."""
+    return pd.DataFrame(rows).fillna("-")
+
+
 def leave_one_out_tables(run_id: str) -> dict[str, pd.DataFrame]:
     """The paper's tables for a round or a multi-source experiment.
 
@@ -177,7 +182,7 @@ def leave_one_out_tables(run_id: str) -> dict[str, pd.DataFrame]:
         for m in METRICS:
             entry[m.upper()] = mean_std_text([r[row][m] for r in per_round])
         t3.append(entry)
-    return {"table2": pd.DataFrame(table2), "table3": pd.DataFrame(t3), "table2_extended": pd.DataFrame(extended),
+    return {"table2": table2_frame(table2), "table3": pd.DataFrame(t3), "table2_extended": pd.DataFrame(extended),
             "selection": pd.DataFrame(selection), "slices": pd.DataFrame(counts)}
 
 
