@@ -192,6 +192,8 @@ SETTINGS: list[Setting] = [
     S("train.loader_workers", "int", 0, ALL, "DataLoader worker processes preparing batches (0: the training process; "
       "the numbers do not change)", low=0),
     S("train.pin_memory", "switch", "auto", ALL, "page-locked batches, copied to the GPU without blocking (auto: on with cuda)"),
+    S("train.device_data", "bool", False, ALL, "slices kept on the device and augmented there in batches (same distribution, other numbers)"),
+    S("train.compile", "bool", False, ALL, "the training forward and backward through torch.compile (eager where it cannot compile)"),
     # evaluation
     S("evaluation.empty", "choice", "both-empty-one", ALL, "per-slice ratio when its denominator is 0", choices=_empty_conventions),
     S("evaluation.dice_eps", "float", 0.0, ALL, "eps added to the Dice's denominator (Bizopoulos et al. Eq. 4)", low=0.0),

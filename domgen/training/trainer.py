@@ -13,6 +13,10 @@ BF16 or AMX); on CUDA it stays fp32 unless ``bf16`` or ``fp16`` is asked for.
 Speed on a GPU (issue 12): ``loader_workers`` processes prepare and augment the batches while the GPU trains, and
 ``pin_memory`` (``auto``: on with CUDA) puts them in page-locked memory so the copy to the GPU is non-blocking. A
 slice's augmentation is drawn from (seed, epoch, index) alone, so the number of workers never changes the numbers.
+
+Near the GPU's limit (issue 22), both off by default: ``device_data`` keeps the slices on the device and augments each
+batch there (``device_augment.py``: same distribution, other numbers), so no step waits for the host; ``compile`` runs
+the training forward and backward through ``torch.compile`` (fewer kernel launches), eager where it cannot compile.
 """
 from __future__ import annotations
 
@@ -57,6 +61,8 @@ class TrainSettings:
     channels_last: bool = False  # NHWC activations (faster convolutions on CPU with oneDNN)
     loader_workers: int = 0  # DataLoader worker processes preparing batches (0: in the training process)
     pin_memory: bool | str = "auto"  # page-locked batches for non-blocking copies to the GPU; auto: on with CUDA
+    device_data: bool = False  # slices on the device, augmented there in batches (device_augment.py)
+    compile: bool = False  # torch.compile the training forward/backward (eager where it cannot compile)
 
     def __post_init__(self) -> None:
         resolve_precision(self.precision, self.device)  # an unknown name, or fp16 on a CPU, is one sentence
@@ -65,6 +71,13 @@ class TrainSettings:
         if isinstance(self.loader_workers, bool) or not isinstance(self.loader_workers, int) or self.loader_workers < 0:
             raise DomgenError(f"train.loader_workers is {self.loader_workers!r}; use 0 or more.")
         resolve_pin_memory(self.pin_memory, self.device)
+        for key in ("device_data", "compile"):
+            if not isinstance(getattr(self, key), bool):
+                raise DomgenError(f"train.{key} is {getattr(self, key)!r}; use true or false.")
+        if self.device_data:
+            from domgen.training.device_augment import recipe
+
+            recipe(self.augment)  # an augmentation with no device version: one sentence now, not after the first epoch
 
     @classmethod
     def from_config(cls, cfg: dict, **override) -> "TrainSettings":
@@ -300,6 +313,24 @@ def set_train_mode(model: nn.Module) -> None:
                 module.eval()
 
 
+def compile_model(model: nn.Module, device: str) -> nn.Module:
+    """``torch.compile(model)`` (sharing its parameters) for the training step, or ``model`` itself with a warning
+    where this machine cannot compile (Inductor on a CPU needs a C++ compiler; dynamo needs a supported Python)."""
+    import shutil
+    import warnings
+
+    from torch._dynamo import is_dynamo_supported
+
+    if not is_dynamo_supported():
+        reason = "torch.compile does not support this Python"
+    elif device_type(device) == "cpu" and not (shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")):
+        reason = "Inductor on a CPU needs a C++ compiler and none is on PATH"
+    else:
+        return torch.compile(model)
+    warnings.warn(f"train.compile: {reason}; training eagerly (the same numbers, more kernel launches)")
+    return model
+
+
 @dataclass
 class TrainResult:
     model: nn.Module
@@ -314,9 +345,9 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
 
 
-def _padded_batches(inputs: np.ndarray, batch_size: int):
+def _padded_batches(inputs: np.ndarray | torch.Tensor, batch_size: int):
     for start in range(0, len(inputs), batch_size):
-        yield start, torch.from_numpy(inputs[start:start + batch_size])
+        yield start, torch.as_tensor(inputs[start:start + batch_size])  # a tensor already on the device stays there
 
 
 def inference_settings(model: nn.Module, precision: str | None, channels_last: bool | None, device: str) -> tuple[str, bool]:
@@ -379,7 +410,7 @@ def _validate(model, loss_fn, slices: SliceSet, batch_size: int, device: str, pr
     losses, counts = [], []
     with torch.no_grad():
         for start, x in _padded_batches(slices.inputs, batch_size):
-            y = to_device(torch.from_numpy(slices.targets[start:start + len(x)])[:, None].float(), device, pin_memory)
+            y = to_device(torch.as_tensor(slices.targets[start:start + len(x)])[:, None].float(), device, pin_memory)
             with autocast(precision, device):
                 logits = model(to_memory_format(to_device(x, device, pin_memory), channels_last))
             logits = logits.float()
@@ -424,7 +455,15 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = OPTIMIZERS[settings.optimizer](params, settings)
     scaler = grad_scaler(precision, device)
-    loader, sampler = slice_loader(train_set, settings)
+    if settings.device_data:
+        from domgen.training.device_augment import DeviceBatches, DeviceSlices
+
+        pin = False  # nothing is copied from the host after this
+        loader = sampler = DeviceBatches(train_set, settings.augment, settings.seed, settings.batch_size, device)
+        val_set = DeviceSlices.of(val_set, device)
+    else:
+        loader, sampler = slice_loader(train_set, settings)
+    step_model = compile_model(model, device) if settings.compile else model
     best_score, best_loss, best_state, best_epoch, stale = -np.inf, np.inf, None, 0, 0
     history: list[dict] = []
     started = time.perf_counter()
@@ -440,7 +479,7 @@ def train(
         total, count = torch.zeros((), device=device), 0
         for x, y in loader:
             x = to_memory_format(to_device(x, device, pin), settings.channels_last)
-            loss = train_step(model, optimizer, loss_fn, x, to_device(y, device, pin), precision, scaler)
+            loss = train_step(step_model, optimizer, loss_fn, x, to_device(y, device, pin), precision, scaler)
             total += loss * len(x)
             count += len(x)
         if device_type(device) == "cuda":
