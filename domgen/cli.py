@@ -365,6 +365,44 @@ def leave_one_out(source, targets, folds, ci_min, ci_rule, ci_quantile, min_pixe
     click.echo(f"\nAll tables: `domgen report --experiment {EXPERIMENT} --run-id {parent}`; browse: `domgen ui`")
 
 
+@main.command("compare")
+@click.option("--sources", required=True, help="Source dataset(s): A, or A,B pooled (leave-one-domain-out).")
+@click.option("--targets", default=None, help="Comma-separated unseen datasets (default: every other COVID dataset).")
+@click.option("--methods", default=None, help="Comma-separated methods: erm, erm-multi, bigaug, gin, adabn, tent, ci-pseudolabel, "
+              "transfer; TEST@TRAIN adapts TRAIN's model (tent@bigaug), TRAIN+transfer starts from --init-run.")
+@click.option("--seeds", type=int, default=None, help="Seeds (seed + 1000 s), each with its own patient-wise folds.")
+@click.option("--folds", type=int, default=None, help="Folds k of each seed's patient-wise k-fold.")
+@click.option("--selection", default=None, help="Model selection: training-domain (default) | last | oracle (the targets' labels "
+              "choose the epoch; labelled oracle everywhere).")
+@click.option("--init-run", default=None, help="The pretrained model (a `domgen transfer` run) of transfer and NAME+transfer.")
+@_common_run_options
+def compare(sources, targets, methods, seeds, folds, selection, init_run, suite, profile, seed, device, encoder_weights, lung_mask,
+            lungmask_weights, tracking_uri, overrides, quiet):
+    """Compare domain-generalisation methods on the same folds and seeds (DomainBed-style, issue 20).
+
+    Prints, per target and method, DSC/NSD/SEN as mean [95 % t interval] over seeds x folds and the paired
+    patient-level bootstrap difference against erm with Wilcoxon p, then the average rank over targets.
+    Test-time methods adapt the erm models (found by hash); re-running the same command resumes.
+    """
+    cfg = _resolve("compare", profile, overrides, **{
+        "sources": sources, "targets": targets, "methods": methods, "seeds": seeds, "folds": folds, "selection": selection,
+        "init_run": init_run, "suite": suite, "seed": seed, "device": device, "model.encoder_weights": encoder_weights,
+        "preprocessing.lung_mask": lung_mask, "preprocessing.lungmask_weights": lungmask_weights})
+    from domgen.families.compare import EXPERIMENT, compare_tables, run_compare, selection_label
+    from domgen.tracking.report import to_markdown
+
+    _threads(cfg["device"])
+    uri = _tracking(tracking_uri)
+    parent = run_compare(cfg, progress=not quiet)
+    tables = compare_tables(parent)
+    click.echo(f"\nMethods per target (mean [95 % t interval] over seeds x folds; model selection: "
+               f"{selection_label(cfg['selection'])}; experiment {EXPERIMENT}, run {parent}, {uri})\n")
+    click.echo(to_markdown(tables["results"]))
+    click.echo("\nAverage rank over targets (by mean DSC, 1 best)\n")
+    click.echo(to_markdown(tables["ranks"]))
+    click.echo(f"\nAll tables and the plot: `domgen report --experiment {EXPERIMENT} --run-id {parent}`")
+
+
 @main.command("pseudolabel")
 @click.option("--target", required=True, help="Unseen dataset to pseudo-label (a suite dataset name).")
 @click.option("--run-id", default=None, help="A finished leave-one-out fold run (its model/checkpoint.pt is used).")

@@ -361,6 +361,40 @@ SETTINGS: list[Setting] = [
       low_open=True, nullable=True, flag="--scale"),
     S("port", "int", 5000, (UI,), "port of the MLflow UI on 127.0.0.1", low=1, high=65535, flag="--port"),
 ]
+# ------------------------------------------------------------ compare (issue 20): leave-one-out's settings plus the method axis
+COMPARE = "compare"
+_NOT_IN_COMPARE = ("source", "splits_file", "init_checkpoint", "init_run")  # compare names its sources and start itself
+
+
+def _dg_methods():
+    from domgen.methods.dg import METHODS
+    return list(METHODS)
+
+
+def _compare_rows() -> list[Setting]:
+    from dataclasses import replace as copy_row
+
+    shared = [copy_row(s, families=(COMPARE,)) for s in SETTINGS if LOO in s.families and s.key not in _NOT_IN_COMPARE]
+    return shared + [
+        S("sources", "names", None, (COMPARE,), "source dataset(s); several: pooled, leave-one-domain-out", flag="--sources"),
+        S("methods", "names", None, (COMPARE,), "methods (domgen.methods.dg.METHODS); TEST@TRAIN adapts TRAIN's model, "
+          "TRAIN+transfer starts from --init-run", flag="--methods"),
+        S("seeds", "int", 1, (COMPARE,), "seeds (seed + 1000 s), each with its own patient-wise folds", low=1, flag="--seeds"),
+        S("selection", "choice", "training-domain", (COMPARE,), "how the epoch is chosen: source validation, the last "
+          "epoch, or oracle (the targets' labels; labelled oracle everywhere)", choices=("training-domain", "last", "oracle"),
+          flag="--selection"),
+        S("init_run", "str", None, (COMPARE,), "the pretrained model of transfer / NAME+transfer", nullable=True, flag="--init-run"),
+        # Tent (Wang et al. 2021): their Adam lr 1e-3 with one step per batch
+        S("method.tent.steps", "int", 1, (COMPARE,), "tent: entropy steps per target batch", low=1, high=100),
+        S("method.tent.lr", "float", 1e-3, (COMPARE,), "tent: learning rate of the batch-norm affine parameters", low=0.0,
+          high=1.0, low_open=True),
+        S("method.tent.optimizer", "choice", "adam", (COMPARE,), "tent: optimiser", choices=("adam", "sgd")),
+        S("method.tent.batch_size", "int", 16, (COMPARE,), "tent: target slices per episode", low=2, high=4096),
+        S("method.adabn.batch_size", "int", 32, (COMPARE,), "adabn: target slices per batch of the statistics", low=2, high=4096),
+    ]
+
+
+SETTINGS += _compare_rows()
 TABLE: dict[tuple[str, str], Setting] = {(fam, s.key): s for s in SETTINGS for fam in s.families}
 FAMILIES_WITH_SETTINGS = sorted({fam for s in SETTINGS for fam in s.families})
 

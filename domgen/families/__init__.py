@@ -47,6 +47,9 @@ FAMILIES: dict[str, Family] = {
                              "domgen.tracking.cross_validate_report:cross_validate_tables"),
     "confidence": Family("confidence", "domgen-confidence", "confidence", "analysis", "domgen.families.confidence",
                          "domgen.families.confidence:confidence_tables"),
+    # issue 20: domain-generalisation methods side by side (DomainBed-style)
+    "compare": Family("compare", "domgen-compare", "compare", "comparison", "domgen.families.compare",
+                      "domgen.families.compare:compare_tables", "domgen.families.compare:family_report"),
 }
 
 

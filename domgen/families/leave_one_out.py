@@ -62,6 +62,9 @@ class Round:
     progress: bool
     pretrained: object = None  # the init_run / init_checkpoint model, loaded once; None: a fresh model per fold
     predicted: dict = field(default_factory=dict)  # (fold, target) -> the fold model's model-size probabilities
+    # (fold) -> (train, validation) slices the fold model learns and is chosen on; None: the source's own parts
+    # (domgen compare: a method's view of the training slices, or the targets' labels for oracle selection)
+    fold_sets: object = None
 
 
 def child_hash(cfg: dict, **identity) -> str:
@@ -207,7 +210,8 @@ def train_fold(r: Round, fold: dict):
             seed_everything(r.train_settings.seed + k)
             model = copy.deepcopy(r.pretrained) if r.pretrained is not None else initial_model(r.cfg)
             settings = TrainSettings.from_config(r.cfg["train"], seed=r.cfg["seed"] + k, device=r.cfg["device"])
-            result = train(model, r.source.of_patients(fold["train"]), r.source.of_patients(fold["val"]), settings,
+            train_part, val_part = r.fold_sets(fold) if r.fold_sets else (r.source.of_patients(fold["train"]), r.source.of_patients(fold["val"]))
+            result = train(model, train_part, val_part, settings,
                            on_epoch=store.epoch_logger(run.info.run_id), progress=r.progress, desc=f"fold {k} train {r.cfg['source']}")
             test = r.source.of_patients(fold["test"])
             probs = to_original_size(predict_model_size(result.model, test, device=settings.device), test)

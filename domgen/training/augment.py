@@ -5,6 +5,8 @@ import albumentations as A
 import cv2
 import numpy as np
 
+from domgen.training import dg_augment
+
 
 def _enshaei() -> list:
     # zoom, shift, shear and flip (Enshaei et al., section II); also used when retraining on pseudo-labels
@@ -24,7 +26,9 @@ def _bizopoulos() -> list:
     ]
 
 
-AUGMENTATIONS = {"none": list, "enshaei": _enshaei, "bizopoulos": _bizopoulos}
+AUGMENTATIONS = {"none": list, "enshaei": _enshaei, "bizopoulos": _bizopoulos,
+                 # domain generalisation (domgen compare): BigAug (Zhang et al. 2020) and GIN (Ouyang et al. 2022)
+                 "bigaug": dg_augment.bigaug, "gin": dg_augment.gin}
 
 
 def build_augmentation(name: str, seed: int) -> A.Compose | None:
