@@ -7,7 +7,7 @@ import torch
 from scipy import stats
 
 from domgen.errors import DomgenError
-from domgen.training.augment import build_augmentation
+from domgen.training.augment import build_augmentation, seed_augmentation
 from domgen.training.device_augment import RECIPES, DeviceBatches, DeviceSlices, affine_matrices, recipe, warp
 from tests.test_trainer import tiny_slices
 
@@ -17,7 +17,7 @@ def albumentations_matrix(name: str, seed: int, height: int, width: int, image=N
     order applied), and its outputs; an independent account of what the CPU pipeline does."""
     transform = build_augmentation(name, 0)
     transform.save_applied_params = True
-    transform.set_random_seed(seed)
+    seed_augmentation(transform, seed)  # as SliceDataset seeds it for one slice
     image = np.zeros((height, width), np.float32) if image is None else image
     mask = np.zeros((height, width), np.uint8) if mask is None else mask
     out = transform(image=image, mask=mask)
@@ -67,8 +67,8 @@ def test_drawn_transforms_have_albumentations_distribution(name):
             p = stats.ks_2samp(cpu[:, i, j], dev[:, i, j]).pvalue
             assert p > 1e-3, f"{name}: matrix entry ({i}, {j}) differs (KS p {p:.2g})"
     identity = lambda m: np.mean(np.all(np.abs(m - np.eye(3)) < 1e-9, axis=(1, 2)))
-    assert abs(identity(cpu) - identity(dev)) < 0.05  # enshaei: 0.3 (one draw decides both steps); bizopoulos: never
-    # mirror images (negative determinant): none in bizopoulos, whose two flips are always applied together
+    assert abs(identity(cpu) - identity(dev)) < 0.05  # enshaei: 0.3 x 0.5 (independent steps); bizopoulos: never
+    # mirror images (negative determinant): half of bizopoulos's (one flip of two), half of enshaei's
     mirrored = lambda m: np.mean(np.linalg.det(m[:, :2, :2]) < 0)
     assert abs(mirrored(cpu) - mirrored(dev)) < 0.05
 
@@ -99,3 +99,14 @@ def test_a_slice_transform_depends_on_seed_epoch_and_index_only():
 def test_an_augmentation_without_device_version_is_one_sentence():
     with pytest.raises(DomgenError, match="train.device_data"):
         recipe("mixup")
+
+
+def test_a_mirror_image_is_as_likely_as_the_recipes_say():
+    """Bizopoulos: two independent flips at p = 0.5 mirror half the slices; Enshaei: one flip at p = 0.5 (the affine
+    keeps orientation), half as well: a hand count, not a comparison of the two pipelines."""
+    n, size = 2000, 24
+    for name in ("bizopoulos", "enshaei"):
+        dev = affine_matrices(RECIPES[name], n, size, size, torch.Generator().manual_seed(2), "cpu").numpy()
+        cpu = np.stack([albumentations_matrix(name, seed, size, size)[0] for seed in range(n)])
+        for m in (dev, cpu):
+            assert abs(np.mean(np.linalg.det(m[:, :2, :2]) < 0) - 0.5) < 0.05, name

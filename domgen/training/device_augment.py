@@ -4,7 +4,7 @@ At the paper's batch of 2 a GPU waits for the DataLoader, albumentations and the
 with ``train.device_data`` the training and validation slices are copied once, and each batch is flipped, rotated and
 scaled with one ``grid_sample`` on the device. The transforms have the same distribution as ``augment.py``'s
 albumentations recipes as ``SliceDataset`` runs them (the same parameter ranges, probabilities, order, centre and zero
-border, and the same coupled apply decisions: the test compares the two), not the same numbers: the streams differ. A slice's parameters in an epoch are drawn for all slices
+border, and independent apply decisions per step: the test compares the two), not the same numbers: the streams differ. A slice's parameters in an epoch are drawn for all slices
 at once, in index order, from a generator seeded by (seed, epoch), so they depend on (seed, epoch, index) alone and
 never on the batch order; the shuffled order has its own (seed, epoch) stream.
 """
@@ -61,11 +61,9 @@ def affine_matrices(r: Recipe, n: int, height: int, width: int, generator: torch
     eye = torch.eye(3, dtype=torch.float64, device=device).expand(n, 3, 3)
     total = eye.clone()
     cx, cy = width / 2 - 0.5, height / 2 - 0.5  # albumentations' centre of rotation and scale
-    # one draw decides every step, as in augment.py: SliceDataset reseeds the Compose per slice and albumentations gives
-    # each transform the same seed, so their first draws (the p checks) are equal; the flips go together, never a mirror
-    decide = torch.rand(n, generator=generator, device=device, dtype=torch.float64)
     for step, p in r.steps:
-        applied = decide < p
+        # each step decides on its own draw, as augment.py's seed_augmentation gives every transform its own seed
+        applied = torch.rand(n, generator=generator, device=device, dtype=torch.float64) < p
         m = eye.clone()
         if step == "hflip":
             m[:, 0, 0], m[:, 0, 2] = -1.0, width - 1.0
