@@ -364,6 +364,7 @@ SETTINGS: list[Setting] = [
 # ------------------------------------------------------------ compare (issue 20): leave-one-out's settings plus the method axis
 COMPARE = "compare"
 _NOT_IN_COMPARE = ("source", "splits_file", "init_checkpoint", "init_run")  # compare names its sources and start itself
+_COMPARE_FLAGS = ("--targets", "--folds", "--seed", "--device", "--suite", "--lung-mask", "--lungmask-weights", "--encoder-weights")
 
 
 def _dg_methods():
@@ -374,7 +375,9 @@ def _dg_methods():
 def _compare_rows() -> list[Setting]:
     from dataclasses import replace as copy_row
 
-    shared = [copy_row(s, families=(COMPARE,)) for s in SETTINGS if LOO in s.families and s.key not in _NOT_IN_COMPARE]
+    # leave-one-out's rows; a flag `domgen compare` does not take is left out, so its errors say --set KEY instead
+    shared = [copy_row(s, families=(COMPARE,), flag=s.flag if s.flag in _COMPARE_FLAGS else None)
+              for s in SETTINGS if LOO in s.families and s.key not in _NOT_IN_COMPARE]
     return shared + [
         S("sources", "names", None, (COMPARE,), "source dataset(s); several: pooled, leave-one-domain-out", flag="--sources"),
         S("methods", "names", None, (COMPARE,), "methods (domgen.methods.dg.METHODS); TEST@TRAIN adapts TRAIN's model, "

@@ -67,6 +67,9 @@ BAD_FLAGS = [
     (["report", "--experiment", "nope"], "--experiment"),
     (["report", "--paper-table", "{file}"], "--paper-table"),
     (["report", "--experiment", "domgen-benchmark", "--against-paper", "--paper-table", "missing.csv"], "--paper-table"),
+    (["compare", "--sources", "A", "--methods", "nope"], "--methods"),
+    (["compare", "--sources", "A", "--methods", "erm", "--selection", "best"], "--selection"),
+    (["compare", "--sources", "A", "--methods", "erm", "--seeds", "0"], "--seeds"),
     (["ui", "--port", "0"], "--port"),
     (["ui", "--port", "70000"], "--port"),
 ]

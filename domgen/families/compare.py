@@ -219,6 +219,10 @@ def run_compare(cfg: dict, progress: bool = True) -> str:
     """Run (or resume) the comparison; returns the parent run id. Every input is checked before any run exists."""
     if cfg.get("selection") not in SELECTIONS:
         raise DomgenError(f"--selection {cfg.get('selection')} is unknown; use one of {', '.join(SELECTIONS)}")
+    for text in cfg.get("methods") or ["erm"]:  # unknown names before the suite is read (or generated)
+        test, _, trained = text.rpartition("@")
+        for name in filter(None, (test, trained.partition("+")[0])):
+            get_method(name)
     suite = load_suite(cfg["suite"])
     sources, targets = dataset_lists(cfg, suite)
     specs = parse_methods(list(cfg.get("methods") or ["erm"]), cfg, sources)
