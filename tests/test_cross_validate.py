@@ -152,7 +152,7 @@ def test_report_rebuilds_the_tables(tiny_round, tmp_path):
 
 def test_tables_carry_each_fold_model_on_the_external_set_and_label_the_ensemble(tiny_round):
     """The paper's external figures are its fold models'; the ensemble is domgen's addition and says so in every table."""
-    from domgen.tracking.cross_validate_report import ablation_table, cross_validate_tables
+    from domgen.reports.cross_validate_report import ablation_table, cross_validate_tables
 
     runs = _runs(tiny_round["uri"])
     parent = next(r for r in runs if r.data.tags["domgen.role"] == "round").info.run_id

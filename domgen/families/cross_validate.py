@@ -30,14 +30,12 @@ from domgen.data.registry import load_suite
 from domgen.errors import DomgenError
 from domgen.evaluation.metrics import EMPTY_CONVENTIONS
 from domgen.evaluation.volume_metrics import volume_metrics
-from domgen.families import units
+from domgen.families import log_round_tables, units
 from domgen.families.common import load_volumes
 from domgen.models.unet3d import build_model_3d, load_checkpoint_3d, save_checkpoint_3d
 from domgen.preprocessing.splits import kfold_splits, write_splits
 from domgen.preprocessing.volume import Volume, VolumePreprocessing, case_affine, to_case_grid, to_zyx
 from domgen.tracking import mlflow_store as store
-from domgen.tracking.cross_validate_report import cross_validate_tables
-from domgen.tracking.report import log_tables
 from domgen.training.volume_trainer import VolumeTrainSettings, check_patch_fits, predict_volume, train_volumes
 
 FAMILY = "cross-validate"
@@ -226,7 +224,7 @@ def evaluate_ensemble(r: Round, folds: list[dict]) -> None:
 
 
 def run_cross_validate(cfg: dict, progress: bool = True, runner=None) -> str:
-    """Run (or resume) one round; returns the parent run id. Tables: ``domgen.tracking.cross_validate_report``.
+    """Run (or resume) one round; returns the parent run id. Tables: ``domgen.reports.cross_validate_report``.
 
     ``runner`` (``domgen.executors.get_executor``): where the folds run (``domgen.families.units``)."""
     # the ablation grid does not define a round: a round of the grid is the same run as the plain command
@@ -262,7 +260,7 @@ def _run_round(cfg: dict, exp_id: str, h: str, settings: Settings, suite, source
         units.run_units(runner, fold_unit, [{"name": f"fold {fold['fold']}", "fold": fold} for fold in folds],
                         shared=units.for_units(runner, r), what="fold", progress=progress)
         evaluate_ensemble(r, folds)
-        log_tables(parent_id, cross_validate_tables(parent_id))
+        log_round_tables(FAMILY, parent_id)
     return parent_id
 
 

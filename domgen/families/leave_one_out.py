@@ -21,7 +21,7 @@ import click
 import numpy as np
 import pandas as pd
 
-from domgen.families import common, units
+from domgen.families import common, log_round_tables, units
 from domgen.families.common import CHECKPOINT, check_split_patients, checkpoint_of_run, trained_patients, file_digest, hashed_view, prepare_dataset, with_content_digests
 from domgen.data.registry import load_cases, load_suite
 from domgen.errors import DomgenError
@@ -36,8 +36,7 @@ from domgen.preprocessing.slices import SlicePreprocessing, SliceSet
 from domgen.preprocessing.splits import kfold_splits, read_splits, train_val_test_split, write_splits
 from domgen.tracking import mlflow_store as store
 from domgen.models.checkpoint import load_checkpoint, save_checkpoint
-from domgen.tracking.artifacts import log_evaluation_artifacts
-from domgen.tracking.report import leave_one_out_tables, log_tables
+from domgen.evaluation.artifacts import log_evaluation_artifacts
 from domgen.training.trainer import TrainSettings, predict_model_size, seed_everything, to_original_size, train
 
 FAMILY = "leave-one-out"
@@ -438,7 +437,7 @@ def run_round(cfg: dict, suite, prepared: dict[str, SliceSet], pre: SlicePreproc
         # the folds are independent: one unit each, in this process or in the executor's workers
         units.run_units(runner, fold_unit, [{"name": f"fold {fold['fold']}", "fold": fold} for fold in splits],
                         shared=units.for_units(runner, r), what="fold", progress=progress)
-        log_tables(parent_id, leave_one_out_tables(parent_id))
+        log_round_tables(FAMILY, parent_id)
     return parent_id
 
 
@@ -499,7 +498,7 @@ def _run_rounds(cfg: dict, rounds: list[dict], sources: list[str], suite, prepar
         for rc in rounds:
             round_ids.append(run_round(rc, suite, prepared, pre, progress, experiment_id=parent_id, runner=runner))
             store.set_tag(parent_id, "domgen.rounds", json.dumps(round_ids))
-        log_tables(parent_id, leave_one_out_tables(parent_id))
+        log_round_tables(FAMILY, parent_id)
     return parent_id
 
 
