@@ -213,7 +213,7 @@ def test_cli_errors_are_one_sentence_and_leave_no_run(tiny_suite, error_store, e
 def test_volume_without_slice_spacing_is_refused(tmp_path, error_store):
     from domgen.data.case import Case
     from domgen.data.readers import WRITERS
-    from domgen.data.registry import DatasetSpec
+    from domgen.data.spec import DatasetSpec
 
     for name, spacing in (("V", 2.0), ("W", None)):
         spec = DatasetSpec(name=name, format="nifti", root=tmp_path / name, images="images", lesions="labels", lungs="lungs")
