@@ -1,8 +1,7 @@
 """The dataset registry: a suite YAML file names datasets and says how each is stored on disk.
 
-Layouts (``nifti`` | ``dicom`` | ``slices``) are described in ``domgen.data.readers``, the suite types in
-``domgen.data.spec``; this module
-parses and validates the suite file and hands each dataset's :class:`DatasetSpec` to the readers.
+Layouts (``nifti`` | ``dicom`` | ``slices``) are described in ``domgen.data.readers``, the suite types and the
+suite-file parser in ``domgen.data.spec``; this module finds a suite and hands each :class:`DatasetSpec` to the readers.
 """
 from __future__ import annotations
 
