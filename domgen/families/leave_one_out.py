@@ -502,8 +502,15 @@ def _run_rounds(cfg: dict, rounds: list[dict], sources: list[str], suite, prepar
     return parent_id
 
 
-def _pseudolabel_round(checkpoint: Path, target: str, pseudolabel: dict, suite: str | None, device: str | None, progress: bool):
-    """(round, fold, model, cutoff, in-domain CI limit, start digest, suite) for a select-retrain step from a checkpoint."""
+def round_from_checkpoint(checkpoint: Path, target: str, pseudolabel: dict, suite: str | None, device: str | None, progress: bool):
+    """A leave-one-out fold rebuilt from its checkpoint, for the steps that start from a trained fold model
+    (``run_pseudolabel`` here, ``domgen confidence``).
+
+    Returns (round, fold, model, cutoff, in-domain CI limit, start digest, suite): the round holds the source and
+    ``target`` slices prepared as the fold's config says, with ``pseudolabel`` settings (None values: the
+    checkpoint's) and ``suite`` / ``device`` (None: the checkpoint's) laid over its config; the start digest is the
+    checkpoint's SHA-256, which enters the identity of every run made from it. Raises ``DomgenError`` for a
+    checkpoint that `domgen leave-one-out` did not write or a ``target`` not in the suite."""
     _, ckpt = load_checkpoint(checkpoint)
     if "config" not in ckpt or "fold" not in ckpt:
         raise DomgenError(f"checkpoint {checkpoint} does not record its config and fold; use a checkpoint written by `domgen leave-one-out`")
@@ -530,7 +537,7 @@ def run_pseudolabel(checkpoint: Path, target: str, pseudolabel: dict, suite: str
     The runs are identified by the checkpoint's contents as well as the config, so another starting model
     with the same config is new work, not a cached result. ``export_dir``: write the selected slices for a
     radiologist's review and stop; ``reviewed_dir``: retrain on the reviewed masks instead of the predictions."""
-    r, fold, model, cutoff, limit, start, loaded = _pseudolabel_round(checkpoint, target, pseudolabel, suite, device, progress)
+    r, fold, model, cutoff, limit, start, loaded = round_from_checkpoint(checkpoint, target, pseudolabel, suite, device, progress)
     if export_dir is not None:
         from domgen.methods.review import export_for_review
 
