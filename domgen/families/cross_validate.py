@@ -32,7 +32,8 @@ from domgen.evaluation.metrics import EMPTY_CONVENTIONS
 from domgen.evaluation.volume_metrics import volume_metrics
 from domgen.families import log_round_tables, units
 from domgen.families.common import load_volumes
-from domgen.models.unet3d import build_model_3d, load_checkpoint_3d, save_checkpoint_3d
+from domgen.models.checkpoint import load_checkpoint, save_checkpoint
+from domgen.models.unet3d import build_model_3d
 from domgen.preprocessing.splits import kfold_splits, write_splits
 from domgen.preprocessing.volume import Volume, VolumePreprocessing, case_affine, to_case_grid, to_zyx
 from domgen.tracking import mlflow_store as store
@@ -185,7 +186,7 @@ def train_fold(r: Round, fold: dict) -> None:
         store.log_metrics(run.info.run_id, {**metrics, "epochs_run": result.epochs_run, "seconds_per_iteration": result.seconds_per_iteration,
                                             "n_train_volumes": len(train_set), "final_loss": result.history[-1]["loss"]})
         log_set_results(run.info.run_id, rows, tmp)
-        store.log_artifact_file(run.info.run_id, save_checkpoint_3d(tmp / "checkpoint.pt", result.model, fold=fold), "model")
+        store.log_artifact_file(run.info.run_id, save_checkpoint(tmp / "checkpoint.pt", result.model, fold=fold), "model")
 
 
 def fold_unit(job: dict, r: Round) -> None:
@@ -197,7 +198,7 @@ def fold_probabilities(r: Round, k: int) -> list[np.ndarray]:
     if k not in r.external_probs:
         run = store.find_run(r.exp_id, child_hash(r.cfg, fold=k, role="fold"))
         with store.artifact_dir() as tmp:
-            model = load_checkpoint_3d(store.download_artifact(run.info.run_id, CHECKPOINT, tmp))
+            model = load_checkpoint(store.download_artifact(run.info.run_id, CHECKPOINT, tmp), dims=3)[0]
         s = r.settings
         r.external_probs[k] = [to_case_grid(predict_volume(model, v, s.train.patch_size, s.overlap, s.sw_batch_size, s.train.device), v)
                                for v in r.external]

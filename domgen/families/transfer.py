@@ -43,7 +43,7 @@ from domgen.preprocessing.slices import SlicePreprocessing, SliceSet
 from domgen.preprocessing.splits import inverse_kfold_splits, read_splits, train_val_test_split, write_splits
 from domgen.tracking import mlflow_store as store
 from domgen.models.checkpoint import load_checkpoint, save_checkpoint
-from domgen.models.unet3d import build_model_3d, load_checkpoint_3d, save_checkpoint_3d
+from domgen.models.unet3d import build_model_3d
 from domgen.preprocessing.volume import LESION, Volume, VolumePreprocessing, case_affine, to_case_grid
 from domgen.evaluation.artifacts import log_evaluation_artifacts
 from domgen.training.trainer import TrainSettings, predict_model_size, seed_everything, to_original_size, train
@@ -221,7 +221,7 @@ class TransferRound:
         if name not in self.pretrained:
             with store.artifact_dir() as tmp:
                 path = checkpoint_of_run(self.pretrain_runs[name], tmp)
-                self.pretrained[name] = load_checkpoint_3d(path) if dims(self.cfg) == 3 else load_checkpoint(path)[0]
+                self.pretrained[name] = load_checkpoint(path, dims=dims(self.cfg))[0]
         return self.pretrained[name]
 
 
@@ -354,7 +354,7 @@ def pretrain_volumes(exp_id: str, suite, cfg: dict, name: str, datasets: list[st
                                                    "protocol": "every patient of each pretraining dataset trains (3D)"})
         store.log_artifact_file(run.info.run_id, tmp / "splits.json")
         log_train_patients(run.info.run_id, {d: [v.patient_id for v in parts[d]] for d in datasets}, None, tmp)
-        store.log_artifact_file(run.info.run_id, save_checkpoint_3d(tmp / "checkpoint.pt", result.model, pretrain=name,
+        store.log_artifact_file(run.info.run_id, save_checkpoint(tmp / "checkpoint.pt", result.model, pretrain=name,
                                                                     datasets=datasets), "model")
     return run.info.run_id
 
@@ -383,7 +383,7 @@ def run_strategy_volumes(r: TransferRound, fold: dict, strategy: str, pretrain_n
         store.log_artifact_file(run_id, tmp / "per_case.csv")
         log_train_patients(run_id, {cfg["target"]: [*fold["train"], *fold["val"]]}, r.pretrain_runs.get(pretrain_name), tmp)
         if strategy in names_of(cfg.get("keep_checkpoints") or []):
-            store.log_artifact_file(run_id, save_checkpoint_3d(tmp / "checkpoint.pt", result.model, cutoff=cutoff, strategy=strategy,
+            store.log_artifact_file(run_id, save_checkpoint(tmp / "checkpoint.pt", result.model, cutoff=cutoff, strategy=strategy,
                                                                pretrain=pretrain_name, fold=fold), "model")
 
 
