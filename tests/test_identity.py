@@ -2,7 +2,7 @@
 so a refactor that changes a single value (and would orphan every finished MLflow run) fails here."""
 import hashlib
 
-from domgen.config import config_hash
+from domgen.tracking.identity import config_hash
 from domgen.families import common, cross_validate, leave_one_out
 from domgen.preprocessing.splits import inverse_kfold_splits, kfold_splits
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from domgen import interrupts, settings
-from domgen.config import config_hash
+from domgen.tracking.identity import config_hash
 from domgen.data.registry import load_cases, load_suite
 from domgen.errors import DomgenError
 from domgen.evaluation.evaluate import EvaluationSettings, evaluate

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from domgen.config import config_hash
+from domgen.tracking.identity import config_hash
 from domgen.errors import DomgenError
 from domgen.evaluation.calibration import (calibration_errors, reliability_bins, reliability_plot, scale_probabilities,
                                            scaled_cutoff)

@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 from mlflow.tracking import MlflowClient
 
-from domgen.config import config_hash
+from domgen.tracking.identity import child_hash, config_hash
 from domgen.data.registry import load_suite
 from domgen.errors import DomgenError
 from domgen.evaluation.metrics import EMPTY_CONVENTIONS
@@ -43,10 +43,6 @@ FAMILY = "cross-validate"
 EXPERIMENT = "domgen-cross-validate"
 CHECKPOINT = "model/checkpoint.pt"
 VALIDATION, EXTERNAL = "validation", "external"
-
-
-def child_hash(cfg: dict, **identity) -> str:
-    return config_hash({"config": cfg, **identity})
 
 
 @dataclass

@@ -28,7 +28,7 @@ import pandas as pd
 from torch import nn
 
 from domgen import settings
-from domgen.config import config_hash
+from domgen.tracking.identity import config_hash
 from domgen.data.registry import load_suite
 from domgen.errors import DomgenError
 from domgen.evaluation.evaluate import EvaluationSettings, case_summary, evaluate, per_case_metrics
