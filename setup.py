@@ -30,7 +30,7 @@ setup(
     extras_require={
         "ray": ["ray[default]>=2.9"],
         "export": ["onnx>=1.15"],
-        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "import-linter>=2.1"],
     },
     entry_points={"console_scripts": ["domgen=domgen.cli:main"]},
 )

@@ -29,9 +29,9 @@ STAGES = [
     ("metrics (evaluate)", "domgen/evaluation/evaluate.py", "evaluate"),
     ("  of which MONAI surface metrics", "domgen/evaluation/metrics.py", "surface_metrics"),
     ("CI ranking", "domgen/methods/certainty.py", "ci_ranking"),
-    ("overlays (matplotlib)", "domgen/tracking/artifacts.py", "overlay_figure"),
-    ("prediction NIfTI", "domgen/tracking/artifacts.py", "write_prediction_niftis"),
-    ("checkpoints", "domgen/tracking/artifacts.py", "save_checkpoint"),
+    ("overlays (matplotlib)", "domgen/evaluation/artifacts.py", "overlay_figure"),
+    ("prediction NIfTI", "domgen/evaluation/artifacts.py", "write_prediction_niftis"),
+    ("checkpoints", "domgen/evaluation/artifacts.py", "save_checkpoint"),
     ("MLflow: metrics", "domgen/tracking/mlflow_store.py", "log_metrics"),
     ("MLflow: artifacts", "domgen/tracking/mlflow_store.py", "log_artifact_file"),
     ("MLflow: artifacts", "mlflow/tracking/client.py", "log_artifacts"),
@@ -41,7 +41,7 @@ STAGES = [
     ("MLflow: runs (start/find/end)", "mlflow/tracking/fluent.py", "start_run"),
     ("MLflow: runs (start/find/end)", "mlflow/tracking/fluent.py", "end_run"),
     ("MLflow: runs (start/find/end)", "domgen/tracking/mlflow_store.py", "log_config"),
-    ("tables (report)", "domgen/tracking/report.py", "leave_one_out_tables"),
+    ("tables (report)", "domgen/reports/report.py", "leave_one_out_tables"),
 ]
 
 

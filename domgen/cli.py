@@ -344,7 +344,7 @@ def leave_one_out(source, targets, folds, ci_min, ci_rule, ci_quantile, min_pixe
                                                                  select_by, seeds).items()}})
     from domgen.families.leave_one_out import EXPERIMENT, run_leave_one_out
     from domgen.tracking import mlflow_store as store
-    from domgen.tracking.report import leave_one_out_tables, to_markdown
+    from domgen.reports.report import leave_one_out_tables, to_markdown
 
     if init_run:
         if cfg.get("init_checkpoint"):
@@ -389,7 +389,7 @@ def compare(sources, targets, methods, seeds, folds, selection, init_run, suite,
         "init_run": init_run, "suite": suite, "seed": seed, "device": device, "model.encoder_weights": encoder_weights,
         "preprocessing.lung_mask": lung_mask, "preprocessing.lungmask_weights": lungmask_weights})
     from domgen.families.compare import EXPERIMENT, compare_tables, run_compare, selection_label
-    from domgen.tracking.report import to_markdown
+    from domgen.tracking.tables import to_markdown
 
     _threads(cfg["device"])
     uri = _tracking(tracking_uri)
@@ -481,7 +481,7 @@ def confidence(target, run_id, checkpoint, top_k, suite, device, tracking_uri, q
     from domgen.families.confidence import EXPERIMENT, confidence_tables, run_confidence
     from domgen.families.leave_one_out import checkpoint_of_run
     from domgen.tracking import mlflow_store as store
-    from domgen.tracking.report import to_markdown
+    from domgen.reports.report import to_markdown
 
     if (run_id is None) == (checkpoint is None):
         raise DomgenError("give exactly one of --run-id and --checkpoint")
@@ -544,8 +544,8 @@ def transfer(target, pretrain, strategy, folds, arch, encoder, splits_file, dims
             raise DomgenError(f"{', '.join(given)} set the 2D model and slices; with --dims 3 the 3D U-Net and its volumes come "
                               "from the profile's volume section (--set volume.model.features=..., volume.preprocessing.*)")
     from domgen.families.transfer import EXPERIMENT, check_inputs, run_transfer
-    from domgen.tracking.report import to_markdown
-    from domgen.tracking.transfer_report import transfer_tables
+    from domgen.reports.report import to_markdown
+    from domgen.reports.transfer_report import transfer_tables
 
     check_inputs(cfg)
     runner = _runner(executor, workers, address, gpus_per_trial, cfg)
@@ -574,13 +574,13 @@ def transfer(target, pretrain, strategy, folds, arch, encoder, splits_file, dims
 def report(experiment, run_id, out, tracking_uri, compare, against_paper, paper_table):
     """Rebuild the paper's tables from MLflow alone; writes Markdown, CSV and LaTeX (benchmark: also figures)."""
     from domgen.families import family_of_experiment
-    from domgen.tracking.report import to_markdown, write_tables
+    from domgen.reports.report import to_markdown, write_tables
 
     _check_flags("report", experiment=experiment)
     if paper_table is not None and not against_paper:
         raise DomgenError("--paper-table is read only with --against-paper; add --against-paper")
     if against_paper:
-        from domgen.tracking.benchmark_report import EXPERIMENT, against_paper_report, load_paper_table
+        from domgen.reports.benchmark_report import EXPERIMENT, against_paper_report, load_paper_table
 
         if compare:
             raise DomgenError("give at most one of --compare and --against-paper")
@@ -598,7 +598,7 @@ def report(experiment, run_id, out, tracking_uri, compare, against_paper, paper_
     family = None if compare else family_of_experiment(experiment)
     _tracking(tracking_uri, existing=True)
     if compare:
-        from domgen.tracking.transfer_report import comparison_table
+        from domgen.reports.transfer_report import comparison_table
 
         table = comparison_table(run_id)
         paths = write_tables({"comparison": table}, out / "comparison")
@@ -792,8 +792,8 @@ def cross_validate(source, external, folds, sampler, ablation, suite, profile, s
         raise DomgenError("--lungmask-weights is not used by cross-validate; lung masks come from --lung-mask (reference or threshold)")
     from domgen.families.cross_validate import EXPERIMENT, run_ablation, run_cross_validate
     from domgen.tracking import mlflow_store as store
-    from domgen.tracking.cross_validate_report import ablation_table, cross_validate_tables
-    from domgen.tracking.report import to_markdown
+    from domgen.reports.cross_validate_report import ablation_table, cross_validate_tables
+    from domgen.reports.report import to_markdown
 
     runner = _runner(executor, workers, address, gpus_per_trial, cfg)
     _threads(cfg["device"])

@@ -1,12 +1,11 @@
 """Experiment configs: YAML profiles in ``experiments/<family>/<profile>.yaml`` plus CLI overrides.
 
-A run is identified by the hash of its resolved config, which is also its MLflow tag
-``domgen.config_hash``, so re-running a command finds finished runs instead of repeating them.
+A run is identified by the hash of its resolved config (``domgen.tracking.identity``), which is also its MLflow
+tag ``domgen.config_hash``, so re-running a command finds finished runs instead of repeating them.
 """
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -66,20 +65,6 @@ def apply_overrides(cfg: dict, overrides: list[str] | tuple[str, ...] = (), **fl
         if value is not None:
             set_path(out, key, value)
     return out
-
-
-# Bumped when domgen computes other numbers from an unchanged config, so finished runs of the older computation are
-# not found again (and mixed into a resumed round). 2: a slice's augmentation is drawn from (seed, epoch, index).
-# 3: Bizopoulos et al.'s Eq. 1 loss and Eq. 4 Dice take eps in the denominator only (it was in the numerator too).
-# 4: each transform of a slice's augmentation draws from its own seed (albumentations gave them all one seed, so
-#    their draws coincided: Bizopoulos's two flips always together, Enshaei's flip only with the affine).
-RESULTS_VERSION = 4
-
-
-def config_hash(cfg: dict) -> str:
-    """Short, stable hash of a resolved config (key order does not matter) and of ``RESULTS_VERSION``."""
-    blob = json.dumps({"config": cfg, "results_version": RESULTS_VERSION}, sort_keys=True, default=str, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def flatten(cfg: dict, prefix: str = "") -> dict[str, str]:

@@ -10,6 +10,7 @@ transfer strategies) are read from that registry when checked, so the table neve
 """
 from __future__ import annotations
 
+import importlib
 import math
 import os
 from dataclasses import dataclass, fields
@@ -27,54 +28,41 @@ CONFIDENCE, REPORT, EXPORT, GENERATE, UI = "confidence", "report", "export", "ge
 
 
 # ---------------------------------------------------------------- registries read when checked
-def _losses():
-    from domgen.training.trainer import LOSSES
-    return list(LOSSES)
+def _registry(target: str):
+    """``module:attribute`` of a registry above settings: the object, imported only when a value is checked.
+    Named by string so settings (the floor every layer reads) never imports a layer above it."""
+    module, attribute = target.split(":")
+    return getattr(importlib.import_module(module), attribute)
 
 
-def _augmentations():
-    from domgen.training.augment import AUGMENTATIONS
-    return list(AUGMENTATIONS)
+def _names(target: str) -> Callable[[], list[str]]:
+    """The names of the registry at ``target`` (a dict, or a function returning names), read when checked."""
+    def names() -> list[str]:
+        found = _registry(target)
+        return list(found() if callable(found) else found)
+    return names
 
 
-def _normalisations():
-    from domgen.preprocessing.intensity import NORMALISATIONS
-    return list(NORMALISATIONS)
+_losses = _names("domgen.training.trainer:LOSSES")
+_augmentations = _names("domgen.training.augment:AUGMENTATIONS")
+_normalisations = _names("domgen.preprocessing.intensity:NORMALISATIONS")
+_lung_masks = _names("domgen.preprocessing.lung_mask:LUNG_MASK_PROVIDERS")
+_architectures = _names("domgen.models:ARCHITECTURES")
+_encoders = _names("domgen.models:encoder_names")
+_empty_conventions = _names("domgen.evaluation.metrics:EMPTY_CONVENTIONS")
+_strategies = _names("domgen.methods.transfer:STRATEGIES")
+_mixes = _names("domgen.methods.pseudolabel:MIXES")
+_confidence_scores = _names("domgen.methods.confidence:CONFIDENCE_SCORES")
 
-
-def _lung_masks():
-    from domgen.preprocessing.lung_mask import LUNG_MASK_PROVIDERS
-    return list(LUNG_MASK_PROVIDERS)
-
-
-def _architectures():
-    from domgen.models import ARCHITECTURES
-    return list(ARCHITECTURES)
-
-
-def _encoders():
-    from domgen.models import encoder_names
-    return encoder_names()
-
-
-def _empty_conventions():
-    from domgen.evaluation.metrics import EMPTY_CONVENTIONS
-    return list(EMPTY_CONVENTIONS)
-
-
-def _strategies():
-    from domgen.methods.transfer import STRATEGIES
-    return list(STRATEGIES)
-
-
-def _mixes():
-    from domgen.methods.pseudolabel import MIXES
-    return list(MIXES)
-
-
-def _confidence_scores():
-    from domgen.methods.confidence import CONFIDENCE_SCORES
-    return list(CONFIDENCE_SCORES)
+# the benchmark grid's experiments: what each segments and whether the input is multiplied by the lung mask
+# (Bizopoulos et al.); here, below the family, because the settings check ``grid.experiments`` against them
+BENCHMARK_EXPERIMENTS: dict[str, dict] = {
+    "lung": {"target": "lung", "mask_to_lung": False},
+    "lesion-a": {"target": "lesion", "mask_to_lung": False},
+    "lesion-b": {"target": "lesion", "mask_to_lung": True},
+}
+# grid value -> build_model's encoder_weights
+BENCHMARK_WEIGHTS = {"random": "none", "imagenet": "imagenet"}
 
 
 def _experiments():
@@ -88,13 +76,11 @@ def _export_formats():
 
 
 def _benchmark_experiments():
-    from domgen.families.benchmark import EXPERIMENTS
-    return list(EXPERIMENTS)
+    return list(BENCHMARK_EXPERIMENTS)
 
 
 def _benchmark_weights():
-    from domgen.families.benchmark import WEIGHTS
-    return list(WEIGHTS)
+    return list(BENCHMARK_WEIGHTS)
 
 
 @dataclass(frozen=True)
@@ -521,9 +507,7 @@ def _set(cfg: dict, dotted: str, value) -> None:
 def required_multiple(arch: str) -> int:
     """The factor the image side must be a multiple of for ``arch``, as smp checks it: 2 ** encoder depth (the
     output stride) for models with ``requires_divisible_input_shape``, 1 for those that resize their skips (Unet)."""
-    from domgen.models import ARCHITECTURES
-
-    cls, params = ARCHITECTURES[arch]
+    cls, params = _registry("domgen.models:ARCHITECTURES")[arch]
     if not getattr(cls, "requires_divisible_input_shape", True):
         return 1
     return 2 ** int(params.get("encoder_depth", 5))
@@ -603,11 +587,10 @@ def validate(cfg: dict) -> dict:
     for setting, dotted, value in sorted(checks, key=lambda c: callable(c[0].choices)):
         _set(cfg, dotted, check_value(setting, value))
     if family == TRANSFER and isinstance(cfg.get("strategy_train"), dict):
-        from domgen.methods.transfer import STRATEGIES
-
+        strategies = _strategies()
         for strategy, section in cfg["strategy_train"].items():
-            if strategy not in STRATEGIES or not isinstance(section, dict):
-                raise DomgenError(f"strategy_train.{strategy} must be a transfer strategy ({', '.join(STRATEGIES)}) mapped to train.* "
+            if strategy not in strategies or not isinstance(section, dict):
+                raise DomgenError(f"strategy_train.{strategy} must be a transfer strategy ({', '.join(strategies)}) mapped to train.* "
                                   "settings, e.g. {continual: {lr: 0.01, schedule: poly}}")
             for key, value in section.items():
                 setting = TABLE.get((TRANSFER, f"train.{key}"))

@@ -239,7 +239,7 @@ def test_per_epoch_times_are_one_value_per_epoch_and_their_mean_has_its_own_key(
 
 
 def test_report_defaults_to_the_newest_finished_sweep(finished_sweep):
-    from domgen.tracking.benchmark_report import sweep_parent
+    from domgen.reports.benchmark_report import sweep_parent
 
     uri, cfg, result = finished_sweep
     store.configure(uri)

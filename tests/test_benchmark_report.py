@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from domgen.cli import main
 from domgen.errors import DomgenError
-from domgen.tracking import benchmark_report as br
+from domgen.reports import benchmark_report as br
 from domgen.tracking import mlflow_store as store
 
 # (experiment, arch, encoder, weights, sens, spec, dice); every value chosen for hand arithmetic below

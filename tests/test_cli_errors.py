@@ -249,7 +249,7 @@ def _alive(pid: int) -> bool:
 
 def test_table2_in_domain_row_shows_a_dash_where_it_has_no_change():
     """The in-domain row has no before/after change: its change cells print '-', never 'nan'; the rest is untouched."""
-    from domgen.tracking.report import table2_frame, to_markdown
+    from domgen.reports.report import table2_frame, to_markdown
 
     indomain = {"source": "A", "test set": "A (in-domain)", "DSC before": "0.700", "DSC after": "-", "in-domain DSC after": "-",
                 "CI-DSC Spearman": "0.400", "pseudo-labels": "-", "note": ""}

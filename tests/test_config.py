@@ -1,6 +1,7 @@
 import pytest
 
-from domgen.config import apply_overrides, config_hash, flatten, load_profile
+from domgen.config import apply_overrides, flatten, load_profile
+from domgen.tracking.identity import config_hash
 from domgen.errors import DomgenError
 
 

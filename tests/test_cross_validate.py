@@ -152,7 +152,7 @@ def test_report_rebuilds_the_tables(tiny_round, tmp_path):
 
 def test_tables_carry_each_fold_model_on_the_external_set_and_label_the_ensemble(tiny_round):
     """The paper's external figures are its fold models'; the ensemble is domgen's addition and says so in every table."""
-    from domgen.tracking.cross_validate_report import ablation_table, cross_validate_tables
+    from domgen.reports.cross_validate_report import ablation_table, cross_validate_tables
 
     runs = _runs(tiny_round["uri"])
     parent = next(r for r in runs if r.data.tags["domgen.role"] == "round").info.run_id
@@ -213,7 +213,7 @@ def test_cli_errors_are_one_sentence_and_leave_no_run(tiny_suite, error_store, e
 def test_volume_without_slice_spacing_is_refused(tmp_path, error_store):
     from domgen.data.case import Case
     from domgen.data.readers import WRITERS
-    from domgen.data.registry import DatasetSpec
+    from domgen.data.spec import DatasetSpec
 
     for name, spacing in (("V", 2.0), ("W", None)):
         spec = DatasetSpec(name=name, format="nifti", root=tmp_path / name, images="images", lesions="labels", lungs="lungs")

@@ -12,7 +12,7 @@ import yaml
 
 from domgen.data import fetch as fetch_module
 from domgen.data.fetch import PUBLIC_DATASETS, PublicDataset, RemoteFile, download, fetch
-from domgen.data.registry import parse_suite
+from domgen.data.spec import parse_suite
 from domgen.errors import DomgenError
 
 EXPECTED_KEYS = {

@@ -276,7 +276,7 @@ def test_pseudolabel_from_another_checkpoint_is_new_work(tmp_path, tiny_suite):
 
 
 def test_edited_splits_file_at_the_same_path_is_new_work(tmp_path):
-    from domgen.config import config_hash
+    from domgen.tracking.identity import config_hash
 
     path = tmp_path / "splits.json"
     path.write_text(json.dumps({"folds": [{"fold": 0, "train": ["a"], "val": [], "test": ["b"]}]}))

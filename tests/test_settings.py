@@ -13,7 +13,8 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from domgen import settings
-from domgen.config import EXPERIMENTS_DIR, apply_overrides, config_hash, load_profile
+from domgen.config import EXPERIMENTS_DIR, apply_overrides, load_profile
+from domgen.tracking.identity import config_hash
 from domgen.errors import DomgenError
 from domgen.families import FAMILIES, common
 from domgen.models import ARCHITECTURES, build_model

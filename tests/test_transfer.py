@@ -14,7 +14,7 @@ from domgen.cli import main
 from domgen.errors import DomgenError
 from domgen.evaluation.evaluate import EvaluationSettings, evaluate, per_case_metrics
 from domgen.preprocessing.slices import SliceSet
-from domgen.tracking.transfer_report import volume_note
+from domgen.reports.transfer_report import volume_note
 from domgen.methods.transfer import STRATEGIES, prepare_strategy
 from domgen.models import build_model
 from domgen.models.multi_encoder import MultiEncoderModel
@@ -385,7 +385,7 @@ def test_report_rebuilds_the_transfer_tables(tiny_round, tmp_path):
     result = CliRunner().invoke(main, ["report", "--experiment", "domgen-transfer", "--tracking-uri", tiny_round["uri"],
                                        "--out", str(tmp_path)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    from domgen.tracking.transfer_report import transfer_tables
+    from domgen.reports.transfer_report import transfer_tables
 
     parent = next(r for r in _runs(tiny_round["uri"], "domgen-transfer") if r.data.tags["domgen.role"] == "round")
     tables = transfer_tables(parent.info.run_id)

@@ -11,7 +11,8 @@ from mlflow.tracking import MlflowClient
 
 from domgen.cli import main
 from domgen.models import count_parameters
-from domgen.models.unet3d import MultiEncoderUNet3d, load_checkpoint_3d
+from domgen.models.checkpoint import load_checkpoint
+from domgen.models.unet3d import MultiEncoderUNet3d
 from domgen.tracking import mlflow_store as store
 
 torch.set_num_threads(1)
@@ -40,7 +41,7 @@ def round_3d(tiny_suite, tmp_path_factory):
 
 
 def _checkpoint(run, root):
-    return load_checkpoint_3d(store.download_artifact(run.info.run_id, "model/checkpoint.pt", root / run.info.run_id))
+    return load_checkpoint(store.download_artifact(run.info.run_id, "model/checkpoint.pt", root / run.info.run_id), dims=3)[0]
 
 
 def test_3d_round_has_runs_with_per_case_metrics_and_tables(round_3d):

@@ -11,7 +11,7 @@ import SimpleITK as sitk
 
 from domgen.data.case import Case
 from domgen.data.readers import READERS, WRITERS
-from domgen.data.registry import DatasetSpec
+from domgen.data.spec import DatasetSpec
 
 
 def spec(tmp_path, fmt: str) -> DatasetSpec:

@@ -179,7 +179,8 @@ def test_training_lowers_the_loss_and_is_deterministic():
 
 
 def test_multi_encoder_3d_trains_its_own_encoder_and_decoder_only(tmp_path):
-    from domgen.models.unet3d import MultiEncoderUNet3d, load_checkpoint_3d, save_checkpoint_3d
+    from domgen.models.checkpoint import load_checkpoint, save_checkpoint
+    from domgen.models.unet3d import MultiEncoderUNet3d
 
     torch.manual_seed(0)
     pretrained = build_model_3d({"features": [4, 8, 16]})
@@ -202,7 +203,7 @@ def test_multi_encoder_3d_trains_its_own_encoder_and_decoder_only(tmp_path):
     # the adapted encoder (weights and BatchNorm statistics) is untouched, the own encoder has learnt
     assert all(torch.equal(model.adapted_encoder.state_dict()[k], v) for k, v in enc.items())
     assert not all(torch.equal(model.encoder.state_dict()[k], v) for k, v in enc.items())
-    back = load_checkpoint_3d(save_checkpoint_3d(tmp_path / "m.pt", model))
+    back = load_checkpoint(save_checkpoint(tmp_path / "m.pt", model), dims=3)[0]
     assert isinstance(back, MultiEncoderUNet3d)
     with torch.no_grad():
         torch.testing.assert_close(back(x), model.eval()(x))

@@ -31,7 +31,7 @@ from domgen.data.case import Case
 from domgen.errors import DomgenError
 
 if TYPE_CHECKING:
-    from domgen.data.registry import DatasetSpec
+    from domgen.data.spec import DatasetSpec
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 SLICE_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")

@@ -700,7 +700,7 @@ def write_suite(root: Path, seed: int = 0, scale: float = DEFAULT_SCALE, patient
     interrupted run never leaves a half-written suite. Returns the path of suite.yaml.
     """
     from domgen.data.readers import WRITERS
-    from domgen.data.registry import parse_suite
+    from domgen.data.spec import parse_suite
 
     root = Path(root).expanduser().resolve()
     parameters = resolve_parameters(seed, scale, patients, slices_per_patient)

@@ -38,19 +38,27 @@ def _load(target: str):
 
 FAMILIES: dict[str, Family] = {
     "leave-one-out": Family("leave-one-out", "domgen-leave-one-out", "leave_one_out", "round|experiment",
-                            "domgen.families.leave_one_out", "domgen.tracking.report:leave_one_out_tables"),
+                            "domgen.families.leave_one_out", "domgen.reports.report:leave_one_out_tables"),
     "transfer": Family("transfer", "domgen-transfer", "transfer", "round", "domgen.families.transfer",
-                       "domgen.tracking.transfer_report:transfer_tables"),
+                       "domgen.reports.transfer_report:transfer_tables"),
     "benchmark": Family("benchmark", "domgen-benchmark", "benchmark", "sweep", "domgen.families.benchmark",
-                        "domgen.tracking.benchmark_report:benchmark_tables", "domgen.tracking.benchmark_report:family_report"),
+                        "domgen.reports.benchmark_report:benchmark_tables", "domgen.reports.benchmark_report:family_report"),
     "cross-validate": Family("cross-validate", "domgen-cross-validate", "cross_validate", "round", "domgen.families.cross_validate",
-                             "domgen.tracking.cross_validate_report:cross_validate_tables"),
+                             "domgen.reports.cross_validate_report:cross_validate_tables"),
     "confidence": Family("confidence", "domgen-confidence", "confidence", "analysis", "domgen.families.confidence",
                          "domgen.families.confidence:confidence_tables"),
     # issue 20: domain-generalisation methods side by side (DomainBed-style)
     "compare": Family("compare", "domgen-compare", "compare", "comparison", "domgen.families.compare",
                       "domgen.families.compare:compare_tables", "domgen.families.compare:family_report"),
 }
+
+
+def log_round_tables(family: str, parent_id: str) -> None:
+    """Log a finished round's tables to its parent run; the builder is named by string in ``FAMILIES``, so a family
+    (below reports/) never imports the reports floor to reach it."""
+    from domgen.tracking.tables import log_tables
+
+    log_tables(parent_id, FAMILIES[family].table_builder()(parent_id))
 
 
 def family_of_experiment(experiment: str) -> Family:
@@ -70,7 +78,7 @@ def profile_folder(family: str) -> Path:
 def round_report(family: Family, out: Path, run_id: str | None = None) -> dict:
     """Tables of one round (``run_id`` or the newest finished round) written as Markdown, CSV and LaTeX."""
     from domgen.tracking import mlflow_store as store
-    from domgen.tracking.report import write_tables
+    from domgen.tracking.tables import write_tables
 
     exp = store.get_experiment(family.experiment)
     if exp is None:

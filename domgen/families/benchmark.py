@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from domgen import interrupts, settings
-from domgen.config import config_hash
+from domgen.tracking.identity import config_hash
 from domgen.data.registry import load_cases, load_suite
 from domgen.errors import DomgenError
 from domgen.evaluation.evaluate import EvaluationSettings, evaluate
@@ -38,14 +38,10 @@ EXPERIMENT = "domgen-benchmark"
 CHECKPOINT = "model/checkpoint.pt"
 SAMPLES = "predictions/samples.npz"
 
-# experiment -> what it segments and whether the input is multiplied by the lung mask (Bizopoulos et al.)
-EXPERIMENTS: dict[str, dict] = {
-    "lung": {"target": "lung", "mask_to_lung": False},
-    "lesion-a": {"target": "lesion", "mask_to_lung": False},
-    "lesion-b": {"target": "lesion", "mask_to_lung": True},
-}
-# grid value -> build_model's encoder_weights
-WEIGHTS = {"random": "none", "imagenet": "imagenet"}
+# experiment -> what it segments and whether the input is multiplied by the lung mask; grid value -> encoder_weights.
+# Listed in settings, which checks the grid against them and must not import this family.
+EXPERIMENTS = settings.BENCHMARK_EXPERIMENTS
+WEIGHTS = settings.BENCHMARK_WEIGHTS
 # settings that choose how the sweep runs, not what a configuration computes: left out of every hash
 RUN_ONLY_KEYS = ("grid", "threads", "profile")
 # what a --retry-failed may change for the failed configurations without changing their identity

@@ -10,13 +10,12 @@ the precision it resolves to on the machine (``hashed_view``), so bf16 and fp32 
 from __future__ import annotations
 
 import copy
-import functools
 import hashlib
 import json
 from dataclasses import asdict
 from pathlib import Path
 
-from domgen.config import config_hash
+from domgen.tracking.identity import child_hash, config_hash, file_digest  # noqa: F401 - the families' run identity
 from domgen.data.registry import load_cases, load_suite
 from domgen.errors import DomgenError
 from domgen.preprocessing.slices import SlicePreprocessing, SliceSet, prepare_slices
@@ -25,24 +24,6 @@ from domgen.tracking import mlflow_store as store
 CHECKPOINT = "model/checkpoint.pt"
 # spec fields that say where a dataset lies, not what it is: left out of its digest
 _LOCATION_FIELDS = ("name", "root", "suite_file", "description")
-
-
-@functools.lru_cache(maxsize=4096)
-def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def file_digest(path: str | Path) -> str:
-    """SHA-256 of a file's contents (cached per path, size and modification time)."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise DomgenError(f"{path} does not exist; pass an existing file")
-    stat = path.stat()
-    return _file_sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
 
 
 def dataset_digest(spec) -> str:
@@ -152,11 +133,6 @@ def check_datasets(cfg: dict) -> None:
     for key in keys:
         for name in dataset_names(cfg.get(key)):
             suite.get(name)
-
-
-def child_hash(cfg: dict, **identity_) -> str:
-    """A child run's identity: the round's (hashed) config plus what picks the child (fold, phase, target, ...)."""
-    return config_hash({"config": cfg, **identity_})
 
 
 def prepare_dataset(suite, name: str, pre: SlicePreprocessing, progress: bool) -> SliceSet:

@@ -33,7 +33,7 @@ from domgen.methods.dg import AdaptContext, get_method, unlabelled
 from domgen.methods.pseudolabel import PseudoLabelSettings
 from domgen.preprocessing.slices import SlicePreprocessing, SliceSet
 from domgen.tracking import mlflow_store as store
-from domgen.tracking.report import log_tables
+from domgen.tracking.tables import log_tables
 from domgen.training.trainer import TrainSettings, predict_model_size, seed_everything, to_original_size
 
 FAMILY = "compare"

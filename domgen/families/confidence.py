@@ -21,13 +21,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from domgen.config import config_hash
+from domgen.tracking.identity import config_hash
 from domgen.errors import DomgenError
 from domgen.evaluation.calibration import (calibration_errors, reliability_bins, reliability_plot, scale_probabilities,
                                            scaled_cutoff)
 from domgen.evaluation.selective_risk import optimal_aurc, risk_coverage_plot, selective_risk
 from domgen.evaluation.statistics import spearman_interval
-from domgen.families.leave_one_out import _pseudolabel_round
+from domgen.families.leave_one_out import round_from_checkpoint
 from domgen.methods.certainty import certainty_index, rank_and_select
 from domgen.methods.confidence import CONFIDENCE_SCORES, NEEDS_TEMPERATURE, ScoreContext, fit_fold_temperature, get_score
 from domgen.methods.pseudolabel import ci_ranking
@@ -147,7 +147,7 @@ def run_confidence(checkpoint: Path, target: str, top_k: int = 50, suite: str | 
     """Score ``target``'s slices with every registered score, measure calibration; returns (MLflow run id, table)."""
     if top_k < 1:
         raise DomgenError(f"--top-k must be at least 1, not {top_k}")
-    r, fold, model, cutoff, limit, start, _ = _pseudolabel_round(checkpoint, target, {}, suite, device, progress)
+    r, fold, model, cutoff, limit, start, _ = round_from_checkpoint(checkpoint, target, {}, suite, device, progress)
     slices = r.targets[target]
     if all(t is None or not np.asarray(t).any() for t in slices.truths):
         raise DomgenError(f"target {target} has no lesion in its ground truth, so no score can be compared with the true DSC; "

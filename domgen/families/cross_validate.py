@@ -25,29 +25,24 @@ import pandas as pd
 import torch
 from mlflow.tracking import MlflowClient
 
-from domgen.config import config_hash
+from domgen.tracking.identity import child_hash, config_hash
 from domgen.data.registry import load_suite
 from domgen.errors import DomgenError
 from domgen.evaluation.metrics import EMPTY_CONVENTIONS
 from domgen.evaluation.volume_metrics import volume_metrics
-from domgen.families import units
+from domgen.families import log_round_tables, units
 from domgen.families.common import load_volumes
-from domgen.models.unet3d import build_model_3d, load_checkpoint_3d, save_checkpoint_3d
+from domgen.models.checkpoint import load_checkpoint, save_checkpoint
+from domgen.models.unet3d import build_model_3d
 from domgen.preprocessing.splits import kfold_splits, write_splits
 from domgen.preprocessing.volume import Volume, VolumePreprocessing, case_affine, to_case_grid, to_zyx
 from domgen.tracking import mlflow_store as store
-from domgen.tracking.cross_validate_report import cross_validate_tables
-from domgen.tracking.report import log_tables
 from domgen.training.volume_trainer import VolumeTrainSettings, check_patch_fits, predict_volume, train_volumes
 
 FAMILY = "cross-validate"
 EXPERIMENT = "domgen-cross-validate"
 CHECKPOINT = "model/checkpoint.pt"
 VALIDATION, EXTERNAL = "validation", "external"
-
-
-def child_hash(cfg: dict, **identity) -> str:
-    return config_hash({"config": cfg, **identity})
 
 
 @dataclass
@@ -187,7 +182,7 @@ def train_fold(r: Round, fold: dict) -> None:
         store.log_metrics(run.info.run_id, {**metrics, "epochs_run": result.epochs_run, "seconds_per_iteration": result.seconds_per_iteration,
                                             "n_train_volumes": len(train_set), "final_loss": result.history[-1]["loss"]})
         log_set_results(run.info.run_id, rows, tmp)
-        store.log_artifact_file(run.info.run_id, save_checkpoint_3d(tmp / "checkpoint.pt", result.model, fold=fold), "model")
+        store.log_artifact_file(run.info.run_id, save_checkpoint(tmp / "checkpoint.pt", result.model, fold=fold), "model")
 
 
 def fold_unit(job: dict, r: Round) -> None:
@@ -199,7 +194,7 @@ def fold_probabilities(r: Round, k: int) -> list[np.ndarray]:
     if k not in r.external_probs:
         run = store.find_run(r.exp_id, child_hash(r.cfg, fold=k, role="fold"))
         with store.artifact_dir() as tmp:
-            model = load_checkpoint_3d(store.download_artifact(run.info.run_id, CHECKPOINT, tmp))
+            model = load_checkpoint(store.download_artifact(run.info.run_id, CHECKPOINT, tmp), dims=3)[0]
         s = r.settings
         r.external_probs[k] = [to_case_grid(predict_volume(model, v, s.train.patch_size, s.overlap, s.sw_batch_size, s.train.device), v)
                                for v in r.external]
@@ -226,7 +221,7 @@ def evaluate_ensemble(r: Round, folds: list[dict]) -> None:
 
 
 def run_cross_validate(cfg: dict, progress: bool = True, runner=None) -> str:
-    """Run (or resume) one round; returns the parent run id. Tables: ``domgen.tracking.cross_validate_report``.
+    """Run (or resume) one round; returns the parent run id. Tables: ``domgen.reports.cross_validate_report``.
 
     ``runner`` (``domgen.executors.get_executor``): where the folds run (``domgen.families.units``)."""
     # the ablation grid does not define a round: a round of the grid is the same run as the plain command
@@ -262,7 +257,7 @@ def _run_round(cfg: dict, exp_id: str, h: str, settings: Settings, suite, source
         units.run_units(runner, fold_unit, [{"name": f"fold {fold['fold']}", "fold": fold} for fold in folds],
                         shared=units.for_units(runner, r), what="fold", progress=progress)
         evaluate_ensemble(r, folds)
-        log_tables(parent_id, cross_validate_tables(parent_id))
+        log_round_tables(FAMILY, parent_id)
     return parent_id
 
 

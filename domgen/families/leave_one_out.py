@@ -21,7 +21,7 @@ import click
 import numpy as np
 import pandas as pd
 
-from domgen.families import common, units
+from domgen.families import common, log_round_tables, units
 from domgen.families.common import CHECKPOINT, check_split_patients, checkpoint_of_run, trained_patients, file_digest, hashed_view, prepare_dataset, with_content_digests
 from domgen.data.registry import load_cases, load_suite
 from domgen.errors import DomgenError
@@ -36,8 +36,7 @@ from domgen.preprocessing.slices import SlicePreprocessing, SliceSet
 from domgen.preprocessing.splits import kfold_splits, read_splits, train_val_test_split, write_splits
 from domgen.tracking import mlflow_store as store
 from domgen.models.checkpoint import load_checkpoint, save_checkpoint
-from domgen.tracking.artifacts import log_evaluation_artifacts
-from domgen.tracking.report import leave_one_out_tables, log_tables
+from domgen.evaluation.artifacts import log_evaluation_artifacts
 from domgen.training.trainer import TrainSettings, predict_model_size, seed_everything, to_original_size, train
 
 FAMILY = "leave-one-out"
@@ -442,7 +441,7 @@ def run_round(cfg: dict, suite, prepared: dict[str, SliceSet], pre: SlicePreproc
         # the folds are independent: one unit each, in this process or in the executor's workers
         units.run_units(runner, fold_unit, [{"name": f"fold {fold['fold']}", "fold": fold} for fold in splits],
                         shared=units.for_units(runner, r), what="fold", progress=progress)
-        log_tables(parent_id, leave_one_out_tables(parent_id))
+        log_round_tables(FAMILY, parent_id)
     return parent_id
 
 
@@ -503,12 +502,19 @@ def _run_rounds(cfg: dict, rounds: list[dict], sources: list[str], suite, prepar
         for rc in rounds:
             round_ids.append(run_round(rc, suite, prepared, pre, progress, experiment_id=parent_id, runner=runner))
             store.set_tag(parent_id, "domgen.rounds", json.dumps(round_ids))
-        log_tables(parent_id, leave_one_out_tables(parent_id))
+        log_round_tables(FAMILY, parent_id)
     return parent_id
 
 
-def _pseudolabel_round(checkpoint: Path, target: str, pseudolabel: dict, suite: str | None, device: str | None, progress: bool):
-    """(round, fold, model, cutoff, in-domain CI limit, start digest, suite) for a select-retrain step from a checkpoint."""
+def round_from_checkpoint(checkpoint: Path, target: str, pseudolabel: dict, suite: str | None, device: str | None, progress: bool):
+    """A leave-one-out fold rebuilt from its checkpoint, for the steps that start from a trained fold model
+    (``run_pseudolabel`` here, ``domgen confidence``).
+
+    Returns (round, fold, model, cutoff, in-domain CI limit, start digest, suite): the round holds the source and
+    ``target`` slices prepared as the fold's config says, with ``pseudolabel`` settings (None values: the
+    checkpoint's) and ``suite`` / ``device`` (None: the checkpoint's) laid over its config; the start digest is the
+    checkpoint's SHA-256, which enters the identity of every run made from it. Raises ``DomgenError`` for a
+    checkpoint that `domgen leave-one-out` did not write or a ``target`` not in the suite."""
     _, ckpt = load_checkpoint(checkpoint)
     if "config" not in ckpt or "fold" not in ckpt:
         raise DomgenError(f"checkpoint {checkpoint} does not record its config and fold; use a checkpoint written by `domgen leave-one-out`")
@@ -541,7 +547,7 @@ def run_pseudolabel(checkpoint: Path, target: str, pseudolabel: dict, suite: str
     The runs are identified by the checkpoint's contents as well as the config, so another starting model
     with the same config is new work, not a cached result. ``export_dir``: write the selected slices for a
     radiologist's review and stop; ``reviewed_dir``: retrain on the reviewed masks instead of the predictions."""
-    r, fold, model, cutoff, limit, start, loaded = _pseudolabel_round(checkpoint, target, pseudolabel, suite, device, progress)
+    r, fold, model, cutoff, limit, start, loaded = round_from_checkpoint(checkpoint, target, pseudolabel, suite, device, progress)
     if export_dir is not None:
         from domgen.methods.review import export_for_review
 

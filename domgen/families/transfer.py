@@ -28,13 +28,13 @@ import pandas as pd
 from torch import nn
 
 from domgen import settings
-from domgen.config import config_hash
+from domgen.tracking.identity import config_hash
 from domgen.data.registry import load_suite
 from domgen.errors import DomgenError
 from domgen.evaluation.evaluate import EvaluationSettings, case_summary, evaluate, per_case_metrics
 from domgen.evaluation.metrics import overlap_metrics
 from domgen.evaluation.volume_metrics import volume_metrics
-from domgen.families import units
+from domgen.families import log_round_tables, units
 from domgen.families.common import (TRAIN_PATIENTS, check_split_patients, checkpoint_of_run, child_hash, hashed_view, load_volumes, prepare_dataset,
                                     require_volume_dataset, with_content_digests)
 from domgen.methods.transfer import STRATEGIES, prepare_strategy
@@ -43,11 +43,9 @@ from domgen.preprocessing.slices import SlicePreprocessing, SliceSet
 from domgen.preprocessing.splits import inverse_kfold_splits, read_splits, train_val_test_split, write_splits
 from domgen.tracking import mlflow_store as store
 from domgen.models.checkpoint import load_checkpoint, save_checkpoint
-from domgen.models.unet3d import build_model_3d, load_checkpoint_3d, save_checkpoint_3d
+from domgen.models.unet3d import build_model_3d
 from domgen.preprocessing.volume import LESION, Volume, VolumePreprocessing, case_affine, to_case_grid
-from domgen.tracking.artifacts import log_evaluation_artifacts
-from domgen.tracking.report import log_tables
-from domgen.tracking.transfer_report import transfer_tables
+from domgen.evaluation.artifacts import log_evaluation_artifacts
 from domgen.training.trainer import TrainSettings, predict_model_size, seed_everything, to_original_size, train
 from domgen.training.volume_trainer import VolumeTrainSettings, predict_volume, train_volumes
 
@@ -223,7 +221,7 @@ class TransferRound:
         if name not in self.pretrained:
             with store.artifact_dir() as tmp:
                 path = checkpoint_of_run(self.pretrain_runs[name], tmp)
-                self.pretrained[name] = load_checkpoint_3d(path) if dims(self.cfg) == 3 else load_checkpoint(path)[0]
+                self.pretrained[name] = load_checkpoint(path, dims=dims(self.cfg))[0]
         return self.pretrained[name]
 
 
@@ -356,7 +354,7 @@ def pretrain_volumes(exp_id: str, suite, cfg: dict, name: str, datasets: list[st
                                                    "protocol": "every patient of each pretraining dataset trains (3D)"})
         store.log_artifact_file(run.info.run_id, tmp / "splits.json")
         log_train_patients(run.info.run_id, {d: [v.patient_id for v in parts[d]] for d in datasets}, None, tmp)
-        store.log_artifact_file(run.info.run_id, save_checkpoint_3d(tmp / "checkpoint.pt", result.model, pretrain=name,
+        store.log_artifact_file(run.info.run_id, save_checkpoint(tmp / "checkpoint.pt", result.model, pretrain=name,
                                                                     datasets=datasets), "model")
     return run.info.run_id
 
@@ -385,7 +383,7 @@ def run_strategy_volumes(r: TransferRound, fold: dict, strategy: str, pretrain_n
         store.log_artifact_file(run_id, tmp / "per_case.csv")
         log_train_patients(run_id, {cfg["target"]: [*fold["train"], *fold["val"]]}, r.pretrain_runs.get(pretrain_name), tmp)
         if strategy in names_of(cfg.get("keep_checkpoints") or []):
-            store.log_artifact_file(run_id, save_checkpoint_3d(tmp / "checkpoint.pt", result.model, cutoff=cutoff, strategy=strategy,
+            store.log_artifact_file(run_id, save_checkpoint(tmp / "checkpoint.pt", result.model, cutoff=cutoff, strategy=strategy,
                                                                pretrain=pretrain_name, fold=fold), "model")
 
 
@@ -432,7 +430,7 @@ def check_inputs(cfg: dict) -> tuple[object, list[str], list[str]]:
 
 
 def run_transfer(cfg: dict, progress: bool = True, runner=None) -> str:
-    """Run (or resume) one round; returns the parent run id. Tables come from ``domgen.tracking.transfer_report``.
+    """Run (or resume) one round; returns the parent run id. Tables come from ``domgen.reports.transfer_report``.
 
     ``runner`` (``domgen.executors.get_executor``): where the pretraining runs and the fold x strategy runs go
     (``domgen.families.units``): first every pretrained model, then every strategy run."""
@@ -484,5 +482,5 @@ def _run_round(cfg: dict, h: str, exp_id: str, suite, target, folds: list[dict],
                 for name in (pretrains if STRATEGIES[strategy].needs_pretrained else [NO_PRETRAIN])]
         units.run_units(runner, strategy_unit, jobs, shared=units.for_units(runner, r), what="strategy run",
                         progress=progress)
-        log_tables(parent_id, transfer_tables(parent_id))
+        log_round_tables(FAMILY, parent_id)
     return parent_id

@@ -134,38 +134,3 @@ def build_model_3d(cfg: dict) -> nn.Module:
     model.domgen_model_config = {"arch": arch, "features": list(features), "in_channels": int(cfg.get("in_channels", 1)),
                                  "classes": int(cfg.get("classes", 3)), "dims": 3}
     return model
-
-
-def save_checkpoint_3d(path, model: nn.Module, **extra):
-    """A self-describing 3D checkpoint: the model's config beside its state dict (atomic write)."""
-    import os
-    from pathlib import Path
-
-    path = Path(path)
-    tmp = path.with_suffix(".part")
-    torch.save({"model": dict(model.domgen_model_config), "state_dict": model.state_dict(), **extra}, tmp)
-    os.replace(tmp, path)
-    return path
-
-
-def load_checkpoint_3d(path) -> nn.Module:
-    """The 3D model of a checkpoint written by ``save_checkpoint_3d``."""
-    from pathlib import Path
-
-    if not Path(path).is_file():
-        raise DomgenError(f"checkpoint {path} does not exist; pass model/checkpoint.pt of a cross-validate fold run")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt zip / pickle
-        raise DomgenError(f"cannot read checkpoint {path} ({type(exc).__name__}); it is corrupt or not a domgen checkpoint") from None
-    if not isinstance(ckpt, dict) or ckpt.get("model", {}).get("dims") != 3 or "state_dict" not in ckpt:
-        raise DomgenError(f"{path} is not a domgen 3D checkpoint; use model/checkpoint.pt of a cross-validate fold run")
-    cfg = ckpt["model"]
-    if cfg.get("multi_encoder"):
-        model = MultiEncoderUNet3d(int(cfg.get("in_channels", 1)), int(cfg.get("classes", 3)), tuple(cfg["features"]))
-        model.domgen_model_config = dict(cfg)
-    else:
-        model = build_model_3d(cfg)
-    model.load_state_dict(ckpt["state_dict"])
-    model.eval()
-    return model

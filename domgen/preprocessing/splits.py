@@ -77,34 +77,32 @@ def _check_k(patients: list[str], k: int) -> int:
     return k
 
 
-def kfold_splits(patient_ids, k: int = 5, seed: int = 0, val_fraction: float = 0.1 / 0.9) -> list[dict]:
-    """k-fold cross-validation by patient: each fold tests on one KFold part and splits the rest into
-    train and val (``val_fraction`` of the rest; the default gives 10 % val of all patients for k=10)."""
+def _kfold(patient_ids, k: int, seed: int, val_fraction: float, inverse: bool) -> list[dict]:
+    """The one k-fold body: KFold parts by patient; each fold tests on its part (``inverse``: trains on it) and
+    holds ``val_fraction`` of its training patients out for validation."""
     patients = _unique_patients(patient_ids)
     k = _check_k(patients, k)
     folds = []
     kfold = KFold(n_splits=k, shuffle=True, random_state=seed)
-    for fold, (rest_index, test_index) in enumerate(kfold.split(patients)):
-        rest = [patients[i] for i in rest_index]
-        n_val = _part_sizes(len(rest), (1.0 - val_fraction, val_fraction))[1] if val_fraction > 0 else 0
-        train, val = _split_off(rest, n_val, seed)
+    for fold, (rest_index, part_index) in enumerate(kfold.split(patients)):
+        train_index, test_index = (part_index, rest_index) if inverse else (rest_index, part_index)
+        pool = [patients[i] for i in train_index]
+        n_val = _part_sizes(len(pool), (1.0 - val_fraction, val_fraction))[1] if val_fraction > 0 else 0
+        train, val = _split_off(pool, n_val, seed)
         folds.append({"fold": fold, "train": train, "val": val, "test": sorted(patients[i] for i in test_index)})
     return folds
+
+
+def kfold_splits(patient_ids, k: int = 5, seed: int = 0, val_fraction: float = 0.1 / 0.9) -> list[dict]:
+    """k-fold cross-validation by patient: each fold tests on one KFold part and splits the rest into
+    train and val (``val_fraction`` of the rest; the default gives 10 % val of all patients for k=10)."""
+    return _kfold(patient_ids, k, seed, val_fraction, inverse=False)
 
 
 def inverse_kfold_splits(patient_ids, k: int = 5, seed: int = 0, val_fraction: float = 0.0) -> list[dict]:
     """Wang et al.'s inverse k-fold: each fold *trains* on one KFold part (1/k of the patients, 20 % for
     k=5) and tests on all the others; ``val_fraction`` of the train part may be held out for validation."""
-    patients = _unique_patients(patient_ids)
-    k = _check_k(patients, k)
-    folds = []
-    kfold = KFold(n_splits=k, shuffle=True, random_state=seed)
-    for fold, (test_index, train_index) in enumerate(kfold.split(patients)):
-        part = [patients[i] for i in train_index]
-        n_val = _part_sizes(len(part), (1.0 - val_fraction, val_fraction))[1] if val_fraction > 0 else 0
-        train, val = _split_off(part, n_val, seed)
-        folds.append({"fold": fold, "train": train, "val": val, "test": sorted(patients[i] for i in test_index)})
-    return folds
+    return _kfold(patient_ids, k, seed, val_fraction, inverse=True)
 
 
 def train_on(folds: list[dict], patients) -> list[dict]:

@@ -37,7 +37,8 @@ from mlflow.entities import Run, ViewType  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from domgen.config import config_hash, flatten  # noqa: E402
+from domgen.config import flatten  # noqa: E402
+from domgen.tracking.identity import config_hash  # noqa: E402
 from domgen.errors import DomgenError  # noqa: E402
 from domgen import interrupts  # noqa: E402
 from domgen.interrupts import shield, shielded  # noqa: E402

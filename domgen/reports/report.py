@@ -2,17 +2,16 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from scipy import stats
-from mlflow.tracking import MlflowClient
 
 from domgen.errors import DomgenError
 from domgen.evaluation.evaluate import paired_patients, patient_dsc
 from domgen.evaluation.statistics import paired_bootstrap_change
 from domgen.tracking import mlflow_store as store
+from domgen.tracking.tables import log_tables, to_markdown, write_tables  # noqa: F401 - the report commands' writers
 
 METRICS = ("dsc", "spc", "sen")
 
@@ -184,31 +183,3 @@ def leave_one_out_tables(run_id: str) -> dict[str, pd.DataFrame]:
         t3.append(entry)
     return {"table2": table2_frame(table2), "table3": pd.DataFrame(t3), "table2_extended": pd.DataFrame(extended),
             "selection": pd.DataFrame(selection), "slices": pd.DataFrame(counts)}
-
-
-def to_markdown(df: pd.DataFrame) -> str:
-    cols = [str(c) for c in df.columns]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    for _, row in df.iterrows():
-        lines.append("| " + " | ".join(str(v) for v in row.tolist()) + " |")
-    return "\n".join(lines)
-
-
-def write_tables(tables: dict[str, pd.DataFrame], folder: Path) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name, df in tables.items():
-        for suffix, text in ((".md", to_markdown(df)), (".csv", df.to_csv(index=False)),
-                             (".tex", df.to_latex(index=False).replace("±", r"$\pm$"))):
-            path = folder / f"{name}{suffix}"
-            tmp = path.with_suffix(suffix + ".part")
-            tmp.write_text(text)
-            tmp.replace(path)
-            paths.append(path)
-    return paths
-
-
-def log_tables(run_id: str, tables: dict[str, pd.DataFrame]) -> None:
-    with store.artifact_dir() as tmp:
-        write_tables(tables, tmp / "tables")
-        MlflowClient().log_artifacts(run_id, str(tmp / "tables"), "tables")

@@ -26,7 +26,7 @@ from scipy.stats import gaussian_kde  # noqa: E402
 
 from domgen.errors import DomgenError  # noqa: E402
 from domgen.tracking import mlflow_store as store  # noqa: E402
-from domgen.tracking.report import write_tables  # noqa: E402
+from domgen.tracking.tables import write_tables  # noqa: E402
 
 EXPERIMENT = "domgen-benchmark"
 PAPER_METRICS = (("sens", "Sens"), ("spec", "Spec"), ("dice", "Dice"))

@@ -17,7 +17,7 @@ import pandas as pd
 
 from domgen.errors import DomgenError
 from domgen.tracking import mlflow_store as store
-from domgen.tracking.report import finite_mean, mean_std_text, children, leave_one_out_records
+from domgen.reports.report import finite_mean, mean_std_text, children, leave_one_out_records
 
 TRANSFER_EXPERIMENT = "domgen-transfer"
 LEAVE_ONE_OUT_EXPERIMENT = "domgen-leave-one-out"

@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from domgen.errors import DomgenError
 from domgen.tracking import mlflow_store as store
-from domgen.tracking.report import children
+from domgen.reports.report import children
 
 METRIC_LABELS = {"dsc": "DSC", "iou": "IoU", "sen": "SEN", "spc": "SPC", "acc": "ACC", "prec": "PREC", "nsd": "NSD", "hd95": "HD95 (mm)"}
 REGIONS = ("lung", "lesion")

@@ -1,0 +1,1 @@
+"""The paper's tables and figures rebuilt from MLflow alone: a floor above the families, below the command line."""
