@@ -66,13 +66,10 @@ BENCHMARK_WEIGHTS = {"random": "none", "imagenet": "imagenet"}
 
 
 def _experiments():
-    from domgen.families import FAMILIES
-    return [f.experiment for f in FAMILIES.values()]
+    return [f.experiment for f in _registry("domgen.families:FAMILIES").values()]
 
 
-def _export_formats():
-    from domgen.models.export import FORMATS
-    return list(FORMATS)
+_export_formats = _names("domgen.models.export:FORMATS")
 
 
 def _benchmark_experiments():
@@ -353,9 +350,7 @@ _NOT_IN_COMPARE = ("source", "splits_file", "init_checkpoint", "init_run")  # co
 _COMPARE_FLAGS = ("--targets", "--folds", "--seed", "--device", "--suite", "--lung-mask", "--lungmask-weights", "--encoder-weights")
 
 
-def _dg_methods():
-    from domgen.methods.dg import METHODS
-    return list(METHODS)
+_dg_methods = _names("domgen.methods.dg:METHODS")
 
 
 def _compare_rows() -> list[Setting]:
