@@ -498,10 +498,10 @@ def confidence(target, run_id, checkpoint, top_k, suite, device, tracking_uri, q
         click.echo(f"\nThe profile's selection rule, ranking and limiting by the CI and by the temperature-scaled CI:\n\n"
                    f"{to_markdown(tables['selection'])}")
     if "calibration" in tables:
-        click.echo(f"\nLesion-pixel calibration ({NUM_BINS_TEXT}):\n\n{to_markdown(tables['calibration'])}")
+        from domgen.evaluation.calibration import NUM_BINS
 
-
-NUM_BINS_TEXT = "20 equal bins; ECE weighted by pixels, ACE unweighted, MCE the worst bin; temperature fitted on source validation slices"
+        click.echo(f"\nLesion-pixel calibration ({NUM_BINS} equal bins; ECE weighted by pixels, ACE unweighted, MCE the worst bin; "
+                   f"temperature fitted on source validation slices):\n\n{to_markdown(tables['calibration'])}")
 
 
 # ---------------------------------------------------------------- transfer

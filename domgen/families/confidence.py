@@ -16,6 +16,7 @@ profile's selection. MLflow experiment ``domgen-confidence``, one run per (model
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -93,19 +94,13 @@ def selection_table(ranking: pd.DataFrame, scored: dict[str, np.ndarray], indoma
     rows = []
     for name, values in scored.items():
         limit = _limit(settings.ci_rule, settings.ci_min, settings.ci_quantile, indomain[name])
-        _, chosen = rank_and_select(values, ranking.n_pixels.to_numpy(), replace_limit(selection, limit),
+        _, chosen = rank_and_select(values, ranking.n_pixels.to_numpy(), replace(selection, ci_min=float(limit)),
                                     ranking.min_pixels.to_numpy(), ranking.patient_id.to_numpy())
         dice = ranking.dice.to_numpy(dtype=float)[chosen]
         rows.append({"score": name, "rule": settings.ci_rule, "limit": round(limit, 4), "selected": int(chosen.sum()),
                      "coverage": round(chosen.sum() / max(ranked.sum(), 1), 4),
                      "selected DSC": round(float(np.nanmean(dice)), 4) if chosen.any() else float("nan")})
     return pd.DataFrame(rows)
-
-
-def replace_limit(selection, limit: float):
-    from dataclasses import replace
-
-    return replace(selection, ci_min=float(limit))
 
 
 def calibration_rows(domain: str, probabilities: list[np.ndarray], truths: list[np.ndarray], cutoff: float,
