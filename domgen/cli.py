@@ -375,9 +375,10 @@ def leave_one_out(source, targets, folds, ci_min, ci_rule, ci_quantile, min_pixe
 @click.option("--selection", default=None, help="Model selection: training-domain (default) | last | oracle (the targets' labels "
               "choose the epoch; labelled oracle everywhere).")
 @click.option("--init-run", default=None, help="The pretrained model (a `domgen transfer` run) of transfer and NAME+transfer.")
+@_executor_options
 @_common_run_options
-def compare(sources, targets, methods, seeds, folds, selection, init_run, suite, profile, seed, device, encoder_weights, lung_mask,
-            lungmask_weights, tracking_uri, overrides, quiet):
+def compare(sources, targets, methods, seeds, folds, selection, init_run, executor, workers, address, gpus_per_trial, suite, profile,
+            seed, device, encoder_weights, lung_mask, lungmask_weights, tracking_uri, overrides, quiet):
     """Compare domain-generalisation methods on the same folds and seeds (DomainBed-style, issue 20).
 
     Prints, per target and method, DSC/NSD/SEN as mean [95 % t interval] over seeds x folds and the paired
@@ -391,9 +392,10 @@ def compare(sources, targets, methods, seeds, folds, selection, init_run, suite,
     from domgen.families.compare import EXPERIMENT, compare_tables, run_compare, selection_label
     from domgen.tracking.tables import to_markdown
 
+    runner = _runner(executor, workers, address, gpus_per_trial, cfg)
     _threads(cfg["device"])
     uri = _tracking(tracking_uri)
-    parent = run_compare(cfg, progress=not quiet)
+    parent = run_compare(cfg, progress=not quiet, runner=runner)
     tables = compare_tables(parent)
     click.echo(f"\nMethods per target (mean [95 % t interval] over seeds x folds; model selection: "
                f"{selection_label(cfg['selection'])}; experiment {EXPERIMENT}, run {parent}, {uri})\n")

@@ -375,6 +375,10 @@ def _compare_rows() -> list[Setting]:
         S("method.tent.optimizer", "choice", "adam", (COMPARE,), "tent: optimiser", choices=("adam", "sgd")),
         S("method.tent.batch_size", "int", 16, (COMPARE,), "tent: target slices per episode", low=2, high=4096),
         S("method.adabn.batch_size", "int", 32, (COMPARE,), "adabn: target slices per batch of the statistics", low=2, high=4096),
+        # GIN (Ouyang et al. 2022; GIN-IPA's defaults) and BigAug (Zhang et al. 2020): the augmentation's builder arguments
+        S("method.gin.layers", "int", 4, (COMPARE,), "gin: random convolutions of the shallow network", low=1, high=16),
+        S("method.gin.channels", "int", 2, (COMPARE,), "gin: intermediate channels of the shallow network", low=1, high=64),
+        S("method.bigaug.p", "float", 0.5, (COMPARE,), "bigaug: probability of each of the nine stacked transformations", **_PROB),
     ]
 
 

@@ -110,6 +110,10 @@ def test_own_method_beside_erm_with_oracle_selection_reuses_the_erm_model_resume
     (["--methods", "transfer"], "--init-run"),
     (["--methods", "erm-multi"], "two or more"),
     (["--methods", "erm", "--selection", "best"], "selection"),
+    (["--methods", "erm,gin", "--set", "method.gin.layers=0"], "method.gin.layers"),
+    (["--methods", "erm,bigaug", "--set", "method.bigaug.p=1.5"], "method.bigaug.p"),
+    (["--methods", "erm", "--executor", "dask"], "--executor"),
+    (["--methods", "erm", "--workers", "0"], "workers"),
 ])
 def test_bad_input_is_one_sentence_exit_2_before_any_run(tmp_path, tiny_suite, extra, words):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -127,3 +131,67 @@ def test_oracle_without_target_labels_is_refused_before_any_run(tmp_path, tiny_s
                                     "--tracking-uri", uri, *TINY])
     assert out.exit_code == 2 and "oracle" in out.output and "has none" in out.output, out.output
     assert not _runs(uri, cmp.EXPERIMENT)
+
+
+def _metrics(uri: str) -> dict:
+    return {(r.data.tags["domgen.method"], r.data.tags["domgen.target"], r.data.tags["domgen.fold"]): r.data.metrics
+            for r in _runs(uri, cmp.EXPERIMENT) if r.data.tags.get("domgen.role") == "unseen"}
+
+
+@pytest.fixture
+def one_thread(monkeypatch):
+    """One torch thread here and in each worker (numbers can depend on the thread count), restored afterwards."""
+    before = torch.get_num_threads()
+    monkeypatch.setenv("DOMGEN_THREADS", "1")
+    yield
+    torch.set_num_threads(before)
+
+
+def test_units_run_through_the_local_executor_with_the_same_numbers_and_erm_multi_and_transfer_end_to_end(tmp_path, tiny_suite,
+                                                                                                          one_thread):
+    """Two sources pooled (leave-one-domain-out), seed x fold units in two worker processes: the same numbers as in this
+    process; then transfer starts from a fold model of the comparison (--init-run) and is tagged and reported."""
+    common = ["compare", "--sources", "A,B", "--targets", "C", "--suite", str(tiny_suite), *TINY,
+              "--set", "split.protocol=kfold", "--folds", "2"]
+    here, there = f"sqlite:///{tmp_path}/here.db", f"sqlite:///{tmp_path}/there.db"
+    out = CliRunner().invoke(main, [*common, "--methods", "erm,erm-multi", "--tracking-uri", here])
+    assert out.exit_code == 0, out.output
+    out = CliRunner().invoke(main, [*common, "--methods", "erm,erm-multi", "--tracking-uri", there, "--executor", "local",
+                                    "--workers", "2"])
+    assert out.exit_code == 0, out.output
+    a, b = _metrics(here), _metrics(there)
+    assert sorted(a) == sorted((m, "C", str(k)) for m in ("erm", "erm-multi") for k in (0, 1))
+    assert a.keys() == b.keys() and all(a[key]["dsc"] == b[key]["dsc"] and a[key]["cutoff"] == b[key]["cutoff"] for key in a)
+    trained = [r for r in _runs(there, cmp.EXPERIMENT) if r.data.tags.get("domgen.role") == "in-domain"]
+    assert sorted(r.data.tags["domgen.method"] for r in trained) == ["erm", "erm", "erm-multi", "erm-multi"]
+    start = next(r for r in trained if r.data.tags["domgen.method"] == "erm").info.run_id
+    out = CliRunner().invoke(main, [*common, "--methods", "erm,transfer", "--init-run", start, "--tracking-uri", there])
+    assert out.exit_code == 0, out.output
+    runs = _runs(there, cmp.EXPERIMENT)
+    moved = [r for r in runs if r.data.tags.get("domgen.role") == "in-domain" and r.data.tags["domgen.method"] == "transfer"]
+    assert len(moved) == 2 and all(r.data.params.get("init_run") == start for r in moved)
+    assert len([r for r in runs if r.data.tags.get("domgen.role") == "in-domain"]) == 6  # erm found again, not retrained
+    parent = max((r for r in runs if r.data.tags.get("domgen.role") == "comparison"), key=lambda r: r.info.start_time)
+    assert list(cmp.compare_tables(parent.info.run_id)["results"].method) == ["erm", "transfer"]
+
+
+def test_the_gin_and_bigaug_rows_reach_their_augmentation_and_their_models_identity():
+    from domgen.config import load_profile
+    from domgen.settings import validate
+    from domgen.training.augment import build_augmentation
+
+    cfg = validate({**load_profile("compare", "quick"), "sources": ["A"], "targets": ["B"], "suite": "x"})
+    cfg["method"]["gin"] = {"layers": 2, "channels": 5}
+    rc = cmp.model_config(cfg, 0, "gin", False, ["A"], ["B"])
+    settings = cmp.train_settings(rc, 0)
+    assert settings.augment == "gin" and settings.augment_params == {"layers": 2, "channels": 5}
+    gin = build_augmentation(settings.augment, 0, settings.augment_params).transforms[0]
+    assert (gin.layers, gin.channels) == (2, 5)
+    convs = gin.get_params()["convs"]
+    assert [w.shape[:2] for w, _ in convs] == [(5, 1), (1, 5)]  # first layer 1 -> 5 channels, last 5 -> 1
+    bigaug = build_augmentation("bigaug", 0, {"p": 0.25}).transforms
+    assert len(bigaug) == 9 and all(t.p == 0.25 for t in bigaug)
+    other = cmp.model_config({**cfg, "method": {**cfg["method"], "gin": {"layers": 3, "channels": 5}}}, 0, "gin", False, ["A"], ["B"])
+    assert loo.child_hash(rc, fold=0, phase="baseline", target="A") != loo.child_hash(other, fold=0, phase="baseline", target="A")
+    erm = cmp.model_config(cfg, 0, "erm", False, ["A"], ["B"])
+    assert "dg" not in erm and cmp.train_settings(erm, 0).augment_params is None  # erm keeps leave-one-out's identity

@@ -28,6 +28,7 @@ from domgen.errors import DomgenError
 from domgen.evaluation.evaluate import EvaluationSettings, evaluate, paired_patients, patient_dsc
 from domgen.evaluation.statistics import paired_bootstrap_change
 from domgen.families import leave_one_out as loo
+from domgen.families import units
 from domgen.families.common import hashed_view, prepare_dataset, with_content_digests
 from domgen.methods.dg import AdaptContext, get_method, unlabelled
 from domgen.methods.pseudolabel import PseudoLabelSettings
@@ -137,9 +138,24 @@ def model_config(cfg: dict, s: int, train: str, transfer: bool, sources: list[st
         rc["train"].update(select_by="last", patience=None)
     if train != "erm" or transfer or cfg["selection"] != "training-domain" or len(sources) > 1:
         rc["dg"] = {"method": train, "selection": cfg["selection"]}  # erm alone keeps leave-one-out's identity
+        params = method_params(cfg, train)
+        if params:  # the training method's rows (method.gin.layers, ...) enter its models' identity
+            rc["dg"]["params"] = params
     if transfer:
         rc["init_run"] = cfg["init_run"]
     return rc
+
+
+def method_params(cfg: dict, name: str) -> dict:
+    """A method's hyper-parameters: its ``method.<name>.*`` rows as the profile and ``--set`` give them."""
+    return dict((cfg.get("method") or {}).get(name) or {})
+
+
+def train_settings(rc: dict, seed: int) -> TrainSettings:
+    """The training settings of a model config: its augmentation built with the training method's rows."""
+    method = (rc.get("dg") or {}).get("method", "erm")
+    params = (rc.get("dg") or {}).get("params") if get_method(method).augment else None
+    return TrainSettings.from_config(rc["train"], seed=seed, device=rc["device"], augment_params=params)
 
 
 @dataclass
@@ -172,7 +188,7 @@ def train_model(c: Comparison, rc: dict, fold: dict, train: str):
     its hash when it exists; the run is tagged with the method and the selection."""
     pretrained = loo.initial_model(rc) if rc.get("init_run") else None
     r = loo.Round(rc, c.exp_id, c.parent_id, c.source, {}, [fold], c.pre,
-                  TrainSettings.from_config(rc["train"], seed=rc["seed"], device=rc["device"]),
+                  train_settings(rc, rc["seed"]),
                   EvaluationSettings.from_config(rc["evaluation"]), PseudoLabelSettings.from_config(rc["pseudolabel"]),
                   c.progress, pretrained, fold_sets=_fold_sets(c, train, rc["seed"]))
     out = loo.train_fold(r, fold)
@@ -182,15 +198,17 @@ def train_model(c: Comparison, rc: dict, fold: dict, train: str):
     return out
 
 
-def evaluate_spec(c: Comparison, rc: dict, fold: dict, spec: Spec, name: str, trained: tuple) -> dict:
+def evaluation_hash(rc: dict, fold: dict, spec: Spec, name: str) -> str:
+    return loo.child_hash(rc, fold=fold["fold"], phase="compare", target=name, method=spec.text)
+
+
+def evaluate_spec(c: Comparison, rc: dict, fold: dict, spec: Spec, name: str, trained: tuple) -> None:
     """One method on one target in one fold and seed: adapt (test-time methods, on the unlabelled target), predict,
-    score; found again by its hash. Returns the record the tables read."""
+    score; found again by its hash (and then not repeated)."""
     k = fold["fold"]
-    h = loo.child_hash(rc, fold=k, phase="compare", target=name, method=spec.text)
-    record = {"method": spec.text, "target": name, "seed": rc["seed"], "fold": k}
-    done = store.find_run(c.exp_id, h)
-    if done is not None:
-        return {**record, "run_id": done.info.run_id}
+    h = evaluation_hash(rc, fold, spec, name)
+    if store.find_run(c.exp_id, h) is not None:
+        return
     model, cutoff, limit = trained
     slices = c.targets[name]
     tags = store.tags(family=FAMILY, source=rc["source"], target=name, fold=k, seed=rc["seed"], method=spec.text,
@@ -200,9 +218,9 @@ def evaluate_spec(c: Comparison, rc: dict, fold: dict, spec: Spec, name: str, tr
         if spec.test:
             method = get_method(spec.test)
             ctx = AdaptContext(c.source.of_patients(fold["train"]), c.source.of_patients(fold["val"]), cutoff, rc["device"],
-                               rc["seed"] + k, TrainSettings.from_config(rc["train"], seed=rc["seed"] + k, device=rc["device"]),
+                               rc["seed"] + k, train_settings(rc, rc["seed"] + k),
                                PseudoLabelSettings.from_config(rc["pseudolabel"]), limit,
-                               dict((c.cfg.get("method") or {}).get(spec.test) or {}), c.progress)
+                               method_params(c.cfg, spec.test), c.progress)
             seed_everything(rc["seed"] + k)
             hidden = unlabelled(slices)  # a test-time method never sees the target's labels
             small = method.predict(method.adapt(copy.deepcopy(model), hidden, ctx), hidden, ctx)
@@ -212,11 +230,40 @@ def evaluate_spec(c: Comparison, rc: dict, fold: dict, spec: Spec, name: str, tr
         store.log_metrics(run.info.run_id, {**summary, "cutoff": cutoff})
         per_slice.to_csv(tmp / "per_slice_metrics.csv", index=False)
         store.log_artifact_file(run.info.run_id, tmp / "per_slice_metrics.csv")
-    return {**record, "run_id": run.info.run_id}
 
 
-def run_compare(cfg: dict, progress: bool = True) -> str:
-    """Run (or resume) the comparison; returns the parent run id. Every input is checked before any run exists."""
+def compare_unit(job: dict, c: Comparison) -> None:
+    """One seed x fold start to end: each training method's model (trained, or found by its hash), then every method
+    on every target. Units are independent: in this process or in the executor's workers (``domgen.families.units``)."""
+    s, fold = job["seed_index"], job["fold"]
+    models = {}
+    for spec in c.specs:
+        rc = model_config(c.cfg, s, spec.train, spec.transfer, c.sources, list(c.targets))
+        if all(store.find_run(c.exp_id, evaluation_hash(rc, fold, spec, n)) is not None for n in c.targets):
+            continue  # resumed: this method's evaluations are all done, its model is not even loaded
+        if spec.model not in models:
+            models[spec.model] = train_model(c, rc, fold, spec.train)
+        for name in c.targets:
+            evaluate_spec(c, rc, fold, spec, name, models[spec.model])
+
+
+def records_of(c: Comparison, jobs: list[dict]) -> list[dict]:
+    """The finished evaluation runs of every unit, found by their hashes, in the order of the units: what the tables read."""
+    records = []
+    for job in jobs:
+        s, fold = job["seed_index"], job["fold"]
+        for spec in c.specs:
+            rc = model_config(c.cfg, s, spec.train, spec.transfer, c.sources, list(c.targets))
+            for name in c.targets:
+                run = store.find_run(c.exp_id, evaluation_hash(rc, fold, spec, name))
+                records.append({"method": spec.text, "target": name, "seed": rc["seed"], "fold": fold["fold"],
+                                "run_id": run.info.run_id})
+    return records
+
+
+def run_compare(cfg: dict, progress: bool = True, runner=None) -> str:
+    """Run (or resume) the comparison; returns the parent run id. Every input is checked before any run exists.
+    ``runner`` (``domgen.executors.get_executor``): where the seed x fold units run (``domgen.families.units``)."""
     if cfg.get("selection") not in SELECTIONS:
         raise DomgenError(f"--selection {cfg.get('selection')} is unknown; use one of {', '.join(SELECTIONS)}")
     for text in cfg.get("methods") or ["erm"]:  # unknown names before the suite is read (or generated)
@@ -228,8 +275,14 @@ def run_compare(cfg: dict, progress: bool = True) -> str:
     specs = parse_methods(list(cfg.get("methods") or ["erm"]), cfg, sources)
     cfg = with_content_digests({**cfg, "sources": sources, "targets": targets}, [*sources, *targets])
     exp_id, h, finished = store.round_lookup(EXPERIMENT, hashed_view(cfg))
-    if finished:
+    if finished:  # its tables, without preparing data or starting an executor's tracking server
         return finished
+    with units.shared_store(runner, EXPERIMENT):
+        return _run(cfg, suite, sources, targets, specs, progress, runner, exp_id, h)
+
+
+def _run(cfg: dict, suite, sources: list[str], targets: list[str], specs: list[Spec], progress: bool, runner, exp_id: str,
+         h: str) -> str:
     pre = SlicePreprocessing.from_config(cfg["preprocessing"])
     prepared = {n: prepare_dataset(suite, n, pre, progress) for n in [*sources, *targets]}
     if cfg["selection"] == "oracle":
@@ -247,19 +300,11 @@ def run_compare(cfg: dict, progress: bool = True) -> str:
                                                         selection=cfg["selection"], methods=",".join(s.text for s in specs)))
     with store.finishing(parent_id):
         c = Comparison(cfg, exp_id, parent_id, source, {n: prepared[n] for n in targets}, sources, specs, pre, progress)
-        records = []
-        for s in range(cfg["seeds"]):
-            folds = loo.fold_splits(model_config(cfg, s, "erm", False, sources, targets), source)
-            for fold in folds:
-                models = {}
-                for spec in specs:
-                    rc = model_config(cfg, s, spec.train, spec.transfer, sources, targets)
-                    if spec.model not in models:
-                        models[spec.model] = train_model(c, rc, fold, spec.train)
-                    for name in targets:
-                        records.append(evaluate_spec(c, rc, fold, spec, name, models[spec.model]))
+        jobs = [{"name": f"seed {s} fold {fold['fold']}", "seed_index": s, "fold": fold} for s in range(cfg["seeds"])
+                for fold in loo.fold_splits(model_config(cfg, s, "erm", False, sources, targets), source)]
+        units.run_units(runner, compare_unit, jobs, shared=units.for_units(runner, c), what="seed x fold unit", progress=progress)
         with store.artifact_dir() as tmp:
-            (tmp / RUNS_ARTIFACT).write_text(json.dumps(records, indent=1))
+            (tmp / RUNS_ARTIFACT).write_text(json.dumps(records_of(c, jobs), indent=1))
             store.log_artifact_file(parent_id, tmp / RUNS_ARTIFACT)
         tables = compare_tables(parent_id)
         log_tables(parent_id, tables)

@@ -208,7 +208,7 @@ def train_fold(r: Round, fold: dict):
         with store.tracked_run(r.exp_id, f"fold {k} | {r.cfg['source']} in-domain", r.cfg, tags, r.parent_id) as run:
             seed_everything(r.train_settings.seed + k)
             model = copy.deepcopy(r.pretrained) if r.pretrained is not None else initial_model(r.cfg)
-            settings = TrainSettings.from_config(r.cfg["train"], seed=r.cfg["seed"] + k, device=r.cfg["device"])
+            settings = replace(r.train_settings, seed=r.cfg["seed"] + k)  # the round's settings (compare: its method's augmentation)
             train_part, val_part = r.fold_sets(fold) if r.fold_sets else (r.source.of_patients(fold["train"]), r.source.of_patients(fold["val"]))
             result = train(model, train_part, val_part, settings,
                            on_epoch=store.epoch_logger(run.info.run_id), progress=r.progress, desc=f"fold {k} train {r.cfg['source']}")

@@ -31,10 +31,11 @@ AUGMENTATIONS = {"none": list, "enshaei": _enshaei, "bizopoulos": _bizopoulos,
                  "bigaug": dg_augment.bigaug, "gin": dg_augment.gin}
 
 
-def build_augmentation(name: str, seed: int) -> A.Compose | None:
+def build_augmentation(name: str, seed: int, params: dict | None = None) -> A.Compose | None:
+    """The recipe ``name`` (its builder called with ``params``, e.g. GIN's layers), seeded."""
     if name not in AUGMENTATIONS:
         raise ValueError(f"unknown augmentation {name!r}; choose one of {sorted(AUGMENTATIONS)}")
-    transforms = AUGMENTATIONS[name]()
+    transforms = AUGMENTATIONS[name](**(params or {}))
     if not transforms:
         return None
     pipeline = A.Compose(transforms)

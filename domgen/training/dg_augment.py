@@ -100,21 +100,21 @@ class BigAugIntensity(_Intensity):
         return img * (1.0 + scale) + shift
 
 
-def bigaug() -> list:
-    """Zhang et al. 2020 (IEEE TMI 39(7)) deep stacked transformations: nine steps in three groups, each with p = 0.5,
-    in the paper's order (image quality, appearance, spatial).
+def bigaug(p: float = 0.5) -> list:
+    """Zhang et al. 2020 (IEEE TMI 39(7)) deep stacked transformations: nine steps in three groups, each with
+    probability ``p`` (the paper's 0.5, row ``method.bigaug.p``), in the paper's order (image quality, appearance, spatial).
 
     Departures: 2D slices, not 3D volumes; the deformation is albumentations' elastic field (alpha 30, sigma 5 px) for
     the paper's; contrast's power law acts on the slice rescaled to [0, 1] (domgen's slices are z-scored)."""
     return [
         # image quality
-        BigAugSharpen(p=0.5), BigAugBlur(p=0.5), BigAugNoise(p=0.5),
+        BigAugSharpen(p=p), BigAugBlur(p=p), BigAugNoise(p=p),
         # appearance
-        BigAugBrightness(p=0.5), BigAugContrast(p=0.5), BigAugIntensity(p=0.5),
+        BigAugBrightness(p=p), BigAugContrast(p=p), BigAugIntensity(p=p),
         # spatial: rotation +-20 degrees, scaling 0.4..1.6, elastic deformation; the mask moves with the image
-        A.Affine(rotate=(-20, 20), interpolation=cv2.INTER_LINEAR, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=0.5),
-        A.Affine(scale=(0.4, 1.6), interpolation=cv2.INTER_LINEAR, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=0.5),
-        A.ElasticTransform(alpha=30, sigma=5, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=0.5),
+        A.Affine(rotate=(-20, 20), interpolation=cv2.INTER_LINEAR, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=p),
+        A.Affine(scale=(0.4, 1.6), interpolation=cv2.INTER_LINEAR, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=p),
+        A.ElasticTransform(alpha=30, sigma=5, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=p),
     ]
 
 
@@ -158,5 +158,7 @@ class GlobalIntensityNonlinear(_Intensity):
         return ("layers", "channels")
 
 
-def gin() -> list:
-    return [GlobalIntensityNonlinear(p=1.0)]
+def gin(layers: int = 4, channels: int = 2) -> list:
+    """GIN with ``layers`` convolutions and ``channels`` intermediate channels (rows ``method.gin.layers`` and
+    ``method.gin.channels``; GIN-IPA's defaults: 4 layers, 2 intermediate channels, kernels from {1, 3})."""
+    return [GlobalIntensityNonlinear(layers=int(layers), channels=int(channels), p=1.0)]

@@ -52,6 +52,7 @@ class TrainSettings:
     schedule: str = "constant"  # "constant" or "poly" (Wang et al.)
     poly_power: float = 0.9
     augment: str = "enshaei"
+    augment_params: dict | None = None  # keyword arguments of the recipe's builder (domgen compare: rows method.<name>.*)
     seed: int = 0
     device: str = "cpu"
     optimizer: str = "adam"  # an OPTIMIZERS name: adam (Enshaei, Bizopoulos) | sgd (Wang et al.: nnU-Net's SGD)
@@ -213,10 +214,10 @@ class SliceDataset(Dataset):
     """Slices with their augmentation. An item is ``i`` (epoch 0) or ``(epoch, i)`` from an ``EpochSampler``: the
     augmentation is reseeded from (seed, epoch, i) for each item, so no worker process's own random state enters."""
 
-    def __init__(self, slices: SliceSet, augment: str = "none", seed: int = 0) -> None:
+    def __init__(self, slices: SliceSet, augment: str = "none", seed: int = 0, params: dict | None = None) -> None:
         self.slices = slices
         self.seed = seed
-        self.transform = build_augmentation(augment, seed)
+        self.transform = build_augmentation(augment, seed, params)
 
     def __len__(self) -> int:
         return len(self.slices)
@@ -269,7 +270,7 @@ def slice_loader(train_set: SliceSet, settings: "TrainSettings") -> tuple[DataLo
     sampler = EpochSampler(len(train_set), settings.seed)
     workers = settings.loader_workers
     loader = DataLoader(
-        SliceDataset(train_set, settings.augment, settings.seed),
+        SliceDataset(train_set, settings.augment, settings.seed, settings.augment_params),
         batch_size=settings.batch_size, sampler=sampler, drop_last=len(train_set) > settings.batch_size,
         num_workers=workers, persistent_workers=workers > 0, pin_memory=resolve_pin_memory(settings.pin_memory, settings.device),
         worker_init_fn=functools.partial(seed_loader_worker, settings.seed) if workers > 0 else None,
