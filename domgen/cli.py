@@ -86,6 +86,13 @@ def _tracking(tracking_uri: str | None, existing: bool = False) -> str:
     return uri
 
 
+def _echo_address(run_id: str, what: str = "run") -> None:
+    """One line: the run's id and where it opens in the MLflow UI's training-runs view."""
+    from domgen.tracking import mlflow_store as store
+
+    click.echo(f"{what} {run_id}: {store.run_address(run_id)}")
+
+
 # ---------------------------------------------------------------- data
 @main.group(cls=DomgenGroup)
 def data():
@@ -129,7 +136,7 @@ def data_check(name, suite, profile, lung_mask, overrides, no_count):
     spec = load_suite(suite).get(name)
     keep, rule = None, None
     if not no_count:
-        cfg = _resolve("leave_one_out", profile, overrides, **{"preprocessing.lung_mask": lung_mask})
+        cfg = _resolve("leave-one-out", profile, overrides, **{"preprocessing.lung_mask": lung_mask})
         pre = SlicePreprocessing.from_config(cfg["preprocessing"])
         provider = get_lung_mask_provider(pre.lung_mask, **({"weights": pre.lungmask_weights} if pre.lungmask_weights else {}))
         rule = f"{pre.keep_slices} (lung mask: {pre.lung_mask})"
@@ -252,13 +259,14 @@ def _runner(executor: str, workers: int, address: str | None, gpus_per_trial: fl
 
 
 def _resolve(family: str, profile: str, overrides, **flat) -> dict:
-    """Profile + ``--set`` + flags, every value checked against ``domgen.settings`` (before any file or run)."""
-    from domgen.config import apply_overrides, load_profile
-    from domgen.settings import environment, validate
+    """Profile + ``--set`` + flags of ``FAMILIES[family]``, every value checked against ``domgen.settings`` (before
+    any file or run)."""
+    from domgen.families import FAMILIES
+    from domgen.settings import environment
 
     environment("DOMGEN_THREADS")
     environment("DOMGEN_HEARTBEAT_SECONDS")
-    cfg = validate(apply_overrides(load_profile(family, profile), overrides, **flat))
+    cfg = FAMILIES[family].config(profile, overrides, **flat)
     # imported after the checks above, so a mistyped flag is refused before torch and MLflow load
     from domgen.families.common import check_datasets
 
@@ -331,7 +339,7 @@ def leave_one_out(source, targets, folds, ci_min, ci_rule, ci_quantile, min_pixe
     and the slices kept and dropped per dataset. Re-running the same command resumes: finished runs are
     found by their config hash.
     """
-    cfg = _resolve("leave_one_out", profile, overrides, **{
+    cfg = _resolve("leave-one-out", profile, overrides, **{
         "source": source, "targets": targets, "folds": folds, "suite": suite, "seed": seed, "device": device,
         "model.arch": arch, "model.encoder": encoder,
         "model.encoder_weights": encoder_weights, "preprocessing.lung_mask": lung_mask,
@@ -342,10 +350,11 @@ def leave_one_out(source, targets, folds, ci_min, ci_rule, ci_quantile, min_pixe
         "preprocessing.keep_slices": keep_slices,
         **{f"pseudolabel.{k}": v for k, v in _selection_settings(confidence, filters, per_patient_max, min_patients, size_strata,
                                                                  select_by, seeds).items()}})
-    from domgen.families.leave_one_out import EXPERIMENT, run_leave_one_out
+    from domgen.families import FAMILIES
     from domgen.tracking import mlflow_store as store
     from domgen.reports.report import leave_one_out_tables, to_markdown
 
+    family = FAMILIES["leave-one-out"]
     if init_run:
         if cfg.get("init_checkpoint"):
             raise DomgenError("give at most one of --init-run and --init-checkpoint")
@@ -354,15 +363,16 @@ def leave_one_out(source, targets, folds, ci_min, ci_rule, ci_quantile, min_pixe
     runner = _runner(executor, workers, address, gpus_per_trial, cfg)
     _threads(cfg["device"])
     uri = _tracking(tracking_uri)
-    parent = run_leave_one_out(cfg, progress=not quiet, runner=runner)
+    parent = family.run_config(cfg, progress=not quiet, runner=runner)
     tables = leave_one_out_tables(parent)
     for name, caption in LEAVE_ONE_OUT_CAPTIONS.items():
-        click.echo(f"\n{caption.format(experiment=EXPERIMENT, run=parent, uri=uri)}\n")
+        click.echo(f"\n{caption.format(experiment=family.experiment, run=parent, uri=uri)}\n")
         click.echo(to_markdown(tables[name]))
     differs = store.get_run(parent).data.tags.get("domgen.init_input_differs")
     if differs:
         click.echo(f"\nNote: the start model was trained on other input than this round's ({differs}).")
-    click.echo(f"\nAll tables: `domgen report --experiment {EXPERIMENT} --run-id {parent}`; browse: `domgen ui`")
+    click.echo(f"\nAll tables: `domgen report --experiment {family.experiment} --run-id {parent}`; browse: `domgen ui`")
+    _echo_address(parent)
 
 
 @main.command("compare")
@@ -389,13 +399,14 @@ def compare(sources, targets, methods, seeds, folds, selection, init_run, execut
         "sources": sources, "targets": targets, "methods": methods, "seeds": seeds, "folds": folds, "selection": selection,
         "init_run": init_run, "suite": suite, "seed": seed, "device": device, "model.encoder_weights": encoder_weights,
         "preprocessing.lung_mask": lung_mask, "preprocessing.lungmask_weights": lungmask_weights})
-    from domgen.families.compare import EXPERIMENT, compare_tables, run_compare, selection_label
+    from domgen.families import FAMILIES
+    from domgen.families.compare import EXPERIMENT, compare_tables, selection_label
     from domgen.tracking.tables import to_markdown
 
     runner = _runner(executor, workers, address, gpus_per_trial, cfg)
     _threads(cfg["device"])
     uri = _tracking(tracking_uri)
-    parent = run_compare(cfg, progress=not quiet, runner=runner)
+    parent = FAMILIES["compare"].run_config(cfg, progress=not quiet, runner=runner)
     tables = compare_tables(parent)
     click.echo(f"\nMethods per target (mean [95 % t interval] over seeds x folds; model selection: "
                f"{selection_label(cfg['selection'])}; experiment {EXPERIMENT}, run {parent}, {uri})\n")
@@ -403,6 +414,7 @@ def compare(sources, targets, methods, seeds, folds, selection, init_run, execut
     click.echo("\nAverage rank over targets (by mean DSC, 1 best)\n")
     click.echo(to_markdown(tables["ranks"]))
     click.echo(f"\nAll tables and the plot: `domgen report --experiment {EXPERIMENT} --run-id {parent}`")
+    _echo_address(parent)
 
 
 @main.command("pseudolabel")
@@ -457,6 +469,7 @@ def pseudolabel(target, run_id, checkpoint, ci_min, ci_rule, ci_quantile, min_pi
     for phase, m in result.items():
         click.echo(f"{phase:10s}{m.get('dsc', float('nan')):8.3f}{m.get('sen', float('nan')):8.3f}{m.get('spc', float('nan')):8.3f}  {m['run_id']}")
     click.echo(f"pseudo-labelled slices: {int(result['enhanced'].get('n_pseudo_labels', 0))}")
+    _echo_address(result["enhanced"]["run_id"], "enhanced run")
     if reviewed_dir is not None:
         m = result["enhanced"]
         click.echo(f"review: {int(m.get('review_kept', 0))} kept, {int(m.get('review_corrected', 0))} corrected "
@@ -480,7 +493,8 @@ def confidence(target, run_id, checkpoint, top_k, suite, device, tracking_uri, q
     calibration (ECE, ACE, MCE) of the in-domain test set and of TARGET before and after temperature scaling (fitted on
     the fold's source validation slices). Logged to MLflow (experiment domgen-confidence) with the DSC-vs-score,
     risk-coverage and reliability plots."""
-    from domgen.families.confidence import EXPERIMENT, confidence_tables, run_confidence
+    from domgen.families import FAMILIES
+    from domgen.families.confidence import EXPERIMENT, confidence_tables
     from domgen.families.leave_one_out import checkpoint_of_run
     from domgen.tracking import mlflow_store as store
     from domgen.reports.report import to_markdown
@@ -492,7 +506,7 @@ def confidence(target, run_id, checkpoint, top_k, suite, device, tracking_uri, q
     _threads(device or "cpu")
     with store.artifact_dir() as tmp:
         path = checkpoint if checkpoint else checkpoint_of_run(run_id, tmp)
-        run, _ = run_confidence(path, target, top_k, suite=suite, device=device, progress=not quiet)
+        run, _ = FAMILIES["confidence"].run_function()(path, target, top_k, suite=suite, device=device, progress=not quiet)
     tables = confidence_tables(run)
     click.echo(f"\nConfidence scores on {target}: Spearman with the true slice DSC [95 % CI], AURC / E-AURC (risk 1 - slice DSC) "
                f"[95 % CI] and mean true DSC of the top {top_k} ({EXPERIMENT}, run {run}, {uri})\n\n{to_markdown(tables['confidence'])}")
@@ -504,6 +518,7 @@ def confidence(target, run_id, checkpoint, top_k, suite, device, tracking_uri, q
 
         click.echo(f"\nLesion-pixel calibration ({NUM_BINS} equal bins; ECE weighted by pixels, ACE unweighted, MCE the worst bin; "
                    f"temperature fitted on source validation slices):\n\n{to_markdown(tables['calibration'])}")
+    _echo_address(run)
 
 
 # ---------------------------------------------------------------- transfer
@@ -545,7 +560,8 @@ def transfer(target, pretrain, strategy, folds, arch, encoder, splits_file, dims
         if given:
             raise DomgenError(f"{', '.join(given)} set the 2D model and slices; with --dims 3 the 3D U-Net and its volumes come "
                               "from the profile's volume section (--set volume.model.features=..., volume.preprocessing.*)")
-    from domgen.families.transfer import EXPERIMENT, check_inputs, run_transfer
+    from domgen.families import FAMILIES
+    from domgen.families.transfer import EXPERIMENT, check_inputs
     from domgen.reports.report import to_markdown
     from domgen.reports.transfer_report import transfer_tables
 
@@ -553,10 +569,11 @@ def transfer(target, pretrain, strategy, folds, arch, encoder, splits_file, dims
     runner = _runner(executor, workers, address, gpus_per_trial, cfg)
     _threads(cfg["device"])
     uri = _tracking(tracking_uri)
-    parent = run_transfer(cfg, progress=not quiet, runner=runner)
+    parent = FAMILIES["transfer"].run_config(cfg, progress=not quiet, runner=runner)
     click.echo(f"\n{EXPERIMENT}, parent run {parent} ({uri})")
     for name, df in transfer_tables(parent).items():
         click.echo(f"\n{TRANSFER_CAPTIONS[name]}\n\n{to_markdown(df)}")
+    _echo_address(parent)
 
 
 # ---------------------------------------------------------------- reports and UI
@@ -596,6 +613,7 @@ def report(experiment, run_id, out, tracking_uri, compare, against_paper, paper_
         click.echo(f"\nSweep {built['parent_id']} against the published Table II (ours minus paper; Sens/Spec/Dice in %, "
                    f"differences in percentage points)\n\n{to_markdown(built['shown'])}\n\n{built['summary']}\n"
                    f"wrote {len(built['files'])} files to {built['folder']}")
+        _echo_address(built["parent_id"], "sweep")
         return
     family = None if compare else family_of_experiment(experiment)
     _tracking(tracking_uri, existing=True)
@@ -611,6 +629,7 @@ def report(experiment, run_id, out, tracking_uri, compare, against_paper, paper_
     for name, df in built["tables"].items():
         click.echo(f"\n{name}\n\n{to_markdown(df)}")
     click.echo(f"\nwrote {len(built['files'])} files to {built['folder']}")
+    _echo_address(built["parent_id"])
 
 
 @main.command("ui")
@@ -704,7 +723,8 @@ def benchmark(experiments, archs, encoders, weights, profile, suite, device, see
     cfg = _resolve("benchmark", profile, overrides, suite=suite, device=device, **grid)  # every --set checked
 
     from domgen.executors import get_executor
-    from domgen.families.benchmark import EXPERIMENT, RETRY_KEYS, dry_run as list_configurations, resolve, retry_overrides, run_benchmark
+    from domgen.families import FAMILIES
+    from domgen.families.benchmark import EXPERIMENT, RETRY_KEYS, dry_run as list_configurations, resolve, retry_overrides
 
     cfg = resolve(cfg)
     retry_with = {}
@@ -726,12 +746,13 @@ def benchmark(experiments, archs, encoders, weights, profile, suite, device, see
                    f"{counts['todo']} to run ({EXPERIMENT} at {uri})")
         return
     _threads(cfg["device"])
-    result = run_benchmark(cfg, executor=executor, workers=workers, address=address, retry_failed=retry_failed, progress=not quiet,
-                           retry_with=retry_with, gpus_per_trial=gpus_per_trial)
+    result = FAMILIES["benchmark"].run_config(cfg, progress=not quiet, executor=executor, workers=workers, address=address,
+                                              retry_failed=retry_failed, retry_with=retry_with, gpus_per_trial=gpus_per_trial)
     for name, reason in result.failed.items():
         click.echo(f"failed: {name}: {reason}", err=True)
     click.echo(f"sweep {result.parent_id}: {result.finished} finished now, {result.skipped} already done, {len(result.failed)} failed, "
                f"{result.elsewhere} running in another driver ({result.seconds:.0f} s). Report: domgen report --experiment {EXPERIMENT}" + (f" --tracking-uri {tracking_uri}" if tracking_uri else ""))
+    _echo_address(result.parent_id, "sweep")
 
 
 @main.command("export")
@@ -787,12 +808,13 @@ def cross_validate(source, external, folds, sampler, ablation, suite, profile, s
         raise DomgenError("--encoder-weights applies to the 2D smp encoders; the 3D U-Net of cross-validate starts from random weights")
     if external is not None:  # through the overrides, so the external dataset is checked with the others
         overrides = (*overrides, f"external={'null' if external.lower() == 'none' else external}")
-    cfg = _resolve("cross_validate", profile, overrides, **{
+    cfg = _resolve("cross-validate", profile, overrides, **{
         "source": source, "folds": folds, "suite": suite, "seed": seed, "device": device, "train.sampler": sampler,
         "preprocessing.lung_mask": lung_mask})
     if lungmask_weights is not None:
         raise DomgenError("--lungmask-weights is not used by cross-validate; lung masks come from --lung-mask (reference or threshold)")
-    from domgen.families.cross_validate import EXPERIMENT, run_ablation, run_cross_validate
+    from domgen.families import FAMILIES
+    from domgen.families.cross_validate import EXPERIMENT, run_ablation
     from domgen.tracking import mlflow_store as store
     from domgen.reports.cross_validate_report import ablation_table, cross_validate_tables
     from domgen.reports.report import to_markdown
@@ -804,11 +826,12 @@ def cross_validate(source, external, folds, sampler, ablation, suite, profile, s
         parents = run_ablation(cfg, progress=not quiet, runner=runner)
         click.echo(f"\nSensitivity analysis - {EXPERIMENT} ({uri}), median ± SD over volumes\n\n{to_markdown(ablation_table(parents))}")
         return
-    parent = run_cross_validate(cfg, progress=not quiet, runner=runner)
+    parent = FAMILIES["cross-validate"].run_config(cfg, progress=not quiet, runner=runner)
     click.echo(f"\n{EXPERIMENT}, parent run {parent} ({uri}); median ± SD over volumes")
     for name, df in cross_validate_tables(parent).items():
         click.echo(f"\n{name}\n\n{to_markdown(df)}")
     click.echo(f"\nTables again: `domgen report --experiment {EXPERIMENT} --run-id {parent}`")
+    _echo_address(parent)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """Experiment families: a config (``experiments/<family>/``) plus one function that expands it into runs.
 
-``FAMILIES`` lists them, the way DomainBed lists ``ALGORITHMS``: the CLI's ``report`` finds a family by its
-MLflow experiment here instead of comparing names, and a new family is one more entry.
+A family is one ``Family`` object in ``FAMILIES``, the way DomainBed lists ``ALGORITHMS``: its name (the CLI command),
+MLflow experiment, profiles folder, settings rows, run function and tables. The CLI runs a family and ``report``
+rebuilds its tables through this entry alone; a new family is one more entry (README: "Adding a family").
+Functions are named by "module:function" string, so this list never imports the families (or reports) it names.
 """
 from __future__ import annotations
 
@@ -15,13 +17,36 @@ from domgen.errors import DomgenError
 
 @dataclass(frozen=True)
 class Family:
-    name: str  # the CLI command and the profile's ``family``
+    name: str  # the CLI command, the profile's ``family`` and the ``families`` of its rows in domgen.settings.SETTINGS
     experiment: str  # the MLflow experiment
     profiles: str  # folder under experiments/
     parent_role: str  # ``domgen.role`` of its parent runs ("a|b": either)
-    module: str  # where run_* lives
+    # "module:function(cfg, progress=..., **options)": expands a validated config into runs; returns the parent run id
+    # (benchmark: a result holding it)
+    run: str
     tables: str  # "module:function" returning {name: DataFrame} for a parent run id
     report: str = "domgen.families:round_report"  # "module:function(family, out, run_id)" writing the report
+
+    def settings(self) -> list:
+        """The family's config class: its rows of ``domgen.settings.SETTINGS`` (key, type, default, range, help)."""
+        from domgen import settings
+
+        return [s for s in settings.SETTINGS if self.name in s.families]
+
+    def config(self, profile: str = "quick", overrides=(), **flat) -> dict:
+        """Profile (a name under experiments/<profiles>/ or a YAML path) + ``--set`` overrides + dotted flags, every
+        value checked against the family's settings: one DomgenError sentence for the first wrong one."""
+        from domgen.config import apply_overrides, load_profile
+        from domgen.settings import validate
+
+        return validate(apply_overrides(load_profile(self.profiles, profile), overrides, **flat))
+
+    def run_function(self) -> Callable:
+        return _load(self.run)
+
+    def run_config(self, cfg: dict, progress: bool = True, **options):
+        """Run (or resume) the family on a validated config; what its run function returns (the parent run id)."""
+        return self.run_function()(cfg, progress=progress, **options)
 
     def table_builder(self) -> Callable[[str], dict]:
         return _load(self.tables)
@@ -38,17 +63,19 @@ def _load(target: str):
 
 FAMILIES: dict[str, Family] = {
     "leave-one-out": Family("leave-one-out", "domgen-leave-one-out", "leave_one_out", "round|experiment",
-                            "domgen.families.leave_one_out", "domgen.reports.report:leave_one_out_tables"),
-    "transfer": Family("transfer", "domgen-transfer", "transfer", "round", "domgen.families.transfer",
+                            "domgen.families.leave_one_out:run_leave_one_out", "domgen.reports.report:leave_one_out_tables"),
+    "transfer": Family("transfer", "domgen-transfer", "transfer", "round", "domgen.families.transfer:run_transfer",
                        "domgen.reports.transfer_report:transfer_tables"),
-    "benchmark": Family("benchmark", "domgen-benchmark", "benchmark", "sweep", "domgen.families.benchmark",
+    "benchmark": Family("benchmark", "domgen-benchmark", "benchmark", "sweep", "domgen.families.benchmark:run_benchmark",
                         "domgen.reports.benchmark_report:benchmark_tables", "domgen.reports.benchmark_report:family_report"),
-    "cross-validate": Family("cross-validate", "domgen-cross-validate", "cross_validate", "round", "domgen.families.cross_validate",
+    "cross-validate": Family("cross-validate", "domgen-cross-validate", "cross_validate", "round",
+                             "domgen.families.cross_validate:run_cross_validate",
                              "domgen.reports.cross_validate_report:cross_validate_tables"),
-    "confidence": Family("confidence", "domgen-confidence", "confidence", "analysis", "domgen.families.confidence",
+    # scores a checkpoint (no profile): its run takes (checkpoint, target, top_k, ...) and returns (run id, table)
+    "confidence": Family("confidence", "domgen-confidence", "confidence", "analysis", "domgen.families.confidence:run_confidence",
                          "domgen.families.confidence:confidence_tables"),
     # issue 20: domain-generalisation methods side by side (DomainBed-style)
-    "compare": Family("compare", "domgen-compare", "compare", "comparison", "domgen.families.compare",
+    "compare": Family("compare", "domgen-compare", "compare", "comparison", "domgen.families.compare:run_compare",
                       "domgen.families.compare:compare_tables", "domgen.families.compare:family_report"),
 }
 

@@ -58,10 +58,15 @@ for _noisy in ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent", "ml
     logging.getLogger(_noisy).setLevel(logging.ERROR)
 
 
-def configure(tracking_uri: str | None = None) -> str:
+def _resolved(tracking_uri: str | None) -> str:
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    return uri
+
+
+def configure(tracking_uri: str | None = None) -> str:
+    uri = _resolved(tracking_uri)
     mlflow.set_tracking_uri(uri)
     return uri
 
@@ -71,9 +76,26 @@ def tracking_uri() -> str:
     return mlflow.get_tracking_uri()
 
 
-def ui_url(base: str, exp_id: str | None = None) -> str:
-    """The MLflow UI address of an experiment (or the experiment list) in its training-runs view."""
-    return f"{base.rstrip('/')}/#/experiments{'/' + exp_id if exp_id else ''}?{UI_VIEW}"
+def ui_url(base: str, exp_id: str | None = None, run_id: str | None = None) -> str:
+    """The MLflow UI address of a run, an experiment (or the experiment list) in its training-runs view."""
+    run = f"/runs/{run_id}" if exp_id and run_id else ""
+    return f"{base.rstrip('/')}/#/experiments{'/' + exp_id if exp_id else ''}{run}?{UI_VIEW}"
+
+
+def run_address(run_id: str) -> str:
+    """Where run ``run_id`` opens in the training-runs view: its address on an http(s) tracking server (which serves the
+    UI too), else the `domgen ui` command for this store and the address that UI will serve. MLflow 3.17 reads the
+    view from the address on every page, run pages included (the experiment tag only where it has no switch)."""
+    from domgen.settings import TABLE, UI
+
+    uri = tracking_uri()
+    exp_id = get_run(run_id).info.experiment_id
+    if uri.startswith(("http://", "https://")):
+        return f"open it at {ui_url(uri, exp_id, run_id)}"
+    # named unless it is ./mlflow.db (MLflow copies the configured URI into MLFLOW_TRACKING_URI, so that cannot tell)
+    command = "domgen ui" + ("" if uri == _resolved(DEFAULT_TRACKING_URI) else f" --tracking-uri {uri}")
+    base = f"http://127.0.0.1:{TABLE[(UI, 'port')].default}"
+    return f"open it with `{command}`, then {ui_url(base, exp_id, run_id)}"
 
 
 def check_store_exists(uri: str) -> None:
