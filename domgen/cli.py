@@ -298,7 +298,7 @@ def _check_pseudolabel_flags(flags: dict) -> None:
     from domgen.settings import LOO, validate
 
     try:
-        validate({"family": LOO, "pseudolabel": {k: v for k, v in flags.items() if v is not None}})
+        validate({"family": LOO, "pseudolabel": {k: v for k, v in flags.items() if v is not None}}, fill=False)
     except DomgenError as exc:
         raise _without_set(exc) from None
 

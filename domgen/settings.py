@@ -10,6 +10,7 @@ transfer strategies) are read from that registry when checked, so the table neve
 """
 from __future__ import annotations
 
+import copy
 import importlib
 import math
 import os
@@ -136,6 +137,11 @@ def S(key, kind, default, families, help, **kw) -> Setting:  # noqa: N802 - a ta
 
 
 _PROB = {"low": 0.0, "high": 1.0}
+# Müller et al.'s 3D set-up (cross-validate, and transfer --dims 3): tuples, so a dataclass field may take them as defaults
+_MULLER_FEATURES = (32, 64, 128, 256, 512)
+_MULLER_CLIP_HU = (-1250.0, 250.0)
+_MULLER_SPACING = (1.58, 1.58, 2.70)
+_MULLER_PATCH = (160, 160, 80)
 SETTINGS: list[Setting] = [
     # ------------------------------------------------------------ every family
     S("family", "str", None, EVERY, "the family this profile belongs to"),
@@ -221,7 +227,7 @@ SETTINGS: list[Setting] = [
       flag="--ci-quantile"),
     S("pseudolabel.confidence", "choice", "ci", (LOO,), "the score that ranks the slices", choices=_confidence_scores,
       flag="--confidence"),
-    S("pseudolabel.filters", "mapping", None, (LOO,), "minimums of other confidence scores, e.g. {tta: 0.9}", nullable=True,
+    S("pseudolabel.filters", "mapping", {}, (LOO,), "minimums of other confidence scores, e.g. {tta: 0.9} ({}: none)", nullable=True,
       flag="--filter"),
     S("pseudolabel.per_patient_max", "int", None, (LOO,), "at most this many pseudo-labelled slices per patient", low=1,
       nullable=True, flag="--per-patient-max"),
@@ -257,12 +263,13 @@ SETTINGS: list[Setting] = [
     S("dims", "int", 2, (TRANSFER,), "2: slices and smp models; 3: whole volumes and the 3D U-Net (the volume section)", low=2,
       high=3, flag="--dims"),
     S("volume.model.arch", "choice", "unet3d", (TRANSFER,), "3D architecture (dims 3)", choices=("unet3d",)),
-    S("volume.model.features", "ints", None, (TRANSFER,), "3D U-Net filters per level (dims 3)", low=1),
+    S("volume.model.features", "ints", _MULLER_FEATURES, (TRANSFER,), "3D U-Net filters per level (dims 3)", low=1),
     S("volume.model.in_channels", "int", 1, (TRANSFER,), "input channels (dims 3)", low=1),
     S("volume.preprocessing.enabled", "bool", True, (TRANSFER,), "Müller et al.'s volume preprocessing (dims 3)"),
-    S("volume.preprocessing.clip_hu", "floats", None, (TRANSFER,), "HU clip range [low, high] (dims 3)"),
-    S("volume.preprocessing.spacing", "floats", None, (TRANSFER,), "voxel size x, y, z in mm (dims 3)", low=0.0, low_open=True),
-    S("volume.train.patch_size", "ints", None, (TRANSFER,), "patch size x, y, z in voxels (dims 3)", low=1),
+    S("volume.preprocessing.clip_hu", "floats", _MULLER_CLIP_HU, (TRANSFER,), "HU clip range [low, high] (dims 3)"),
+    S("volume.preprocessing.spacing", "floats", _MULLER_SPACING, (TRANSFER,), "voxel size x, y, z in mm (dims 3)", low=0.0,
+      low_open=True),
+    S("volume.train.patch_size", "ints", _MULLER_PATCH, (TRANSFER,), "patch size x, y, z in voxels (dims 3)", low=1),
     S("volume.train.batch_size", "int", 2, (TRANSFER,), "patches per batch (dims 3)", low=1),
     S("volume.train.iterations_per_epoch", "int", 150, (TRANSFER,), "iterations per epoch (dims 3)", low=1),
     S("volume.train.epochs", "int", 30, (TRANSFER,), "maximum epochs (dims 3)", low=1),
@@ -302,15 +309,15 @@ SETTINGS: list[Setting] = [
     S("folds", "int", 3, (CV,), "k of the k-fold cross-validation", low=2, flag="--folds"),
     S("save_predictions", "bool", True, (CV,), "log label maps as NIfTI"),
     S("model.arch", "choice", "unet3d", (CV,), "3D architecture", choices=("unet3d",)),
-    S("model.features", "ints", None, (CV,), "filters per level, e.g. [32, 64, 128, 256, 512]", low=1),
+    S("model.features", "ints", _MULLER_FEATURES, (CV,), "filters per level", low=1),
     S("model.in_channels", "int", 1, (CV,), "input channels", low=1),
     S("model.classes", "int", 3, (CV,), "classes (background, lung, lesion)", low=2),
     S("preprocessing.enabled", "bool", True, (CV,), "the paper's preprocessing (false: stored intensities and grid)"),
-    S("preprocessing.clip_hu", "floats", None, (CV,), "HU clip range [low, high]"),
-    S("preprocessing.spacing", "floats", None, (CV,), "voxel size x, y, z in mm", low=0.0, low_open=True),
+    S("preprocessing.clip_hu", "floats", _MULLER_CLIP_HU, (CV,), "HU clip range [low, high]"),
+    S("preprocessing.spacing", "floats", _MULLER_SPACING, (CV,), "voxel size x, y, z in mm", low=0.0, low_open=True),
     S("preprocessing.lung_mask", "choice", "reference", (CV,), "where the lung class comes from", choices=_lung_masks,
       flag="--lung-mask"),
-    S("train.patch_size", "ints", None, (CV,), "patch size x, y, z in voxels", low=1),
+    S("train.patch_size", "ints", _MULLER_PATCH, (CV,), "patch size x, y, z in voxels", low=1),
     S("train.batch_size", "int", 2, (CV,), "patches per batch", low=1),
     S("train.iterations_per_epoch", "int", 150, (CV,), "iterations per epoch", low=1),
     S("train.epochs", "int", 30, (CV,), "maximum epochs", low=1),
@@ -385,6 +392,42 @@ def _compare_rows() -> list[Setting]:
 SETTINGS += _compare_rows()
 TABLE: dict[tuple[str, str], Setting] = {(fam, s.key): s for s in SETTINGS for fam in s.families}
 FAMILIES_WITH_SETTINGS = sorted({fam for s in SETTINGS for fam in s.families})
+
+# the families that have profiles: validate fills their omitted keys; the command-only families above have none
+PROFILED = (*EVERY, COMPARE)
+# partial sections: they only override the train section, so they are never filled
+_OVERRIDE_SECTIONS = ("strategy_train", "pretraining.train")
+
+
+def default(family: str, key: str):
+    """The default of ``key`` for ``family``: the one home of every number a typed settings class starts from
+    (``epochs: int = default(LOO, "train.epochs")``). A copy, so no caller can change the table's value."""
+    try:
+        return copy.deepcopy(TABLE[(family, key)].default)
+    except KeyError:
+        raise KeyError(f"{key} is not a {family} setting of domgen/settings.py; add its row to SETTINGS first") from None
+
+
+def _filled(value):
+    # the list a checked profile value would be (check_value gives lists), so hashes, params and YAML see one form
+    return [*value] if isinstance(value, tuple) else copy.deepcopy(value)
+
+
+def fill_defaults(cfg: dict, family: str) -> dict:
+    """``cfg`` with every key of ``family``'s rows it omits set to the row's default (in place; returned). A None
+    default means "not set" or "required" and stays absent; strategy_train and pretraining.train stay partial."""
+    if family not in PROFILED:
+        return cfg
+    for (fam, _), s in TABLE.items():
+        if fam != family or s.default is None or s.key.startswith(tuple(f"{o}." for o in _OVERRIDE_SECTIONS)):
+            continue
+        *parents, name = s.key.split(".")
+        node = cfg
+        for part in parents:
+            node = node.setdefault(part, {})
+        node.setdefault(name, _filled(s.default))
+    return cfg
+
 
 # Environment variables domgen reads, checked the same way.
 ENVIRONMENT: dict[str, Setting] = {
@@ -565,11 +608,14 @@ def _check_cross_fields(cfg: dict, family: str) -> None:
                 raise DomgenError(f"pseudolabel.filters (--filter) {name}={minimum!r} is not a number; give e.g. --filter {name}=0.9")
 
 
-def validate(cfg: dict) -> dict:
-    """``cfg`` with every value checked against ``SETTINGS`` and coerced to its type (in place; returned).
+def validate(cfg: dict, fill: bool = True) -> dict:
+    """``cfg`` with every value checked against ``SETTINGS`` and coerced to its type (in place; returned), and every
+    key of the family's rows it omits set to the row's default (``fill_defaults``), so the table is the one home of a
+    default: the typed classes, the runs' hashes and their MLflow params all see the same value.
 
     Keys the table does not list for the profile's family are refused (a typo in a profile is not silently
-    ignored); a family with no rows at all (one being added) only has its known keys checked.
+    ignored); a family with no rows at all (one being added) only has its known keys checked. ``fill=False`` checks a
+    partial section (a command's pseudo-label flags) as given.
     """
     family = cfg.get("family")
     strict = family in FAMILIES_WITH_SETTINGS
@@ -602,6 +648,8 @@ def validate(cfg: dict) -> dict:
             if setting is None:
                 raise DomgenError(f"setting pretraining.train.{key} is not a train setting; use the keys of the train section")
             cfg["pretraining"]["train"][key] = check_value(setting, value)
+    if fill:
+        fill_defaults(cfg, family)
     _check_image_size(cfg, family)
     _check_cross_fields(cfg, family)
     return cfg

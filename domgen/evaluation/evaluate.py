@@ -12,14 +12,18 @@ import pandas as pd
 
 from domgen.evaluation.metrics import confusion, overlap_metrics, summarise, surface_metrics
 from domgen.preprocessing.slices import SliceSet
+from domgen.settings import LOO, default
 
 
 @dataclass(frozen=True)
 class EvaluationSettings:
-    nsd_tolerance_mm: float = 3.0
-    empty: str = "both-empty-one"  # an EMPTY_CONVENTIONS name, for per-slice ratios
-    dice_eps: float = 0.0
-    surface: bool = True  # NSD/HD95 cost a distance transform per slice
+    """How predictions are scored; every default is the leave-one-out row of domgen/settings.py. The cut-off rows
+    (cutoff_candidates, cutoff, threshold) and the benchmark's resolution and sample_slices are read by the families."""
+
+    nsd_tolerance_mm: float = default(LOO, "evaluation.nsd_tolerance_mm")
+    empty: str = default(LOO, "evaluation.empty")  # an EMPTY_CONVENTIONS name, for per-slice ratios
+    dice_eps: float = default(LOO, "evaluation.dice_eps")
+    surface: bool = default(LOO, "evaluation.surface")  # NSD/HD95 cost a distance transform per slice
 
     @classmethod
     def from_config(cls, cfg: dict) -> "EvaluationSettings":

@@ -36,6 +36,7 @@ from domgen.models.checkpoint import load_checkpoint, save_checkpoint
 from domgen.models.unet3d import build_model_3d
 from domgen.preprocessing.splits import kfold_splits, write_splits
 from domgen.preprocessing.volume import Volume, VolumePreprocessing, case_affine, to_case_grid, to_zyx
+from domgen.settings import CV, default
 from domgen.tracking import mlflow_store as store
 from domgen.training.volume_trainer import VolumeTrainSettings, check_patch_fits, predict_volume, train_volumes
 
@@ -47,7 +48,8 @@ VALIDATION, EXTERNAL = "validation", "external"
 
 @dataclass
 class Settings:
-    """The resolved, checked sections of a cross-validate config."""
+    """The resolved, checked sections of a cross-validate config; a key a (validated, so filled) config lacks takes its
+    row's default from domgen/settings.py."""
 
     pre: VolumePreprocessing
     train: VolumeTrainSettings
@@ -60,15 +62,17 @@ class Settings:
     @classmethod
     def from_config(cls, cfg: dict) -> "Settings":
         inference, evaluation = cfg.get("inference", {}), cfg.get("evaluation", {})
-        overlap = float(inference.get("overlap", 0.5))
+        overlap = float(inference.get("overlap", default(CV, "inference.overlap")))
         if not 0.0 <= overlap < 1.0:
             raise DomgenError(f"inference.overlap {overlap} must be in [0, 1); the paper overlaps patches by half (0.5)")
-        empty = str(evaluation.get("empty", "nan"))
+        empty = str(evaluation.get("empty", default(CV, "evaluation.empty")))
         if empty not in EMPTY_CONVENTIONS:
             raise DomgenError(f"evaluation.empty {empty!r} is unknown; choose one of {', '.join(EMPTY_CONVENTIONS)}")
         train = VolumeTrainSettings.from_config(cfg["train"], seed=int(cfg["seed"]), device=str(cfg["device"]))
-        return cls(VolumePreprocessing.from_config(cfg["preprocessing"]), train, overlap, int(inference.get("sw_batch_size", 1)),
-                   float(evaluation.get("nsd_tolerance_mm", 3.0)), empty, bool(evaluation.get("surface", True)))
+        return cls(VolumePreprocessing.from_config(cfg["preprocessing"]), train, overlap,
+                   int(inference.get("sw_batch_size", default(CV, "inference.sw_batch_size"))),
+                   float(evaluation.get("nsd_tolerance_mm", default(CV, "evaluation.nsd_tolerance_mm"))), empty,
+                   bool(evaluation.get("surface", default(CV, "evaluation.surface"))))
 
 
 @dataclass

@@ -34,6 +34,7 @@ from domgen.methods.pseudolabel import (PseudoLabelSettings, ci_dice_spearman, c
 from domgen.models import build_model
 from domgen.preprocessing.slices import SlicePreprocessing, SliceSet
 from domgen.preprocessing.splits import kfold_splits, read_splits, train_val_test_split, write_splits
+from domgen.settings import LOO, default
 from domgen.tracking import mlflow_store as store
 from domgen.models.checkpoint import load_checkpoint, save_checkpoint
 from domgen.evaluation.artifacts import log_evaluation_artifacts
@@ -335,7 +336,8 @@ def _enhance_once(r: Round, fold: dict, name: str, model, cutoff: float, limit: 
             history.append(record)
             log_epoch(record)
 
-        monitor = target_monitor(slices, cutoff, settings.device, r.cfg["pseudolabel"].get("track_target_slices", 64), r.cfg["seed"])
+        tracked = r.cfg["pseudolabel"].get("track_target_slices", default(LOO, "pseudolabel.track_target_slices"))  # older configs lack it
+        monitor = target_monitor(slices, cutoff, settings.device, tracked, r.cfg["seed"])
         record: dict = {}
         model_out, rankings = enhance(copy.deepcopy(model), r.source.of_patients(fold["train"]), r.source.of_patients(fold["val"]),
                                       slices, cutoff, pl, settings, progress=r.progress, on_epoch=on_epoch, monitor=monitor,
@@ -519,12 +521,12 @@ def round_from_checkpoint(checkpoint: Path, target: str, pseudolabel: dict, suit
     if "config" not in ckpt or "fold" not in ckpt:
         raise DomgenError(f"checkpoint {checkpoint} does not record its config and fold; use a checkpoint written by `domgen leave-one-out`")
     cfg = copy.deepcopy(ckpt["config"])
-    from domgen.settings import LOO, validate
+    from domgen.settings import validate
 
     given = {k: v for k, v in pseudolabel.items() if v is not None}
     # checked as a profile's pseudolabel section (the checkpoint's own values were checked when its round ran); merged as
     # given, so the runs keep the hashes they had
-    validate({"family": LOO, "pseudolabel": copy.deepcopy(given)})
+    validate({"family": LOO, "pseudolabel": copy.deepcopy(given)}, fill=False)
     cfg["pseudolabel"] = {**cfg["pseudolabel"], **given}
     cfg["suite"] = suite or cfg["suite"]
     cfg["device"] = device or cfg["device"]

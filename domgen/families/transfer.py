@@ -77,8 +77,9 @@ def volume_section(cfg: dict) -> dict:
 
 def volume_model_config(cfg: dict) -> dict:
     # binary lesion target (background / lesion, 2 classes): the non-COVID lesions have no lung class to share, and
-    # effusion lies outside the lung mask; Wang et al. segment the lesion alone too
-    return {"arch": "unet3d", "in_channels": 1, **volume_section(cfg).get("model", {}), "classes": 2, "dims": 3}
+    # effusion lies outside the lung mask; Wang et al. segment the lesion alone too. The rest is the validated section,
+    # which settings.validate filled from the volume.model rows
+    return {**volume_section(cfg)["model"], "classes": 2, "dims": 3}
 
 
 def pretrain_names(cfg: dict) -> list[str]:
@@ -293,7 +294,7 @@ class VolumeSet:
 
 def lesion_volumes(suite, name: str, cfg: dict, progress: bool) -> list[Volume]:
     """The volumes of dataset ``name`` with training labels background 0 / lesion 1 (``truth`` keeps lesion = 2)."""
-    pre = VolumePreprocessing.from_config(volume_section(cfg).get("preprocessing", {}))
+    pre = VolumePreprocessing.from_config(volume_section(cfg)["preprocessing"])
     return [replace(v, labels=(v.labels == LESION).astype(np.uint8)) for v in load_volumes(suite, name, pre, progress, lung=False)]
 
 
@@ -303,9 +304,11 @@ def strategy_train_settings(cfg: dict, seed: int, overrides: dict | None = None)
 
 
 def volume_train_settings(cfg: dict, seed: int, overrides: dict | None = None) -> VolumeTrainSettings:
-    """``volume.train`` with a strategy's changes; strategy_train keys the patch trainer has not (patience, ...) are 2D-only."""
+    """``volume.train`` with a strategy's changes; strategy_train keys the patch trainer has not (patience, ...) are 2D-only.
+    Every field comes from the validated section (filled from transfer's volume.train rows: Wang et al.'s SGD and poly),
+    none from VolumeTrainSettings' defaults, which are cross-validate's (Müller et al.'s Adam on a plateau)."""
     known = {f.name for f in fields(VolumeTrainSettings)}
-    section = {**volume_section(cfg).get("train", {}), **{k: v for k, v in (overrides or {}).items() if k in known}}
+    section = {**volume_section(cfg)["train"], **{k: v for k, v in (overrides or {}).items() if k in known}}
     return VolumeTrainSettings.from_config(section, seed=seed, device=str(cfg["device"]))
 
 
@@ -313,16 +316,17 @@ def score_volumes(model, volumes: list[Volume], cfg: dict, train_settings: Volum
     """One row per test volume: DSC, NSD (``evaluation.nsd_tolerance_mm``), HD95, SEN, F1, ACC of the lesion on the case's
     own grid (``domgen.evaluation.volume_metrics``); the lesion is where its softmax probability exceeds ``evaluation.cutoff``.
     A volume with no lesion in truth and prediction has no DSC or NSD (NaN, left out of means), as in 2D."""
-    inference, evaluation = volume_section(cfg).get("inference", {}), cfg["evaluation"]
-    cutoff = float(evaluation.get("cutoff", 0.5))
+    # the validated config, filled from the table's rows (settings.validate): no fallback written here
+    inference, evaluation = volume_section(cfg)["inference"], cfg["evaluation"]
+    cutoff = float(evaluation["cutoff"])
     rows = []
     for volume in volumes:
-        probs = to_case_grid(predict_volume(model, volume, train_settings.patch_size, float(inference.get("overlap", 0.5)),
-                                            int(inference.get("sw_batch_size", 1)), train_settings.device), volume)
+        probs = to_case_grid(predict_volume(model, volume, train_settings.patch_size, float(inference["overlap"]),
+                                            int(inference["sw_batch_size"]), train_settings.device), volume)
         pred = (probs[1] > cutoff).astype(np.uint8) * LESION
         spacing = tuple(float(v) for v in np.diag(case_affine(volume.case))[:3])
-        m = volume_metrics(pred, volume.truth, spacing, float(evaluation.get("nsd_tolerance_mm", 3.0)), "nan",
-                           bool(evaluation.get("surface", True)))
+        m = volume_metrics(pred, volume.truth, spacing, float(evaluation["nsd_tolerance_mm"]), "nan",
+                           bool(evaluation["surface"]))
         # pixel-wise F1 = 2TP / (2TP + FP + FN) is the volume's DSC (Wang et al. report both)
         rows.append({"patient_id": volume.patient_id, "dataset": volume.case.dataset, "dsc": m["lesion_dsc"],
                      "nsd": m.get("lesion_nsd", np.nan), "hd95": m.get("lesion_hd95", np.nan), "sen": m["lesion_sen"],

@@ -20,6 +20,7 @@ from domgen.evaluation.statistics import spearman_interval
 from domgen.methods.certainty import Selection, certainty_index, rank_and_select
 from domgen.methods.confidence import CONFIDENCE_SCORES, NEEDS_TEMPERATURE, ScoreContext, fit_fold_temperature, score_slices
 from domgen.preprocessing.slices import SliceSet
+from domgen.settings import LOO, default
 from domgen.training.trainer import TrainSettings, predict_model_size, to_original_size, train
 
 MIXES = ("source+pseudo", "pseudo-only")
@@ -33,24 +34,31 @@ SELECT_BY = ("last", "source-val", "pseudo-val")
 
 @dataclass(frozen=True)
 class PseudoLabelSettings:
-    ci_min: float = 0.8
-    min_pixels: int = 50
-    min_pixels_at: int | None = None  # min_pixels is defined for a min_pixels_at^2 slice and scaled by area
-    top_k: int | None = None
-    top_fraction: float | None = None
-    mix: str = "source+pseudo"
-    rounds: int = 1
-    ci_rule: str = "fixed"
-    ci_quantile: float = 0.5
-    confidence: str = "ci"  # the score that ranks (a CONFIDENCE_SCORES name)
-    filters: dict = field(default_factory=dict)  # {score name: minimum} beside CI >= ci_min
-    per_patient_max: int | None = None
-    min_patients: int | None = None
-    size_strata: int | None = None
-    select_by: str = "source-val"
-    pseudo_val_fraction: float = 0.2  # with select_by pseudo-val: the share of pseudo-labelled patients held out
-    seeds: int = 1  # retraining repeats with seeds seed + fold + 1000 * s
-    retrain_epochs: int | None = None  # epochs of each retraining (None: train.epochs); it starts from the fold model
+    """The pseudolabel section; every default is its leave-one-out row of domgen/settings.py (track_target_slices, which
+    chooses nothing, is read by the family)."""
+
+    ci_min: float = default(LOO, "pseudolabel.ci_min")
+    min_pixels: int = default(LOO, "pseudolabel.min_pixels")
+    # min_pixels is defined for a min_pixels_at^2 slice and scaled by area
+    min_pixels_at: int | None = default(LOO, "pseudolabel.min_pixels_at")
+    top_k: int | None = default(LOO, "pseudolabel.top_k")
+    top_fraction: float | None = default(LOO, "pseudolabel.top_fraction")
+    mix: str = default(LOO, "pseudolabel.mix")
+    rounds: int = default(LOO, "pseudolabel.rounds")
+    ci_rule: str = default(LOO, "pseudolabel.ci_rule")
+    ci_quantile: float = default(LOO, "pseudolabel.ci_quantile")
+    confidence: str = default(LOO, "pseudolabel.confidence")  # the score that ranks (a CONFIDENCE_SCORES name)
+    # {score name: minimum} beside CI >= ci_min
+    filters: dict = field(default_factory=lambda: default(LOO, "pseudolabel.filters"))
+    per_patient_max: int | None = default(LOO, "pseudolabel.per_patient_max")
+    min_patients: int | None = default(LOO, "pseudolabel.min_patients")
+    size_strata: int | None = default(LOO, "pseudolabel.size_strata")
+    select_by: str = default(LOO, "pseudolabel.select_by")
+    # with select_by pseudo-val: the share of pseudo-labelled patients held out
+    pseudo_val_fraction: float = default(LOO, "pseudolabel.pseudo_val_fraction")
+    seeds: int = default(LOO, "pseudolabel.seeds")  # retraining repeats with seeds seed + fold + 1000 * s
+    # epochs of each retraining (None: train.epochs); it starts from the fold model
+    retrain_epochs: int | None = default(LOO, "pseudolabel.retrain_epochs")
 
     @classmethod
     def from_config(cls, cfg: dict) -> "PseudoLabelSettings":

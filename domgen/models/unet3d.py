@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from domgen.errors import DomgenError
+from domgen.settings import CV, default
 
 
 class ConvBlock3d(nn.Sequential):
@@ -124,13 +125,14 @@ ARCHITECTURES_3D = {"unet3d": UNet3d}
 
 def build_model_3d(cfg: dict) -> nn.Module:
     """A 3D model from the profile's ``model`` section: {arch: unet3d, features: [...], in_channels, classes}."""
-    arch = str(cfg.get("arch", "unet3d"))
+    arch = str(cfg.get("arch", default(CV, "model.arch")))
     if arch not in ARCHITECTURES_3D:
         raise DomgenError(f"model.arch {arch!r} is not a 3D architecture; choose one of {', '.join(ARCHITECTURES_3D)}")
-    features = cfg.get("features", (32, 64, 128, 256, 512))
+    features = cfg.get("features", default(CV, "model.features"))
     if not isinstance(features, (list, tuple)) or len(features) < 2 or not all(isinstance(f, int) and f > 0 for f in features):
         raise DomgenError(f"model.features {features!r} must be a list of at least two positive filter counts, e.g. [32, 64, 128, 256, 512]")
-    model = ARCHITECTURES_3D[arch](int(cfg.get("in_channels", 1)), int(cfg.get("classes", 3)), tuple(features))
+    model = ARCHITECTURES_3D[arch](int(cfg.get("in_channels", default(CV, "model.in_channels"))),
+                                   int(cfg.get("classes", default(CV, "model.classes"))), tuple(features))
     model.domgen_model_config = {"arch": arch, "features": list(features), "in_channels": int(cfg.get("in_channels", 1)),
                                  "classes": int(cfg.get("classes", 3)), "dims": 3}
     return model

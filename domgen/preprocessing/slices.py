@@ -15,6 +15,7 @@ from domgen.data.case import Case
 from domgen.errors import DomgenError
 from domgen.preprocessing.intensity import HU_FREE_NORMALISATIONS, NORMALISATIONS, hu_recoverable, require_hu, resize_slice, to_hu
 from domgen.preprocessing.lung_mask import get_lung_mask_provider, lung_mask_of
+from domgen.settings import LOO, default
 
 TARGETS = ("lesion", "lung")
 # which slices of a case become samples: every slice, slices with lung (>= min_lung_pixels), slices with lesion
@@ -23,16 +24,18 @@ KEEP_SLICES = ("all", "lung", "lesion")
 
 @dataclass(frozen=True)
 class SlicePreprocessing:
-    """How slices are made; every field is part of the run's config."""
+    """How slices are made; every field is part of the run's config, its default the leave-one-out row of domgen/settings.py."""
 
-    image_size: int = 64
-    lung_mask: str = "threshold"  # a LUNG_MASK_PROVIDERS name
-    lungmask_weights: str | None = None
-    normalisation: str = "zscore"  # a NORMALISATIONS name
-    mask_to_lung: bool = True  # zero the input outside the lungs (Enshaei; Bizopoulos lesion-b)
-    target: str = "lesion"  # "lesion" or "lung" (Bizopoulos' lung experiment)
-    min_lung_pixels: int = 1  # with keep_slices=lung: keep slices with at least this many lung pixels
-    keep_slices: str = "lung"  # a KEEP_SLICES name
+    image_size: int = default(LOO, "preprocessing.image_size")
+    lung_mask: str = default(LOO, "preprocessing.lung_mask")  # a LUNG_MASK_PROVIDERS name
+    lungmask_weights: str | None = default(LOO, "preprocessing.lungmask_weights")
+    normalisation: str = default(LOO, "preprocessing.normalisation")  # a NORMALISATIONS name
+    # zero the input outside the lungs (Enshaei; Bizopoulos lesion-b)
+    mask_to_lung: bool = default(LOO, "preprocessing.mask_to_lung")
+    target: str = default(LOO, "preprocessing.target")  # "lesion" or "lung" (Bizopoulos' lung experiment)
+    # with keep_slices=lung: keep slices with at least this many lung pixels
+    min_lung_pixels: int = default(LOO, "preprocessing.min_lung_pixels")
+    keep_slices: str = default(LOO, "preprocessing.keep_slices")  # a KEEP_SLICES name
 
     @classmethod
     def from_config(cls, cfg: dict) -> "SlicePreprocessing":

@@ -19,6 +19,7 @@ from monai.transforms import NormalizeIntensity, ScaleIntensity, Spacing, Spatia
 from domgen.data.case import Case
 from domgen.errors import DomgenError
 from domgen.preprocessing.lung_mask import get_lung_mask_provider
+from domgen.settings import CV, default
 
 BACKGROUND, LUNG, LESION = 0, 1, 2
 CLASS_NAMES = ("background", "lung", "lesion")
@@ -60,12 +61,14 @@ def class_labels(lesion_zyx: np.ndarray, lung_zyx: np.ndarray | None) -> np.ndar
 
 @dataclass(frozen=True)
 class VolumePreprocessing:
-    """``enabled: false`` feeds the stored intensities at the stored spacing (the paper's 'no preprocessing')."""
+    """``enabled: false`` feeds the stored intensities at the stored spacing (the paper's 'no preprocessing'). Every
+    default is the cross-validate ``preprocessing.*`` row of domgen/settings.py (Müller et al.'s values)."""
 
-    enabled: bool = True
-    clip_hu: tuple[float, float] = (-1250.0, 250.0)
-    spacing: tuple[float, float, float] | None = (1.58, 1.58, 2.70)  # x, y, z mm; None keeps the stored grid
-    lung_mask: str = "reference"
+    enabled: bool = default(CV, "preprocessing.enabled")
+    clip_hu: tuple[float, float] = default(CV, "preprocessing.clip_hu")
+    # x, y, z mm; None keeps the stored grid
+    spacing: tuple[float, float, float] | None = default(CV, "preprocessing.spacing")
+    lung_mask: str = default(CV, "preprocessing.lung_mask")
 
     @classmethod
     def from_config(cls, cfg: dict) -> "VolumePreprocessing":
@@ -83,10 +86,10 @@ class VolumePreprocessing:
             raise DomgenError(f"preprocessing.clip_hu {list(clip)} must be [low, high] with low < high, e.g. [-1250, 250]")
         if spacing is not None and (len(spacing) != 3 or min(spacing) <= 0):
             raise DomgenError(f"preprocessing.spacing {list(spacing)} must be three positive millimetres [x, y, z], e.g. [1.58, 1.58, 2.7]")
-        enabled = cfg.get("enabled", True)
+        enabled = cfg.get("enabled", cls.enabled)
         if not isinstance(enabled, bool):
             raise DomgenError(f"preprocessing.enabled must be true or false, not {enabled!r}")
-        return cls(enabled, clip, spacing, str(cfg.get("lung_mask", "reference")))
+        return cls(enabled, clip, spacing, str(cfg.get("lung_mask", cls.lung_mask)))
 
 
 @dataclass

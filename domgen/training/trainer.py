@@ -38,32 +38,39 @@ from tqdm.auto import tqdm
 
 from domgen.errors import DomgenError
 from domgen.preprocessing.slices import SliceSet
+from domgen.settings import LOO, default
 from domgen.training.augment import build_augmentation, seed_augmentation
 
 
 @dataclass(frozen=True)
 class TrainSettings:
-    epochs: int = 100
-    batch_size: int = 16
-    lr: float = 1e-3
-    patience: int | None = 5  # epochs without a better validation loss before stopping
-    loss: str = "dice+bce"  # a LOSSES name
-    select_by: str = "val_dsc"  # "val_dsc" (Enshaei), "val_loss" (Bizopoulos) or "last" (the final epoch's weights)
-    schedule: str = "constant"  # "constant" or "poly" (Wang et al.)
-    poly_power: float = 0.9
-    augment: str = "enshaei"
+    """The 2D train section; every default is its leave-one-out row of domgen/settings.py (the one home)."""
+
+    epochs: int = default(LOO, "train.epochs")
+    batch_size: int = default(LOO, "train.batch_size")
+    lr: float = default(LOO, "train.lr")
+    patience: int | None = default(LOO, "train.patience")  # epochs without a better validation loss before stopping
+    loss: str = default(LOO, "train.loss")  # a LOSSES name
+    # "val_dsc" (Enshaei), "val_loss" (Bizopoulos) or "last" (the final epoch's weights)
+    select_by: str = default(LOO, "train.select_by")
+    schedule: str = default(LOO, "train.schedule")  # "constant" or "poly" (Wang et al.)
+    poly_power: float = default(LOO, "train.poly_power")
+    augment: str = default(LOO, "train.augment")
     augment_params: dict | None = None  # keyword arguments of the recipe's builder (domgen compare: rows method.<name>.*)
     seed: int = 0
     device: str = "cpu"
-    optimizer: str = "adam"  # an OPTIMIZERS name: adam (Enshaei, Bizopoulos) | sgd (Wang et al.: nnU-Net's SGD)
-    momentum: float = 0.99  # sgd only
-    nesterov: bool = True  # sgd only
-    precision: str = "fp32"  # a PRECISIONS name: fp32 | bf16 | fp16 (CUDA only) | auto
-    channels_last: bool = False  # NHWC activations (faster convolutions on CPU with oneDNN)
-    loader_workers: int = 0  # DataLoader worker processes preparing batches (0: in the training process)
-    pin_memory: bool | str = "auto"  # page-locked batches for non-blocking copies to the GPU; auto: on with CUDA
-    device_data: bool = False  # slices on the device, augmented there in batches (device_augment.py)
-    compile: bool = False  # torch.compile the training forward/backward (eager where it cannot compile)
+    # an OPTIMIZERS name: adam (Enshaei, Bizopoulos) | sgd (Wang et al.: nnU-Net's SGD)
+    optimizer: str = default(LOO, "train.optimizer")
+    momentum: float = default(LOO, "train.momentum")  # sgd only
+    nesterov: bool = default(LOO, "train.nesterov")  # sgd only
+    precision: str = default(LOO, "train.precision")  # a PRECISIONS name: fp32 | bf16 | fp16 (CUDA only) | auto
+    channels_last: bool = default(LOO, "train.channels_last")  # NHWC activations (faster convolutions on CPU with oneDNN)
+    # DataLoader worker processes preparing batches (0: in the training process)
+    loader_workers: int = default(LOO, "train.loader_workers")
+    # page-locked batches for non-blocking copies to the GPU; auto: on with CUDA
+    pin_memory: bool | str = default(LOO, "train.pin_memory")
+    device_data: bool = default(LOO, "train.device_data")  # slices on the device, augmented there in batches (device_augment.py)
+    compile: bool = default(LOO, "train.compile")  # torch.compile the training forward/backward (eager where it cannot compile)
 
     def __post_init__(self) -> None:
         resolve_precision(self.precision, self.device)  # an unknown name, or fp16 on a CPU, is one sentence

@@ -26,6 +26,7 @@ from torch import nn
 
 from domgen.errors import DomgenError
 from domgen.preprocessing.volume import LESION, Volume
+from domgen.settings import CV, default
 from domgen.training.trainer import OPTIMIZERS, poly_lr, set_train_mode
 
 SAMPLERS = ("uniform", "foreground")
@@ -34,20 +35,24 @@ SCHEDULES = ("plateau", "poly", "constant")
 
 @dataclass(frozen=True)
 class VolumeTrainSettings:
-    patch_size: tuple[int, int, int] = (160, 160, 80)  # x, y, z voxels
-    batch_size: int = 2
-    iterations_per_epoch: int = 150
-    epochs: int = 1000  # an upper bound; early stopping ends training (the paper: patience 100)
-    lr: float = 1e-3
-    plateau_factor: float = 0.1
-    plateau_patience: int = 15
-    min_lr: float = 1e-5
-    early_stopping_patience: int = 100
-    sampler: str = "uniform"
-    augment: bool = True
-    augment_p: float = 0.15
-    tversky_alpha: float = 0.5
-    tversky_beta: float = 0.5
+    """Müller et al.'s patch trainer; every default with a row is its cross-validate ``train.*`` row of domgen/settings.py
+    (transfer --dims 3 passes its whole ``volume.train`` section, filled from its own rows). The optimiser fields have no
+    cross-validate row: Müller et al.'s Adam on a plateau schedule is fixed there, only transfer's rows change it."""
+
+    patch_size: tuple[int, int, int] = default(CV, "train.patch_size")  # x, y, z voxels
+    batch_size: int = default(CV, "train.batch_size")
+    iterations_per_epoch: int = default(CV, "train.iterations_per_epoch")
+    epochs: int = default(CV, "train.epochs")  # an upper bound; early stopping ends training (the paper: patience 100)
+    lr: float = default(CV, "train.lr")
+    plateau_factor: float = default(CV, "train.plateau_factor")
+    plateau_patience: int = default(CV, "train.plateau_patience")
+    min_lr: float = default(CV, "train.min_lr")
+    early_stopping_patience: int = default(CV, "train.early_stopping_patience")
+    sampler: str = default(CV, "train.sampler")
+    augment: bool = default(CV, "train.augment")
+    augment_p: float = default(CV, "train.augment_p")
+    tversky_alpha: float = default(CV, "train.tversky_alpha")
+    tversky_beta: float = default(CV, "train.tversky_beta")
     optimizer: str = "adam"  # an OPTIMIZERS name of domgen.training.trainer: adam (Müller et al.) | sgd (Wang et al.)
     momentum: float = 0.99  # sgd only
     nesterov: bool = True  # sgd only
@@ -67,16 +72,16 @@ class VolumeTrainSettings:
         if not isinstance(patch, (list, tuple)) or len(patch) != 3 or not all(isinstance(p, int) and p > 0 for p in patch):
             raise DomgenError(f"train.patch_size {patch!r} must be three positive voxel counts [x, y, z], e.g. [160, 160, 80]")
         values["patch_size"] = tuple(patch)
-        if values.get("sampler", "uniform") not in SAMPLERS:
+        if values.get("sampler", cls.sampler) not in SAMPLERS:
             raise DomgenError(f"train.sampler {values['sampler']!r} is unknown; choose one of {', '.join(SAMPLERS)}")
-        if values.get("schedule", "plateau") not in SCHEDULES:
+        if values.get("schedule", cls.schedule) not in SCHEDULES:
             raise DomgenError(f"train.schedule {values['schedule']!r} is unknown; choose one of {', '.join(SCHEDULES)}")
-        if values.get("optimizer", "adam") not in OPTIMIZERS:
+        if values.get("optimizer", cls.optimizer) not in OPTIMIZERS:
             raise DomgenError(f"train.optimizer {values['optimizer']!r} is unknown; choose one of {', '.join(OPTIMIZERS)}")
         for key in ("batch_size", "iterations_per_epoch", "epochs"):
             if not isinstance(values.get(key, 1), int) or values.get(key, 1) < 1:
                 raise DomgenError(f"train.{key} must be a positive integer, not {values[key]!r}")
-        if not 0.0 <= float(values.get("augment_p", 0.15)) <= 1.0:
+        if not 0.0 <= float(values.get("augment_p", cls.augment_p)) <= 1.0:
             raise DomgenError(f"train.augment_p {values['augment_p']!r} must be a probability in 0..1")
         return cls(**values)
 
