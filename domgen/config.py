@@ -40,30 +40,35 @@ def load_profile(family: str, profile: str) -> dict:
     return cfg
 
 
-def set_path(cfg: dict, dotted: str, value) -> None:
-    """Set ``a.b.c`` in a nested dict; the key must already exist so typos are caught."""
+def set_path(cfg: dict, dotted: str, value, known: frozenset[str] | set[str] = frozenset()) -> None:
+    """Set ``a.b.c`` in a nested dict; the key must already exist, or be one of ``known`` (the family's settings rows,
+    which a profile may leave to their table defaults), so typos are caught."""
     node = cfg
     parts = dotted.split(".")
     for part in parts[:-1]:
+        if dotted in known and part not in node:
+            node[part] = {}
         if not isinstance(node.get(part), dict):
             raise DomgenError(f"--set {dotted}: '{part}' is not a section of this profile; see the profile file for the keys")
         node = node[part]
-    if parts[-1] not in node:
+    if parts[-1] not in node and dotted not in known:
         raise DomgenError(f"--set {dotted}: unknown key '{parts[-1]}'; known keys here: {', '.join(sorted(node))}")
     node[parts[-1]] = value
 
 
-def apply_overrides(cfg: dict, overrides: list[str] | tuple[str, ...] = (), **flat) -> dict:
-    """A copy of ``cfg`` with ``key.sub=value`` overrides (values parsed as YAML) and dotted keyword pairs."""
+def apply_overrides(cfg: dict, overrides: list[str] | tuple[str, ...] = (), known: frozenset[str] | set[str] = frozenset(),
+                    **flat) -> dict:
+    """A copy of ``cfg`` with ``key.sub=value`` overrides (values parsed as YAML) and dotted keyword pairs; a key of
+    ``known`` (the family's settings rows) may be set where the profile leaves it to its default."""
     out = copy.deepcopy(cfg)
     for item in overrides:
         if "=" not in item:
             raise DomgenError(f"--set {item}: expected KEY=VALUE, e.g. --set train.epochs=3")
         key, raw = item.split("=", 1)
-        set_path(out, key.strip(), yaml.safe_load(raw))
+        set_path(out, key.strip(), yaml.safe_load(raw), known)
     for key, value in flat.items():
         if value is not None:
-            set_path(out, key, value)
+            set_path(out, key, value, known)
     return out
 
 

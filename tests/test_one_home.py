@@ -5,6 +5,7 @@ classes must start from the row's default, validate must fill what a profile omi
 a validated section must carry what the profile says, else the row's default.
 """
 import copy
+import re
 import dataclasses
 from pathlib import Path
 
@@ -12,6 +13,8 @@ import pytest
 import yaml
 
 from domgen import settings
+from domgen.config import EXPERIMENTS_DIR
+from domgen.errors import DomgenError
 from domgen.evaluation.evaluate import EvaluationSettings
 from domgen.families import cross_validate
 from domgen.families.transfer import volume_train_settings
@@ -157,3 +160,16 @@ def test_default_names_an_unknown_key():
     with pytest.raises(KeyError, match="train.epoch is not a leave-one-out setting"):
         settings.default(LOO, "train.epoch")
     assert settings.default(CV, "train.patch_size") == VolumeTrainSettings().patch_size
+
+
+def test_a_row_the_profile_leaves_to_its_default_can_still_be_set_and_a_typo_cannot():
+    from domgen.families import FAMILIES
+
+    quick = yaml.safe_load((EXPERIMENTS_DIR / "leave_one_out" / "quick.yaml").read_text())
+    assert "threads" not in quick and "compile" not in quick["train"]  # left to the table
+    cfg = FAMILIES["leave-one-out"].config("quick", ["threads=1", "train.compile=true"])
+    assert cfg["threads"] == 1 and cfg["train"]["compile"] is True
+    for typo, words in (("train.compiled=true", "unknown key 'compiled'"), ("thread=1", "unknown key 'thread'"),
+                        ("threads=0", "threads = 0 is too small")):
+        with pytest.raises(DomgenError, match=re.escape(words)):
+            FAMILIES["leave-one-out"].config("quick", [typo])

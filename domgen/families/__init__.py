@@ -39,7 +39,9 @@ class Family:
         from domgen.config import apply_overrides, load_profile
         from domgen.settings import validate
 
-        return validate(apply_overrides(load_profile(self.profiles, profile), overrides, **flat))
+        # a row the profile leaves to its table default can still be set (--set threads=1, --set train.compile=true)
+        known = {s.key for s in self.settings()}
+        return validate(apply_overrides(load_profile(self.profiles, profile), overrides, known, **flat))
 
     def run_function(self) -> Callable:
         return _load(self.run)
