@@ -372,7 +372,7 @@ def comparison_tables(records: pd.DataFrame, patients: dict[tuple[str, str], dic
     for method in methods:
         row = {"method": method_label(method, selection), "selection": selection_label(selection)}
         row.update({f"rank {t}": float(per_target[t][method]) for t in targets})
-        row["average rank"] = float(np.mean([per_target[t][method] for t in targets]))
+        row["average rank"] = round(float(np.mean([per_target[t][method] for t in targets])), 3)  # printed, not 1.6666666666666667
         ranks.append(row)
     dsc = pd.DataFrame([{"method": method_label(m, selection), **{t: round(means[(m, t)], 4) for t in targets}} for m in methods])
     return {"results": pd.DataFrame(rows), "ranks": pd.DataFrame(ranks).sort_values("average rank", kind="stable").reset_index(drop=True),
