@@ -173,3 +173,15 @@ def test_a_row_the_profile_leaves_to_its_default_can_still_be_set_and_a_typo_can
                         ("threads=0", "threads = 0 is too small")):
         with pytest.raises(DomgenError, match=re.escape(words)):
             FAMILIES["leave-one-out"].config("quick", [typo])
+
+
+@pytest.mark.parametrize("family", ["leave-one-out", "transfer", "benchmark", "cross-validate", "compare"])
+def test_a_config_built_in_python_is_completed_like_the_command_lines(family):
+    """A family's run function completes what it is given, so a profile read in Python without ``validate`` hashes
+    (and finds its runs) as the same command does (a killed sweep resumed from Python found none before)."""
+    from domgen.config import load_profile
+    from domgen.families import FAMILIES
+    from domgen.families.common import completed
+
+    for profile in ("quick", "paper") if family != "compare" else ("quick",):
+        assert completed(load_profile(FAMILIES[family].profiles, profile), family) == FAMILIES[family].config(profile)

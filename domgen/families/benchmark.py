@@ -78,7 +78,7 @@ def expand_grid(cfg: dict) -> list[Configuration]:
 def base_config(cfg: dict) -> dict:
     """What every configuration of the sweep shares: the config without the grid and run-only keys; with the
     datasets' content digest attached (``with_content``), the suite's path is left out too."""
-    return common.hashed_view({k: v for k, v in cfg.items() if k not in RUN_ONLY_KEYS})
+    return common.hashed_view({k: v for k, v in common.completed(cfg, FAMILY).items() if k not in RUN_ONLY_KEYS})
 
 
 def with_content(cfg: dict) -> dict:
@@ -322,6 +322,7 @@ def run_benchmark(cfg: dict, executor: str = "local", workers: int = 1, address:
     retried with, inside the same sweep and under the same hashes. ``gpus_per_trial`` (Ray with CUDA): the share
     of a GPU each configuration gets (None: one GPU).
     """
+    cfg = common.completed(cfg, FAMILY)
     from domgen.executors import get_executor
 
     started = time.perf_counter()

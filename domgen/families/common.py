@@ -93,6 +93,15 @@ def _as_trained(cfg: dict) -> dict:
     return out
 
 
+def completed(cfg: dict, family: str) -> dict:
+    """A copy of ``cfg`` with every row the profile omits at its table default, as ``validate`` leaves it: a family's
+    run function starts here, so a config built in Python (``load_profile`` + ``apply_overrides``, no ``validate``)
+    has the hashes, and finds the runs, of the same command on the command line."""
+    from domgen.settings import fill_defaults
+
+    return fill_defaults(copy.deepcopy(cfg), family)
+
+
 def hashed_view(cfg: dict) -> dict:
     """What a hash should see: with ``content_digest`` attached, the paths are left out (their contents are in); the
     loader settings (``LOADER_KEYS``) never enter; ``train.precision: auto`` enters as the precision it resolves to.

@@ -29,6 +29,7 @@ from domgen.evaluation.evaluate import EvaluationSettings, evaluate, paired_pati
 from domgen.evaluation.statistics import paired_bootstrap_change
 from domgen.families import leave_one_out as loo
 from domgen.families import units
+from domgen.families import common
 from domgen.families.common import hashed_view, prepare_dataset, with_content_digests
 from domgen.methods.dg import AdaptContext, get_method, unlabelled
 from domgen.methods.pseudolabel import PseudoLabelSettings
@@ -264,6 +265,7 @@ def records_of(c: Comparison, jobs: list[dict]) -> list[dict]:
 def run_compare(cfg: dict, progress: bool = True, runner=None) -> str:
     """Run (or resume) the comparison; returns the parent run id. Every input is checked before any run exists.
     ``runner`` (``domgen.executors.get_executor``): where the seed x fold units run (``domgen.families.units``)."""
+    cfg = common.completed(cfg, FAMILY)
     if cfg.get("selection") not in SELECTIONS:
         raise DomgenError(f"--selection {cfg.get('selection')} is unknown; use one of {', '.join(SELECTIONS)}")
     for text in cfg.get("methods") or ["erm"]:  # unknown names before the suite is read (or generated)

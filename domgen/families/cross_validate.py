@@ -31,6 +31,7 @@ from domgen.errors import DomgenError
 from domgen.evaluation.metrics import EMPTY_CONVENTIONS
 from domgen.evaluation.volume_metrics import volume_metrics
 from domgen.families import log_round_tables, units
+from domgen.families import common
 from domgen.families.common import load_volumes
 from domgen.models.checkpoint import load_checkpoint, save_checkpoint
 from domgen.models.unet3d import build_model_3d
@@ -228,6 +229,7 @@ def run_cross_validate(cfg: dict, progress: bool = True, runner=None) -> str:
     """Run (or resume) one round; returns the parent run id. Tables: ``domgen.reports.cross_validate_report``.
 
     ``runner`` (``domgen.executors.get_executor``): where the folds run (``domgen.families.units``)."""
+    cfg = common.completed(cfg, FAMILY)
     # the ablation grid does not define a round: a round of the grid is the same run as the plain command
     cfg = {key: value for key, value in cfg.items() if key != "ablation"}
     exp_id, h, finished = store.round_lookup(EXPERIMENT, cfg)

@@ -461,6 +461,7 @@ def run_leave_one_out(cfg: dict, progress: bool = True, runner=None) -> str:
     run for one source, the experiment run (rounds listed in its tag ``domgen.rounds``) for several.
 
     ``runner`` (``domgen.executors.get_executor``): where the folds of a round run (``domgen.families.units``)."""
+    cfg = common.completed(cfg, FAMILY)
     # every input is read and checked before any run exists, so a bad file leaves nothing behind
     suite = load_suite(cfg["suite"])
     sources = source_names(suite, cfg)

@@ -35,6 +35,7 @@ from domgen.evaluation.evaluate import EvaluationSettings, case_summary, evaluat
 from domgen.evaluation.metrics import overlap_metrics
 from domgen.evaluation.volume_metrics import volume_metrics
 from domgen.families import log_round_tables, units
+from domgen.families import common
 from domgen.families.common import (TRAIN_PATIENTS, check_split_patients, checkpoint_of_run, child_hash, hashed_view, load_volumes, prepare_dataset,
                                     require_volume_dataset, with_content_digests)
 from domgen.methods.transfer import STRATEGIES, prepare_strategy
@@ -438,6 +439,7 @@ def run_transfer(cfg: dict, progress: bool = True, runner=None) -> str:
 
     ``runner`` (``domgen.executors.get_executor``): where the pretraining runs and the fold x strategy runs go
     (``domgen.families.units``): first every pretrained model, then every strategy run."""
+    cfg = common.completed(cfg, FAMILY)
     # every input is read and checked before any run exists, so a bad flag leaves nothing behind
     suite, strategies, pretrains = check_inputs(cfg)
     datasets = [cfg["target"], *(d for name in pretrains for d in pretrain_datasets(suite, cfg, name))]
