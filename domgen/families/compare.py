@@ -204,12 +204,10 @@ def evaluation_hash(rc: dict, fold: dict, spec: Spec, name: str) -> str:
 
 
 def evaluate_spec(c: Comparison, rc: dict, fold: dict, spec: Spec, name: str, trained: tuple) -> None:
-    """One method on one target in one fold and seed: adapt (test-time methods, on the unlabelled target), predict,
-    score; found again by its hash (and then not repeated)."""
+    """One method on one target in one fold and seed, not yet run (``compare_unit`` looks): adapt (test-time methods,
+    on the unlabelled target), predict, score; logged under its hash."""
     k = fold["fold"]
     h = evaluation_hash(rc, fold, spec, name)
-    if store.find_run(c.exp_id, h) is not None:
-        return
     model, cutoff, limit = trained
     slices = c.targets[name]
     tags = store.tags(family=FAMILY, source=rc["source"], target=name, fold=k, seed=rc["seed"], method=spec.text,
@@ -240,11 +238,12 @@ def compare_unit(job: dict, c: Comparison) -> None:
     models = {}
     for spec in c.specs:
         rc = model_config(c.cfg, s, spec.train, spec.transfer, c.sources, list(c.targets))
-        if all(store.find_run(c.exp_id, evaluation_hash(rc, fold, spec, n)) is not None for n in c.targets):
+        todo = [n for n in c.targets if store.find_run(c.exp_id, evaluation_hash(rc, fold, spec, n)) is None]
+        if not todo:
             continue  # resumed: this method's evaluations are all done, its model is not even loaded
         if spec.model not in models:
             models[spec.model] = train_model(c, rc, fold, spec.train)
-        for name in c.targets:
+        for name in todo:
             evaluate_spec(c, rc, fold, spec, name, models[spec.model])
 
 
