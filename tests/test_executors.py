@@ -6,6 +6,7 @@ import huggingface_hub.constants
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from worker_jobs import exit_or_square
 
 from domgen.config import apply_overrides, load_profile
 from domgen.data.synthetic import ensure_synthetic_suite
@@ -123,19 +124,8 @@ def test_benchmark_refuses_gpus_per_trial_on_a_cpu_in_one_sentence(tmp_path, tin
 def test_local_worker_pool_records_a_dead_worker_and_goes_on():
     runner = get_executor("local", workers=2, threads=1)
     jobs = [{"action": "exit"}, {"action": "square", "x": 3}]
-    results = {job.get("x", "dead"): (result, error) for job, result, error in runner.map(_worker_job, jobs, progress=False)}
+    results = {job.get("x", "dead"): (result, error) for job, result, error in runner.map(exit_or_square, jobs, progress=False)}
     assert results["dead"][0] is None and "re-run with --retry-failed" in results["dead"][1]
     # the healthy job either finished or was reported with a reason (caught in the broken pool); never silently lost
     result, error = results[3]
     assert result == 9 or "re-run with --retry-failed" in error
-
-
-def _worker_job(job):
-    if job["action"] == "exit":
-        import os
-
-        os._exit(1)
-    import time
-
-    time.sleep(0.5)
-    return job["x"] ** 2

@@ -7,6 +7,8 @@ import pytest
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
+from worker_jobs import fails_on_odd
+
 from domgen.cli import main
 from domgen.errors import DomgenError
 from domgen.executors import get_executor
@@ -103,21 +105,15 @@ def test_transfer_units_in_local_workers_give_the_numbers_of_one_process(tmp_pat
         assert len(store.runs_of(exp.experiment_id, "tags.`domgen.role` = 'pretrain'")) == 2
 
 
-def _fails_on_odd(job: dict, shared: dict) -> None:
-    if job["i"] % 2:
-        raise DomgenError(f"unit {job['i']} cannot read {shared['file']}")
-    (shared["out"] / f"done-{job['i']}").touch()
-
-
 def test_a_failed_unit_in_a_worker_stops_the_command_with_its_sentence_after_the_others(tmp_path, tracking_uri):
     runner = get_executor("local", workers=2, threads=1)
     jobs = [{"name": f"fold {i}", "i": i} for i in range(4)]
     with pytest.raises(DomgenError, match=r"^2 of 4 folds failed \(fold 1: unit 1 cannot read x.nii\); fix the cause and re-run"):
-        units.run_units(runner, _fails_on_odd, jobs, shared={"file": "x.nii", "out": tmp_path}, what="fold", progress=False)
+        units.run_units(runner, fails_on_odd, jobs, shared={"file": "x.nii", "out": tmp_path}, what="fold", progress=False)
     assert sorted(p.name for p in tmp_path.glob("done-*")) == ["done-0", "done-2"]  # the others ran to the end
     # in this process (the default) the error is raised as it is, at once
     with pytest.raises(DomgenError, match="^unit 1 cannot read x.nii$"):
-        units.run_units(None, _fails_on_odd, jobs, shared={"file": "x.nii", "out": tmp_path}, what="fold")
+        units.run_units(None, fails_on_odd, jobs, shared={"file": "x.nii", "out": tmp_path}, what="fold")
 
 
 def test_executor_flags_are_checked_before_any_run(tmp_path, tiny_suite):

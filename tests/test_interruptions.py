@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+import cli_process
+
 from domgen.tracking import mlflow_store as store
 
 ENV = {"HF_HUB_OFFLINE": "1", "DOMGEN_THREADS": "1", "DOMGEN_HEARTBEAT_SECONDS": "1"}
@@ -52,9 +54,9 @@ def _work(runs, role):
     return [r for r in runs if r[3] not in ("round", "sweep") and (role is None or r[3] == role)]
 
 
-def _start(args: list[str], cwd: Path, uri: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "domgen.cli", *args, "--tracking-uri", uri], cwd=cwd,
-                            env={**os.environ, **ENV}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def _start(args: list[str], cwd: Path, uri: str) -> cli_process.CliProcess:
+    """``domgen ARGS`` as a process of its own, forked from one that imported domgen already (``cli_process``)."""
+    return cli_process.start([*args, "--tracking-uri", uri], cwd, ENV)
 
 
 def _interrupt_mid_run(args, role, db: Path, uri: str, cwd: Path, sig) -> set[str]:
@@ -67,7 +69,7 @@ def _interrupt_mid_run(args, role, db: Path, uri: str, cwd: Path, sig) -> set[st
         runs = _work(_runs(db), role)
         if any(r[1] == "FINISHED" for r in runs) and any(r[1] == "RUNNING" and r[0] not in seen for r in runs):
             break
-        assert proc.poll() is None, f"ended before it could be interrupted: {proc.stderr.read()[-2000:]}"
+        assert proc.poll() is None, f"ended before it could be interrupted: {proc.stderr_text()[-2000:]}"
         assert time.monotonic() < deadline, "no run started in time"
         time.sleep(0.05)
     finished_before = {r[0] for r in runs if r[1] == "FINISHED"}

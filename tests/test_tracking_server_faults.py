@@ -23,7 +23,7 @@ def test_two_drivers_on_one_sweep_share_the_work(tiny_suite, tmp_path):
         first = _start(args, tmp_path, url)
         deadline = time.monotonic() + 300
         while not [r for r in _work(_runs(db), role) if r[1] == "RUNNING"]:
-            assert first.poll() is None, first.stderr.read()[-2000:]
+            assert first.poll() is None, first.stderr_text()[-2000:]
             assert time.monotonic() < deadline
             time.sleep(0.1)
         second = _start(args, tmp_path, url)
@@ -44,7 +44,7 @@ def test_a_server_that_drops_mid_run_loses_no_finished_run(tiny_suite, tmp_path)
     driver = _start(args, tmp_path, url)
     deadline = time.monotonic() + 400
     while not [r for r in _work(_runs(db), role) if r[1] == "FINISHED"]:
-        assert driver.poll() is None, driver.stderr.read()[-2000:]
+        assert driver.poll() is None, driver.stderr_text()[-2000:]
         assert time.monotonic() < deadline
         time.sleep(0.1)
     finished_before = {r[0] for r in _work(_runs(db), role) if r[1] == "FINISHED"}
