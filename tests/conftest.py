@@ -23,4 +23,6 @@ def tiny_suite(tmp_path_factory) -> Path:
 def tracking_uri(tmp_path) -> str:
     from domgen.tracking import mlflow_store as store
 
-    return store.configure(f"sqlite:///{tmp_path}/mlflow.db")
+    from stores import sqlite_store
+
+    return store.configure(sqlite_store(tmp_path / "mlflow.db"))

@@ -20,6 +20,7 @@ from click.testing import CliRunner
 
 from domgen.cli import main
 from domgen.tracking import mlflow_store as store
+from stores import sqlite_store
 
 # the rows of the issue's table (and one per family), also run as separate processes
 ISSUE_ROWS = {"epochs not a number", "image size smp cannot take", "unknown loss", "DOMGEN_THREADS not a number",
@@ -115,7 +116,7 @@ def _listing(folder: Path) -> set[str]:
 
 def _store(work: Path) -> tuple[Path, str]:
     db = work / "mlflow.db"
-    uri = f"sqlite:///{db}"
+    uri = sqlite_store(db)
     store.configure(uri)
     store.experiment_id("domgen-leave-one-out")  # an existing store, so report / export / pseudolabel reach the run lookup
     return db, uri

@@ -20,6 +20,7 @@ from domgen.data.synthetic import ensure_synthetic_suite
 from domgen.families import benchmark as bm
 from domgen.preprocessing.slices import SliceSet
 from domgen.tracking import mlflow_store as store
+from stores import sqlite_store
 
 torch.set_num_threads(1)
 SITES = {"A": 0, "B": 0, "tumour": 0, "effusion": 0, "D": 5, "C": 2}
@@ -102,7 +103,7 @@ def _runs(db_uri: str, status: str | None = None) -> list:
 @pytest.fixture(scope="module")
 def finished_sweep(suite, tmp_path_factory):
     """lung and lesion-b x unet, pspnet x resnet18 x random, imagenet: 4 trainings, 4 offline ImageNet failures."""
-    uri = f"sqlite:///{tmp_path_factory.mktemp('sweep')}/mlflow.db"
+    uri = sqlite_store(tmp_path_factory.mktemp("sweep") / "mlflow.db")
     cfg = tiny(suite, experiments="lung,lesion-b", archs="unet,pspnet", encoders="resnet18", weights="random,imagenet")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
@@ -183,7 +184,7 @@ def _finished_count(db: str) -> int:
 
 def test_killed_sweep_resumes_without_duplicate_runs(suite, tmp_path):
     db = tmp_path / "mlflow.db"
-    uri = f"sqlite:///{db}"
+    uri = sqlite_store(db)
     grid = {"experiments": "lung", "archs": "pspnet,linknet", "encoders": "resnet18,mobilenet_v2", "weights": "random"}
     cmd = [sys.executable, "-m", "domgen.cli", "benchmark", "--quiet", "--tracking-uri", uri, "--set", f"suite={suite}",
            "--set", "train.epochs=1", "--set", "threads=1", "--set", "evaluation.sample_slices=2",

@@ -13,6 +13,7 @@ from domgen.cli import main
 from domgen.errors import DomgenError
 from domgen.reports import benchmark_report as br
 from domgen.tracking import mlflow_store as store
+from stores import sqlite_store
 
 # (experiment, arch, encoder, weights, sens, spec, dice); every value chosen for hand arithmetic below
 RUNS = [
@@ -32,7 +33,7 @@ FAILED = ("lesion-b", "fpn", "resnet18", "imagenet")  # no pair with it: lesion-
 def sweep(tmp_path_factory):
     """A finished sweep of RUNS plus one FAILED configuration; each run has samples and two epochs of losses."""
     tmp = tmp_path_factory.mktemp("fake-sweep")
-    uri = store.configure(f"sqlite:///{tmp}/mlflow.db")
+    uri = store.configure(sqlite_store(tmp / "mlflow.db"))
     client = MlflowClient()
     exp_id = store.experiment_id(br.EXPERIMENT)
     parent = client.create_run(exp_id, tags=store.tags(family="benchmark", role="sweep", sweep_hash="s1")).info.run_id

@@ -15,6 +15,7 @@ from domgen.methods.dg import METHODS, Method, register
 from domgen.models.checkpoint import load_checkpoint
 from domgen.tracking import mlflow_store as store
 from domgen.training.trainer import predict_model_size
+from stores import sqlite_store
 
 TINY = ["--set", "train.epochs=1", "--set", "preprocessing.image_size=32", "--set", "train.batch_size=8",
         "--set", "split.protocol=repeated-holdout", "--folds", "1", "--quiet"]
@@ -34,7 +35,7 @@ def _weights(run, tmp_path):
 
 
 def test_erm_is_leave_one_outs_fold_model_bit_for_bit(tmp_path, tiny_suite):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     common = ["--suite", str(tiny_suite), "--tracking-uri", uri, *TINY]
     out = CliRunner().invoke(main, ["leave-one-out", "--source", "A", "--targets", "B", *common, "--set", "pseudolabel.retrain_epochs=1"])
     assert out.exit_code == 0, out.output
@@ -74,7 +75,7 @@ def flip_tta():
 
 
 def test_own_method_beside_erm_with_oracle_selection_reuses_the_erm_model_resumes_and_reports(tmp_path, tiny_suite, flip_tta):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     args = ["compare", "--sources", "A", "--targets", "B,C", "--methods", "erm,flip-tta,adabn", "--selection", "oracle",
             "--suite", str(tiny_suite), "--tracking-uri", uri, *TINY]
     out = CliRunner().invoke(main, args)
@@ -153,7 +154,7 @@ def test_units_run_through_the_local_executor_with_the_same_numbers_and_erm_mult
     process; then transfer starts from a fold model of the comparison (--init-run) and is tagged and reported."""
     common = ["compare", "--sources", "A,B", "--targets", "C", "--suite", str(tiny_suite), *TINY,
               "--set", "split.protocol=kfold", "--folds", "2"]
-    here, there = f"sqlite:///{tmp_path}/here.db", f"sqlite:///{tmp_path}/there.db"
+    here, there = sqlite_store(tmp_path / "here.db"), sqlite_store(tmp_path / "there.db")
     out = CliRunner().invoke(main, [*common, "--methods", "erm,erm-multi", "--tracking-uri", here])
     assert out.exit_code == 0, out.output
     out = CliRunner().invoke(main, [*common, "--methods", "erm,erm-multi", "--tracking-uri", there, "--executor", "local",

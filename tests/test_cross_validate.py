@@ -16,6 +16,7 @@ from domgen.cli import main
 from domgen.data.registry import load_cases, load_suite
 from domgen.preprocessing.volume import class_labels, to_xyz
 from domgen.tracking import mlflow_store as store
+from stores import sqlite_store
 
 TINY = ["--set", "model.features=[4, 8]", "--set", "train.patch_size=[16, 16, 8]", "--set", "train.epochs=1",
         "--set", "train.iterations_per_epoch=2", "--set", "preprocessing.spacing=[12.0, 12.0, 12.0]",
@@ -31,7 +32,7 @@ def _runs(uri: str) -> list:
 @pytest.fixture(scope="module")
 def tiny_round(tiny_suite, tmp_path_factory):
     root = tmp_path_factory.mktemp("cv")
-    uri = store.configure(f"sqlite:///{root}/mlflow.db")
+    uri = store.configure(sqlite_store(root / "mlflow.db"))
     args = ["cross-validate", "--source", "A", "--external", "B", "--folds", "2", "--suite", str(tiny_suite), "--tracking-uri", uri, *TINY]
     result = CliRunner().invoke(main, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
@@ -114,7 +115,7 @@ def test_rerun_resumes_without_training_again(tiny_round):
 def test_crash_before_the_ensemble_resumes_from_the_fold_checkpoints(tiny_suite, tmp_path, monkeypatch):
     import domgen.families.cross_validate as cv
 
-    uri = store.configure(f"sqlite:///{tmp_path}/mlflow.db")
+    uri = store.configure(sqlite_store(tmp_path / "mlflow.db"))
     args = ["cross-validate", "--source", "A", "--external", "B", "--folds", "2", "--suite", str(tiny_suite), "--tracking-uri", uri,
             "--set", "seed=3", *TINY]
     original = cv.evaluate_ensemble
@@ -253,11 +254,12 @@ def test_ablation_grid_reuses_finished_rounds(tiny_round):
 def test_folds_on_ray_give_the_numbers_of_one_process(tiny_round, tmp_path, monkeypatch):
     """The same round with its 2 folds on a local Ray instance (2 at once, a real `mlflow server`): the same tables."""
     monkeypatch.setenv("DOMGEN_THREADS", "1")  # one torch thread per fold, as in this process
-    args = [a if not a.startswith("sqlite:") else f"sqlite:///{tmp_path}/ray.db" for a in tiny_round["args"]]
+    ray_uri = sqlite_store(tmp_path / "ray.db")
+    args = [a if not a.startswith("sqlite:") else ray_uri for a in tiny_round["args"]]
     result = CliRunner().invoke(main, [*args, "--executor", "ray", "--workers", "2"])
     assert result.exit_code == 0, result.output
     rows = lambda output: [line for line in output.splitlines() if line.startswith("|")]  # noqa: E731
     assert rows(result.output) and rows(result.output) == rows(tiny_round["output"])
-    runs = _runs(f"sqlite:///{tmp_path}/ray.db")
+    runs = _runs(ray_uri)
     assert sorted(r.data.tags["domgen.role"] for r in runs) == ["ensemble", "fold", "fold", "round"]
     assert all(r.info.status == "FINISHED" for r in runs)

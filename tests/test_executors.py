@@ -15,6 +15,7 @@ from domgen.executors import EXECUTORS, get_executor
 from domgen.executors.ray_executor import tracking_server
 from domgen.families import benchmark as bm
 from domgen.tracking import mlflow_store as store
+from stores import sqlite_store
 
 torch.set_num_threads(1)
 GRID = {"experiments": "lesion-b", "archs": "pspnet", "encoders": "resnet18,mobilenet_v2", "weights": "random"}
@@ -30,7 +31,7 @@ def cfg(tmp_path_factory):
 
 def _sweep_on_server(tmp_path, cfg, executor: str, workers: int):
     """Run the sweep on ``executor`` logging to its own `mlflow server`; returns {encoder: run} and the history."""
-    with tracking_server(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "artifacts") as url:
+    with tracking_server(sqlite_store(tmp_path / "mlflow.db"), tmp_path / "artifacts") as url:
         assert url.startswith("http://127.0.0.1:")
         store.configure(url)
         with pytest.MonkeyPatch.context() as mp:

@@ -24,6 +24,7 @@ from domgen.models.export import FORMATS, export_checkpoint, load_exported, load
 from domgen.models.multi_encoder import MultiEncoderModel
 from domgen.tracking import mlflow_store as store
 from domgen.models.checkpoint import load_checkpoint, save_checkpoint
+from stores import sqlite_store
 
 torch.set_num_threads(1)
 
@@ -91,7 +92,7 @@ def test_export_errors_are_one_sentence(tmp_path, checkpoint):
         load_exported(tmp_path / "missing.onnx")
     with pytest.raises(DomgenError, match="--format"):
         export_checkpoint(checkpoint[0], "tflite", tmp_path / "x")
-    store.configure(f"sqlite:///{tmp_path}/mlflow.db")
+    store.configure(sqlite_store(tmp_path / "mlflow.db"))
     exp = store.experiment_id("domgen-benchmark")
     run = MlflowClient().create_run(exp)
     with pytest.raises(DomgenError, match="no model/checkpoint.pt"):
@@ -99,7 +100,7 @@ def test_export_errors_are_one_sentence(tmp_path, checkpoint):
 
 
 def test_export_command_writes_the_file_from_a_run(checkpoint, tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     store.configure(uri)
     run = MlflowClient().create_run(store.experiment_id("domgen-benchmark"))
     store.log_artifact_file(run.info.run_id, checkpoint[0], "model")
@@ -192,7 +193,7 @@ def sweep(tmp_path_factory):
     root = tmp_path_factory.mktemp("zoo")
     suite = ensure_synthetic_suite(root / "synthetic", patients={"A": 0, "B": 0, "tumour": 0, "effusion": 0, "D": 5, "C": 2},
                                    slices_per_patient=4)
-    uri = f"sqlite:///{root}/mlflow.db"
+    uri = sqlite_store(root / "mlflow.db")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_HUB_OFFLINE", "1")
         mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)

@@ -16,6 +16,7 @@ from domgen.families import leave_one_out as loo
 from domgen.families import transfer as tr
 from domgen.families import units
 from domgen.tracking import mlflow_store as store
+from stores import sqlite_store
 
 LOO_RUN = ["--set", "train.epochs=1", "--set", "preprocessing.image_size=32", "--set", "train.batch_size=8",
            "--set", "pseudolabel.ci_min=0.0", "--min-pixels", "1", "--set", "pseudolabel.min_pixels_at=null",
@@ -68,10 +69,11 @@ def _here_and_there(tmp_path, args: list[str], experiment: str, executor: str):
     here, output there, child runs here, child runs there)."""
     outputs, runs = [], []
     for name, extra in (("here", []), ("there", ["--executor", executor, "--workers", "2"])):
-        result = CliRunner().invoke(main, [*args, "--tracking-uri", f"sqlite:///{tmp_path}/{name}.db", *extra])
+        uri = sqlite_store(tmp_path / f"{name}.db")
+        result = CliRunner().invoke(main, [*args, "--tracking-uri", uri, *extra])
         assert result.exit_code == 0, result.output
         outputs.append(result.output)
-        runs.append(_children(f"sqlite:///{tmp_path}/{name}.db", experiment, "round"))
+        runs.append(_children(uri, experiment, "round"))
     return (*outputs, *runs)
 
 

@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 import cli_process
 
 from domgen.tracking import mlflow_store as store
+from stores import sqlite_store
 
 ENV = {"HF_HUB_OFFLINE": "1", "DOMGEN_THREADS": "1", "DOMGEN_HEARTBEAT_SECONDS": "1"}
 
@@ -95,7 +96,7 @@ def _interrupt_mid_run(args, role, db: Path, uri: str, cwd: Path, sig) -> set[st
 def test_sigterm_sigint_sigkill_then_a_plain_rerun_finishes_without_duplicates(family, tiny_suite, tmp_path):
     """SIGTERM mid-run, re-run and SIGINT mid-run, re-run and SIGKILL mid-run, then a plain re-run."""
     db = tmp_path / "mlflow.db"
-    uri = f"sqlite:///{db}"
+    uri = sqlite_store(db)
     args, role = _commands(tiny_suite)[family]
     finished_before: set[str] = set()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGKILL):

@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 from domgen.cli import main
 from domgen.families import leave_one_out as loo
 from domgen.tracking import mlflow_store as store
+from stores import sqlite_store
 
 TINY_RUN = ["--set", "train.epochs=1", "--set", "preprocessing.image_size=32", "--set", "train.batch_size=8",
             "--set", "pseudolabel.ci_min=0.0", "--min-pixels", "1", "--set", "pseudolabel.min_pixels_at=null",
@@ -25,7 +26,7 @@ def _runs(uri: str, query: str = ""):
 
 
 def test_round_through_cli_is_tracked_and_resumes(tmp_path, tiny_suite):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     args = ["leave-one-out", "--source", "A", "--targets", "B", "--suite", str(tiny_suite), "--tracking-uri", uri, *TINY_RUN]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
@@ -102,7 +103,7 @@ def test_round_through_cli_is_tracked_and_resumes(tmp_path, tiny_suite):
 
 
 def test_interrupted_round_resumes_without_repeating(tmp_path, tiny_suite, monkeypatch):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     args = ["leave-one-out", "--source", "A", "--targets", "B", "--suite", str(tiny_suite), "--tracking-uri", uri, *TINY_RUN]
     real = loo.enhance_target
 
@@ -156,7 +157,7 @@ def test_same_seed_same_numbers(tiny_suite):
 def test_default_kfold_round_tests_every_source_patient_once(tmp_path, tiny_suite):
     """The default protocol end to end (k-fold, k = 2): every source patient is in exactly one in-domain test set;
     with --select-by pseudo-val the pseudo-labels held out to choose the weights count as not used."""
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     args = ["leave-one-out", "--source", "A", "--targets", "B", "--suite", str(tiny_suite), "--tracking-uri", uri,
             "--set", "train.epochs=1", "--set", "preprocessing.image_size=32", "--set", "train.batch_size=8",
             "--set", "pseudolabel.ci_min=0.0", "--min-pixels", "1", "--set", "pseudolabel.min_pixels_at=null",

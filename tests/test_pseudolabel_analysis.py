@@ -20,6 +20,7 @@ from domgen.methods.certainty import Selection, rank_and_select
 from domgen.methods.confidence import ScoreContext, binary_entropy, entropy_score, get_score, mask_dice
 from domgen.preprocessing.slices import SliceSet
 from domgen.tracking import mlflow_store as store
+from stores import sqlite_store
 
 TINY = ["--set", "train.epochs=1", "--set", "preprocessing.image_size=32", "--set", "train.batch_size=8",
         "--set", "pseudolabel.ci_min=0.0", "--min-pixels", "1", "--set", "pseudolabel.min_pixels_at=null",
@@ -132,7 +133,7 @@ def _runs(uri, experiment=loo.EXPERIMENT):
 @pytest.fixture(scope="module")
 def fold_round(tmp_path_factory, tiny_suite):
     tmp = tmp_path_factory.mktemp("analysis")
-    uri = f"sqlite:///{tmp}/mlflow.db"
+    uri = sqlite_store(tmp / "mlflow.db")
     out = CliRunner().invoke(main, ["leave-one-out", "--source", "A", "--targets", "B", "--suite", str(tiny_suite), "--tracking-uri", uri,
                                     "--seeds", "2", "--select-by", "last", *TINY, "--set", "pseudolabel.retrain_epochs=2",
                                     "--top-k", "3", "--seed", "1"])  # seed 1: a one-epoch model whose slice DSCs on B differ

@@ -19,6 +19,7 @@ from domgen.families import leave_one_out as loo
 from domgen.methods.certainty import Selection
 from domgen.methods.pseudolabel import ci_ranking
 from domgen.tracking import mlflow_store as store
+from stores import sqlite_store
 
 TINY = ["--set", "train.epochs=1", "--set", "preprocessing.image_size=32", "--set", "train.batch_size=8",
         "--set", "pseudolabel.ci_min=0.0", "--set", "split.protocol=repeated-holdout", "--folds", "1", "--quiet"]
@@ -130,7 +131,7 @@ def test_unknown_window_names_dataset_step_and_alternatives(tmp_path, quirky_sui
 
 
 def test_round_on_real_world_quirks_scores_each_slice_at_its_own_size(tmp_path, quirky_suite):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     out = CliRunner().invoke(main, ["leave-one-out", "--source", "S", "--targets", "T", "--suite", str(quirky_suite), "--tracking-uri", uri,
                                     "--lung-mask", "otsu", "--min-pixels", "1", *TINY])
     assert out.exit_code == 0, out.output
@@ -230,7 +231,7 @@ def test_min_pixels_at_selects_the_same_slices_at_any_matrix():
 
 
 def test_three_rounds_give_table_iii_over_rounds(tmp_path, tiny_suite):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     args = ["leave-one-out", "--source", "A,B,C", "--targets", "B,C", "--suite", str(tiny_suite), "--tracking-uri", uri,
             "--min-pixels", "1", "--set", "pseudolabel.min_pixels_at=null", "--set", "evaluation.surface=false", *TINY]
     out = CliRunner().invoke(main, args)
@@ -258,7 +259,7 @@ def test_three_rounds_give_table_iii_over_rounds(tmp_path, tiny_suite):
 
 
 def test_pseudolabel_from_another_checkpoint_is_new_work(tmp_path, tiny_suite):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     base = ["leave-one-out", "--source", "A", "--targets", "B", "--suite", str(tiny_suite), "--tracking-uri", uri,
             "--min-pixels", "1", *TINY]
     assert CliRunner().invoke(main, base).exit_code == 0

@@ -13,13 +13,14 @@ from mlflow.tracking import MlflowClient
 from domgen.executors.ray_executor import free_port, start_tracking_server, tracking_server
 from domgen.tracking import mlflow_store as store
 from test_interruptions import ENV, _commands, _runs, _start, _work
+from stores import sqlite_store
 
 
 def test_two_drivers_on_one_sweep_share_the_work(tiny_suite, tmp_path):
     """Against a real `mlflow server`: two drivers started a moment apart train each configuration once."""
     args, role = _commands(tiny_suite)["benchmark"]
     db = tmp_path / "mlflow.db"
-    with tracking_server(f"sqlite:///{db}", tmp_path / "artifacts") as url:
+    with tracking_server(sqlite_store(db), tmp_path / "artifacts") as url:
         first = _start(args, tmp_path, url)
         deadline = time.monotonic() + 300
         while not [r for r in _work(_runs(db), role) if r[1] == "RUNNING"]:
@@ -40,7 +41,7 @@ def test_a_server_that_drops_mid_run_loses_no_finished_run(tiny_suite, tmp_path)
     args, role = _commands(tiny_suite)["benchmark"]
     db = tmp_path / "mlflow.db"
     port = free_port()
-    server, url, log = start_tracking_server(f"sqlite:///{db}", tmp_path / "artifacts", port)
+    server, url, log = start_tracking_server(sqlite_store(db), tmp_path / "artifacts", port)
     driver = _start(args, tmp_path, url)
     deadline = time.monotonic() + 400
     while not [r for r in _work(_runs(db), role) if r[1] == "FINISHED"]:

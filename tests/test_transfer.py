@@ -22,6 +22,7 @@ from domgen.tracking import mlflow_store as store
 from domgen.models.checkpoint import load_checkpoint
 from domgen.training.trainer import LOSSES, TrainSettings, poly_lr, set_train_mode, train, train_step
 from test_multi_encoder import tiny_slices
+from stores import sqlite_store
 
 torch.set_num_threads(1)
 
@@ -269,7 +270,7 @@ TINY = ["--set", "preprocessing.image_size=32", "--set", "train.epochs=1", "--se
 def tiny_round(tmp_path_factory, tiny_suite):
     """One tiny round (2 folds from a splits file, 1 epoch, 32 px, resnet18) on conftest's suite: A has 4 patients."""
     root, suite = tmp_path_factory.mktemp("transfer"), tiny_suite
-    uri = f"sqlite:///{root}/mlflow.db"
+    uri = sqlite_store(root / "mlflow.db")
     splits = root / "splits.json"
     splits.write_text(json.dumps({"folds": [{"fold": 0, "train": ["A_p000", "A_p001"], "val": [], "test": ["A_p002", "A_p003"]},
                                             {"fold": 1, "train": ["A_p002", "A_p003"], "val": [], "test": ["A_p000", "A_p001"]}]}))

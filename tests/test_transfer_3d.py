@@ -14,6 +14,7 @@ from domgen.models import count_parameters
 from domgen.models.checkpoint import load_checkpoint
 from domgen.models.unet3d import MultiEncoderUNet3d
 from domgen.tracking import mlflow_store as store
+from stores import sqlite_store
 
 torch.set_num_threads(1)
 
@@ -32,7 +33,7 @@ def _runs(uri: str) -> list:
 @pytest.fixture(scope="module")
 def round_3d(tiny_suite, tmp_path_factory):
     root = tmp_path_factory.mktemp("transfer3d")
-    uri = store.configure(f"sqlite:///{root}/mlflow.db")
+    uri = store.configure(sqlite_store(root / "mlflow.db"))
     args = ["transfer", "--dims", "3", "--target", "A", "--pretrain", "msd", "--strategy", ",".join(STRATEGIES), "--folds", "2",
             "--suite", str(tiny_suite), "--tracking-uri", uri, *TINY]
     result = CliRunner().invoke(main, args, catch_exceptions=False)
