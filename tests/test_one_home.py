@@ -5,9 +5,14 @@ classes must start from the row's default, validate must fill what a profile omi
 a validated section must carry what the profile says, else the row's default.
 """
 import copy
-import re
 import dataclasses
+import pickle
+import re
+import types
+import typing
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -24,6 +29,7 @@ from domgen.preprocessing.volume import VolumePreprocessing
 from domgen.settings import CV, LOO, TABLE
 from domgen.training.trainer import TrainSettings
 from domgen.training.volume_trainer import VolumeTrainSettings
+from domgen.typed_config import config_class, typed
 
 PROFILES = sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*/*.yaml"))
 
@@ -185,3 +191,132 @@ def test_a_config_built_in_python_is_completed_like_the_command_lines(family):
 
     for profile in ("quick", "paper") if family != "compare" else ("quick",):
         assert completed(load_profile(FAMILIES[family].profiles, profile), family) == FAMILIES[family].config(profile)
+
+
+# ---------------------------------------------------------------- the typed configs made from the rows (domgen.typed_config)
+# a row's kind -> the type its field is annotated with, as the Setting docstring describes the kinds
+KIND_ANNOTATIONS = {"int": int, "float": float, "bool": bool, "switch": bool | str, "choice": str, "str": str, "path": str,
+                    "names": tuple[str, ...], "floats": tuple[float, ...], "ints": tuple[int, ...], "bools": tuple[bool, ...],
+                    "mapping": Mapping[str, Any]}
+PROFILED = [(path, family) for path in PROFILES for family in [yaml.safe_load(path.read_text())["family"]]]
+
+
+def validated(path):
+    return settings.validate(yaml.safe_load(path.read_text()))
+
+
+def plain(value):
+    """A field's value as YAML and ``validate`` spell it: tuples as lists, read-only mappings as dicts."""
+    if isinstance(value, Mapping):
+        return {k: plain(v) for k, v in value.items()}
+    return [plain(v) for v in value] if isinstance(value, tuple) else value
+
+
+def field_paths(cls, prefix=""):
+    """{dotted path: dataclass field} of a generated class and its nested section classes."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(f.type):
+            out.update(field_paths(f.type, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = f
+    return out
+
+
+def attribute(obj, dotted):
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def conforms(value, annotation) -> bool:
+    """``value`` is of the annotated type (a union, ``tuple[X, ...]``, a Mapping or a plain class)."""
+    if isinstance(annotation, types.UnionType):
+        return any(conforms(value, a) for a in annotation.__args__)
+    if annotation is type(None):
+        return value is None
+    origin = typing.get_origin(annotation)
+    if origin is tuple:
+        return isinstance(value, tuple) and all(conforms(v, annotation.__args__[0]) for v in value)
+    if origin is not None:
+        return isinstance(value, origin)
+    return isinstance(value, annotation) and not (annotation in (int, float) and isinstance(value, bool))
+
+
+@pytest.mark.parametrize(("path", "family"), PROFILED, ids=lambda p: f"{p.parent.name}/{p.stem}" if isinstance(p, Path) else p)
+def test_the_typed_config_holds_every_row_and_only_rows_with_the_validated_value(path, family):
+    out = validated(path)
+    cfg = typed(yaml.safe_load(path.read_text()), family)
+    rows = {key: s for (fam, key), s in TABLE.items() if fam == family}
+    fields = field_paths(config_class(family))
+    assert set(fields) == set(rows), "every row is a field and every field a row"
+    for key, s in rows.items():
+        value = attribute(cfg, key)
+        given = get(out, key)
+        assert plain(value) == (s.default if given is KeyError else given), key  # absent: a None default, "not set"
+        assert fields[key].metadata["row"] is s and fields[key].type == (
+            KIND_ANNOTATIONS[s.kind] | None if s.nullable or s.default is None else KIND_ANNOTATIONS[s.kind]), key
+        assert conforms(value, fields[key].type), f"{key} = {value!r} is not {fields[key].type}"
+
+
+@pytest.mark.parametrize("family", ["leave-one-out", "transfer", "benchmark", "cross-validate", "compare"])
+def test_every_field_starts_from_its_row_default(family):
+    for key, f in field_paths(config_class(family)).items():
+        assert plain(field_default(f)) == plain(TABLE[(family, key)].default), key
+
+
+@pytest.mark.parametrize(("path", "family"), PROFILED, ids=lambda p: f"{p.parent.name}/{p.stem}" if isinstance(p, Path) else p)
+def test_a_typed_config_round_trips_through_its_dict_and_cannot_change(path, family):
+    cfg = typed(yaml.safe_load(path.read_text()), family)
+    assert cfg.as_dict() == validated(path)
+    assert typed(cfg.as_dict(), family) == cfg and typed(cfg, family) is cfg
+    assert pickle.loads(pickle.dumps(cfg)) == cfg and pickle.loads(pickle.dumps(cfg)).as_dict() == cfg.as_dict()  # worker processes
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.seed = 1
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train.epochs = 1
+    mapping = next(k for k, s in TABLE.items() if k[0] == family and s.kind == "mapping" and attribute(cfg, k[1]) is not None)[1] \
+        if family in (LOO, settings.TRANSFER) else None
+    if mapping:
+        with pytest.raises(TypeError):
+            attribute(cfg, mapping)["x"] = 1
+    copied = cfg.as_dict()
+    copied["train"]["epochs"] = 999
+    assert cfg.as_dict() == validated(path) and cfg.train.epochs != 999  # as_dict hands out a copy
+
+
+@pytest.mark.parametrize(("family", "key", "bad"), [(LOO, "train.epochs", 0), (LOO, "device", "tpu"), (LOO, "split.train", 2.0),
+                                                    (LOO, "pseudolabel.filters", {"nope": 0.9}), (CV, "inference.overlap", 1.0),
+                                                    (settings.TRANSFER, "volume.train.patch_size", [0, 1, 2]),
+                                                    (settings.BENCHMARK, "grid.archs", "unet,nonesuch")])
+def test_a_bad_value_is_refused_with_the_sentence_of_validate(family, key, bad):
+    folder = next(f.profiles for f in __import__("domgen.families", fromlist=["FAMILIES"]).FAMILIES.values() if f.name == family)
+    raw = yaml.safe_load((EXPERIMENTS_DIR / folder / "quick.yaml").read_text())
+    node = raw
+    *parents, last = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[last] = bad
+    with pytest.raises(DomgenError) as expected:
+        settings.validate(copy.deepcopy(raw))
+    with pytest.raises(DomgenError) as got:
+        typed(raw, family)
+    assert str(got.value) == str(expected.value) and key in str(got.value)
+    good = typed(yaml.safe_load((EXPERIMENTS_DIR / folder / "quick.yaml").read_text()), family)
+    with pytest.raises(DomgenError) as replaced:
+        good.replace(**{key: bad})
+    assert str(replaced.value) == str(expected.value)
+
+
+def test_replace_checks_and_derives_without_changing_the_original():
+    cfg = typed(yaml.safe_load((EXPERIMENTS_DIR / "leave_one_out" / "quick.yaml").read_text()), LOO)
+    changed = cfg.replace(**{"pseudolabel.ci_min": 0.9, "source": "B"})
+    assert (changed.pseudolabel.ci_min, changed.source) == (0.9, "B") and (cfg.pseudolabel.ci_min, cfg.source) == (0.8, "A")
+    assert changed.as_dict() == {**cfg.as_dict(), "source": "B", "pseudolabel": {**cfg.as_dict()["pseudolabel"], "ci_min": 0.9}}
+    attached = cfg.attach(content_digest={"datasets": {"A": "abc"}})
+    assert attached.as_dict() == {**cfg.as_dict(), "content_digest": {"datasets": {"A": "abc"}}}
+    assert attached.replace(seed=1).attached("content_digest") == {"datasets": {"A": "abc"}}
+    with pytest.raises(DomgenError, match="setting nonesuch is not a leave-one-out setting"):
+        cfg.replace(nonesuch=1)
+    cv = typed(yaml.safe_load((EXPERIMENTS_DIR / "cross_validate" / "quick.yaml").read_text()), CV)
+    assert cv.ablation.folds and "ablation" not in cv.without("ablation").as_dict() and cv.without("ablation").ablation.folds is None
