@@ -52,12 +52,13 @@ def multi_encoder_fold_run(source: str, fold: int) -> str | None:
 def comparison_splits(source: str, seen: set[str], patients: list[str], path: Path) -> Path:
     """The leave-one-out profile's folds of ``patients`` with every ``seen`` patient moved into the train parts."""
     from domgen.config import load_profile
-    from domgen.families.leave_one_out import profile_folds
+    from domgen.families.leave_one_out import FAMILY, profile_folds
     from domgen.preprocessing.splits import train_on, write_splits
+    from domgen.typed_config import typed
 
-    cfg = load_profile("leave_one_out", "quick")
+    cfg = typed(load_profile("leave_one_out", "quick"), FAMILY)
     return write_splits(path, train_on(profile_folds(cfg, patients), seen),
-                        {"dataset": source, "seed": cfg["seed"], "protocol": cfg["split"].get("protocol", "kfold"),
+                        {"dataset": source, "seed": cfg.seed, "protocol": cfg.split.protocol,
                          "note": "the init run's train patients moved from test to train (benchmarks/four_way.py)"})
 
 

@@ -137,7 +137,7 @@ def data_check(name, suite, profile, lung_mask, overrides, no_count):
     keep, rule = None, None
     if not no_count:
         cfg = _resolve("leave-one-out", profile, overrides, **{"preprocessing.lung_mask": lung_mask})
-        pre = SlicePreprocessing.from_config(cfg["preprocessing"])
+        pre = SlicePreprocessing.from_config(cfg.preprocessing.as_dict())
         provider = get_lung_mask_provider(pre.lung_mask, **({"weights": pre.lungmask_weights} if pre.lungmask_weights else {}))
         rule = f"{pre.keep_slices} (lung mask: {pre.lung_mask})"
 
@@ -247,20 +247,20 @@ def _executor_options(f):
     return f
 
 
-def _runner(executor: str, workers: int, address: str | None, gpus_per_trial: float | None, cfg: dict):
+def _runner(executor: str, workers: int, address: str | None, gpus_per_trial: float | None, cfg):
     """The executor of the units (flags checked before any run exists); None for the default: this process."""
     from domgen.executors import get_executor
     from domgen.settings import environment
 
-    # torch threads per unit: DOMGEN_THREADS, else the cores shared out between the workers
-    runner = get_executor(executor, workers=workers, address=address, device=cfg["device"],
-                          threads=cfg.get("threads") or environment("DOMGEN_THREADS"), gpus_per_trial=gpus_per_trial)
+    # torch threads per unit: the 2D families' threads row or DOMGEN_THREADS, else the cores shared out between the workers
+    runner = get_executor(executor, workers=workers, address=address, device=cfg.device,
+                          threads=getattr(cfg, "threads", None) or environment("DOMGEN_THREADS"), gpus_per_trial=gpus_per_trial)
     return None if executor == "local" and workers == 1 else runner
 
 
-def _resolve(family: str, profile: str, overrides, **flat) -> dict:
+def _resolve(family: str, profile: str, overrides, **flat):
     """Profile + ``--set`` + flags of ``FAMILIES[family]``, every value checked against ``domgen.settings`` (before
-    any file or run)."""
+    any file or run): the family's typed config."""
     from domgen.families import FAMILIES
     from domgen.settings import environment
 
@@ -356,12 +356,12 @@ def leave_one_out(source, targets, folds, ci_min, ci_rule, ci_quantile, min_pixe
 
     family = FAMILIES["leave-one-out"]
     if init_run:
-        if cfg.get("init_checkpoint"):
+        if cfg.init_checkpoint:
             raise DomgenError("give at most one of --init-run and --init-checkpoint")
         # only the run id enters the config (and its hash); the checkpoint is downloaded when training starts
-        cfg["init_run"] = init_run
+        cfg = cfg.replace(init_run=init_run)
     runner = _runner(executor, workers, address, gpus_per_trial, cfg)
-    _threads(cfg["device"])
+    _threads(cfg.device)
     uri = _tracking(tracking_uri)
     parent = family.run_config(cfg, progress=not quiet, runner=runner)
     tables = leave_one_out_tables(parent)
@@ -404,12 +404,12 @@ def compare(sources, targets, methods, seeds, folds, selection, init_run, execut
     from domgen.tracking.tables import to_markdown
 
     runner = _runner(executor, workers, address, gpus_per_trial, cfg)
-    _threads(cfg["device"])
+    _threads(cfg.device)
     uri = _tracking(tracking_uri)
     parent = FAMILIES["compare"].run_config(cfg, progress=not quiet, runner=runner)
     tables = compare_tables(parent)
     click.echo(f"\nMethods per target (mean [95 % t interval] over seeds x folds; model selection: "
-               f"{selection_label(cfg['selection'])}; experiment {EXPERIMENT}, run {parent}, {uri})\n")
+               f"{selection_label(cfg.selection)}; experiment {EXPERIMENT}, run {parent}, {uri})\n")
     click.echo(to_markdown(tables["results"]))
     click.echo("\nAverage rank over targets (by mean DSC, 1 best)\n")
     click.echo(to_markdown(tables["ranks"]))
@@ -553,7 +553,7 @@ def transfer(target, pretrain, strategy, folds, arch, encoder, splits_file, dims
         "target": target, "pretrain": pretrain, "strategies": strategy, "folds": folds, "suite": suite, "seed": seed,
         "device": device, "model.arch": arch, "model.encoder": encoder, "model.encoder_weights": encoder_weights,
         "preprocessing.lung_mask": lung_mask, "preprocessing.lungmask_weights": lungmask_weights, "splits_file": splits_file, "dims": dims})
-    if cfg["dims"] == 3:
+    if cfg.dims == 3:
         flags = {"--arch": arch, "--encoder": encoder, "--encoder-weights": encoder_weights, "--lung-mask": lung_mask,
                  "--lungmask-weights": lungmask_weights}
         given = [flag for flag, value in flags.items() if value is not None]
@@ -567,7 +567,7 @@ def transfer(target, pretrain, strategy, folds, arch, encoder, splits_file, dims
 
     check_inputs(cfg)
     runner = _runner(executor, workers, address, gpus_per_trial, cfg)
-    _threads(cfg["device"])
+    _threads(cfg.device)
     uri = _tracking(tracking_uri)
     parent = FAMILIES["transfer"].run_config(cfg, progress=not quiet, runner=runner)
     click.echo(f"\n{EXPERIMENT}, parent run {parent} ({uri})")
@@ -734,7 +734,7 @@ def benchmark(experiments, archs, encoders, weights, profile, suite, device, see
         retry_with = retry_overrides(cfg, {item.split("=", 1)[0].strip(): yaml.safe_load(item.split("=", 1)[1])
                                            for item in overrides if item not in keep})
         cfg = resolve(_resolve("benchmark", profile, keep, suite=suite, device=device, **grid))
-    get_executor(executor, workers=workers, address=address, device=cfg["device"], threads=cfg.get("threads"),
+    get_executor(executor, workers=workers, address=address, device=cfg.device, threads=cfg.threads,
                  gpus_per_trial=gpus_per_trial)  # checks the flags
     uri = _tracking(tracking_uri)
     if dry_run:
@@ -745,7 +745,7 @@ def benchmark(experiments, archs, encoders, weights, profile, suite, device, see
         click.echo(f"\n{len(rows)} configurations: {counts['done']} done, {counts['running']} running elsewhere, {counts['failed']} failed, "
                    f"{counts['todo']} to run ({EXPERIMENT} at {uri})")
         return
-    _threads(cfg["device"])
+    _threads(cfg.device)
     result = FAMILIES["benchmark"].run_config(cfg, progress=not quiet, executor=executor, workers=workers, address=address,
                                               retry_failed=retry_failed, retry_with=retry_with, gpus_per_trial=gpus_per_trial)
     for name, reason in result.failed.items():
@@ -820,7 +820,7 @@ def cross_validate(source, external, folds, sampler, ablation, suite, profile, s
     from domgen.reports.report import to_markdown
 
     runner = _runner(executor, workers, address, gpus_per_trial, cfg)
-    _threads(cfg["device"])
+    _threads(cfg.device)
     uri = store.configure(tracking_uri)
     if ablation:
         parents = run_ablation(cfg, progress=not quiet, runner=runner)

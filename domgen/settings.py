@@ -608,16 +608,17 @@ def _check_cross_fields(cfg: dict, family: str) -> None:
                 raise DomgenError(f"pseudolabel.filters (--filter) {name}={minimum!r} is not a number; give e.g. --filter {name}=0.9")
 
 
-def validate(cfg: dict, fill: bool = True) -> dict:
+def validate(cfg: dict, fill: bool = True, family: str | None = None) -> dict:
     """``cfg`` with every value checked against ``SETTINGS`` and coerced to its type (in place; returned), and every
     key of the family's rows it omits set to the row's default (``fill_defaults``), so the table is the one home of a
     default: the typed classes, the runs' hashes and their MLflow params all see the same value.
 
     Keys the table does not list for the profile's family are refused (a typo in a profile is not silently
     ignored); a family with no rows at all (one being added) only has its known keys checked. ``fill=False`` checks a
-    partial section (a command's pseudo-label flags) as given.
+    partial section (a command's pseudo-label flags) as given. ``family``: that of a config which does not name it (one
+    built in Python).
     """
-    family = cfg.get("family")
+    family = cfg.get("family") or family
     strict = family in FAMILIES_WITH_SETTINGS
     checks = []
     for dotted, value in list(_walk(cfg)):

@@ -20,6 +20,7 @@ from domgen.data.synthetic import ensure_synthetic_suite
 from domgen.families import benchmark as bm
 from domgen.preprocessing.slices import SliceSet
 from domgen.tracking import mlflow_store as store
+from domgen.typed_config import typed
 from stores import sqlite_store
 
 torch.set_num_threads(1)
@@ -38,7 +39,7 @@ def suite(tmp_path_factory):
     return ensure_synthetic_suite(tmp_path_factory.mktemp("suite") / "synthetic", patients=SITES, slices_per_patient=4)
 
 
-def tiny(suite, **grid) -> dict:
+def tiny(suite, **grid):
     cfg = apply_overrides(load_profile("benchmark", "quick"),
                           [f"suite={suite}", "train.epochs=1", "threads=1", "evaluation.sample_slices=2"])
     return bm.resolve(cfg, **grid)
@@ -46,18 +47,18 @@ def tiny(suite, **grid) -> dict:
 
 def test_full_grid_is_600_configurations_with_unique_hashes():
     for profile in ("quick", "paper"):
-        cfg = load_profile("benchmark", profile)
+        cfg = typed(load_profile("benchmark", profile), bm.FAMILY)
         configurations = bm.expand_grid(cfg)
         assert len(configurations) == 3 * 4 * 25 * 2 == 600
         assert len({bm.configuration_hash(cfg, c) for c in configurations}) == 600
-    cfg = load_profile("benchmark", "quick")
+    cfg = typed(load_profile("benchmark", "quick"), bm.FAMILY)
     one = bm.Configuration("lesion-b", "fpn", "dpn68", "imagenet")
     # a configuration is the same run whichever grid subset or thread count found it ...
     subset = bm.resolve(cfg, experiments="lesion-b", archs="fpn", encoders="dpn68", weights="imagenet")
     assert bm.expand_grid(subset) == [one]
-    assert bm.configuration_hash(subset, one) == bm.configuration_hash({**cfg, "threads": 4}, one) == bm.configuration_hash(cfg, one)
+    assert bm.configuration_hash(subset, one) == bm.configuration_hash(cfg.replace(threads=4), one) == bm.configuration_hash(cfg, one)
     # ... and another run when what it computes changes
-    assert bm.configuration_hash(apply_overrides(cfg, ["train.epochs=3"]), one) != bm.configuration_hash(cfg, one)
+    assert bm.configuration_hash(cfg.replace(**{"train.epochs": 3}), one) != bm.configuration_hash(cfg, one)
 
 
 class FixedLogits(torch.nn.Module):
@@ -82,7 +83,7 @@ def test_paper_metrics_match_hand_computed_values():
     truth[1, 2, :3] = 1  # missed entirely: TP + FP = 0, so every metric is 1 (the paper's rule)
     inputs = np.arange(3, dtype=np.float32)[:, None, None, None] * np.ones((1, 1, s, s), np.float32)
     test = SliceSet(inputs, truth, ["p/0", "p/1", "p/2"], ["p"] * 3, ["T"] * 3, list(truth), list(truth), [(1.0, 1.0)] * 3)
-    cfg = load_profile("benchmark", "quick")
+    cfg = typed(load_profile("benchmark", "quick"), bm.FAMILY)
     metrics, probs = bm.score(FixedLogits(logits), test, cfg)
     eps = 1e-5  # Eq. 4: 2TP / (2TP + FP + FN + eps), eps in the denominator only
     dice0 = 2 * 2 / (2 * 2 + 1 + 2 + eps)

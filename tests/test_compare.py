@@ -178,11 +178,11 @@ def test_units_run_through_the_local_executor_with_the_same_numbers_and_erm_mult
 
 def test_the_gin_and_bigaug_rows_reach_their_augmentation_and_their_models_identity():
     from domgen.config import load_profile
-    from domgen.settings import validate
     from domgen.training.augment import build_augmentation
+    from domgen.typed_config import typed
 
-    cfg = validate({**load_profile("compare", "quick"), "sources": ["A"], "targets": ["B"], "suite": "x"})
-    cfg["method"]["gin"] = {"layers": 2, "channels": 5}
+    cfg = typed({**load_profile("compare", "quick"), "sources": ["A"], "targets": ["B"], "suite": "x"}, cmp.FAMILY)
+    cfg = cfg.replace(**{"method.gin.layers": 2, "method.gin.channels": 5})
     rc = cmp.model_config(cfg, 0, "gin", False, ["A"], ["B"])
     settings = cmp.train_settings(rc, 0)
     assert settings.augment == "gin" and settings.augment_params == {"layers": 2, "channels": 5}
@@ -192,7 +192,8 @@ def test_the_gin_and_bigaug_rows_reach_their_augmentation_and_their_models_ident
     assert [w.shape[:2] for w, _ in convs] == [(5, 1), (1, 5)]  # first layer 1 -> 5 channels, last 5 -> 1
     bigaug = build_augmentation("bigaug", 0, {"p": 0.25}).transforms
     assert len(bigaug) == 9 and all(t.p == 0.25 for t in bigaug)
-    other = cmp.model_config({**cfg, "method": {**cfg["method"], "gin": {"layers": 3, "channels": 5}}}, 0, "gin", False, ["A"], ["B"])
-    assert loo.child_hash(rc, fold=0, phase="baseline", target="A") != loo.child_hash(other, fold=0, phase="baseline", target="A")
+    other = cmp.model_config(cfg.replace(**{"method.gin.layers": 3}), 0, "gin", False, ["A"], ["B"])
+    assert loo.child_hash(rc.as_dict(), fold=0, phase="baseline", target="A") != loo.child_hash(other.as_dict(), fold=0, phase="baseline",
+                                                                                                target="A")
     erm = cmp.model_config(cfg, 0, "erm", False, ["A"], ["B"])
-    assert "dg" not in erm and cmp.train_settings(erm, 0).augment_params is None  # erm keeps leave-one-out's identity
+    assert "dg" not in erm.as_dict() and cmp.train_settings(erm, 0).augment_params is None  # erm keeps leave-one-out's identity

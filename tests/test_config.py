@@ -28,10 +28,13 @@ def test_config_hash_is_order_independent_and_sensitive():
 def _family_hashes(family: str, cfg: dict) -> list[str]:
     """Every hash a family takes from a config: its round (or sweep), a child run and, for transfer, a pretrained model."""
     from domgen.families import benchmark, common, leave_one_out, transfer
+    from domgen.typed_config import typed
 
     if family == "benchmark":
+        cfg = typed(cfg, benchmark.FAMILY)
         return [benchmark.configuration_hash(cfg, benchmark.expand_grid(cfg)[0]), config_hash(benchmark.base_config(cfg))]
     if family == "transfer":
+        cfg = typed(cfg, transfer.FAMILY)
         view = transfer.round_view(cfg)
         return [config_hash(view), common.child_hash(view, fold=0, strategy="continual", pretrain="multi"),
                 config_hash(transfer.pretraining_identity(cfg, ["A"]))]

@@ -234,11 +234,12 @@ def test_volume_without_slice_spacing_is_refused(tmp_path, error_store):
 
 def test_ablation_grid_reuses_finished_rounds(tiny_round):
     from domgen.config import load_profile
-    from domgen.families.cross_validate import ablation_configs
+    from domgen.families.cross_validate import FAMILY, ablation_configs
+    from domgen.typed_config import typed
 
-    grid = ablation_configs(load_profile("cross_validate", "paper"))
+    grid = ablation_configs(typed(load_profile("cross_validate", "paper"), FAMILY))
     assert len(grid) == 4 * 2 * 2
-    assert {(c["folds"], c["preprocessing"]["enabled"], c["train"]["augment"]) for c in grid} == {
+    assert {(c.folds, c.preprocessing.enabled, c.train.augment) for c in grid} == {
         (k, p, a) for k in (2, 3, 4, 5) for p in (True, False) for a in (True, False)}
     parent = next(r for r in _runs(tiny_round["uri"]) if r.data.tags["domgen.role"] == "round").info.run_id
     args = [*tiny_round["args"], "--ablation", "--set", "ablation.folds=[2]", "--set", "ablation.preprocessing=[true]",

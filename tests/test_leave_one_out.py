@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 from domgen.cli import main
 from domgen.families import leave_one_out as loo
 from domgen.tracking import mlflow_store as store
+from domgen.typed_config import typed
 from stores import sqlite_store
 
 TINY_RUN = ["--set", "train.epochs=1", "--set", "preprocessing.image_size=32", "--set", "train.batch_size=8",
@@ -225,7 +226,7 @@ def test_paper_profile_draws_five_independent_60_10_30_splits():
     cfg = yaml.safe_load((EXPERIMENTS_DIR / "leave_one_out" / "paper.yaml").read_text())
     assert cfg["split"]["protocol"] == "repeated-holdout" and cfg["folds"] == 5
     patients = [f"p{i:02d}" for i in range(20)]
-    folds = loo.profile_folds(cfg, patients)
+    folds = loo.profile_folds(typed(cfg, loo.FAMILY), patients)
     assert len(folds) == 5
     for fold in folds:  # 20 patients: 12 / 2 / 6, disjoint, covering everyone
         assert [len(fold[p]) for p in ("train", "val", "test")] == [12, 2, 6]

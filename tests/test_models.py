@@ -49,6 +49,7 @@ def test_paper_architectures_build_and_run_on_odd_sizes_after_resize(arch):
 def test_a_checkpoint_tells_the_input_its_model_learnt_on(tmp_path):
     from domgen.families.leave_one_out import input_differences
     from domgen.models.checkpoint import load_checkpoint, save_checkpoint
+    from domgen.typed_config import typed
 
     model = build_model("linknet", "resnet18", "none", 1)
     model_cfg = {"arch": "linknet", "encoder": "resnet18", "encoder_weights": "none", "in_channels": 1}
@@ -59,10 +60,11 @@ def test_a_checkpoint_tells_the_input_its_model_learnt_on(tmp_path):
                                                                                    "mask_to_lung": False, "keep_slices": "all"})
     loo = save_checkpoint(tmp_path / "l.pt", model, model_cfg, config=ours)
     bare = save_checkpoint(tmp_path / "b.pt", model, model_cfg)
-    assert input_differences(load_checkpoint(transfer)[0], ours) == "image_size 64 -> 128; mask_to_lung false -> true"
-    assert input_differences(load_checkpoint(loo)[0], ours) == ""
-    assert input_differences(load_checkpoint(bare)[0], ours) == ""  # the checkpoint does not say
-    assert input_differences(None, ours) == ""  # no start model
+    cfg = typed(ours, "leave-one-out")
+    assert input_differences(load_checkpoint(transfer)[0], cfg) == "image_size 64 -> 128; mask_to_lung false -> true"
+    assert input_differences(load_checkpoint(loo)[0], cfg) == ""
+    assert input_differences(load_checkpoint(bare)[0], cfg) == ""  # the checkpoint does not say
+    assert input_differences(None, cfg) == ""  # no start model
 
 
 def _hub_snapshot(cache, encoder: str, weights: str = "imagenet") -> torch.nn.Module:

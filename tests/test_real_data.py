@@ -19,6 +19,7 @@ from domgen.families import leave_one_out as loo
 from domgen.methods.certainty import Selection
 from domgen.methods.pseudolabel import ci_ranking
 from domgen.tracking import mlflow_store as store
+from domgen.typed_config import typed
 from stores import sqlite_store
 
 TINY = ["--set", "train.epochs=1", "--set", "preprocessing.image_size=32", "--set", "train.batch_size=8",
@@ -187,7 +188,7 @@ class _Source:
 def test_kfold_test_sets_are_disjoint_and_cover_every_patient(k):
     patients = [f"p{i:02d}" for i in range(17)]
     cfg = {"seed": 3, "folds": k, "split": {"protocol": "kfold", "train": 0.6, "val": 0.1, "test": 0.3}}
-    folds = loo.fold_splits(cfg, _Source(patients))
+    folds = loo.fold_splits(typed(cfg, loo.FAMILY), _Source(patients))
     tests = [set(f["test"]) for f in folds]
     assert len(folds) == k and set().union(*tests) == set(patients)
     assert sum(len(t) for t in tests) == len(patients)  # disjoint
@@ -197,7 +198,7 @@ def test_kfold_test_sets_are_disjoint_and_cover_every_patient(k):
         # validation is carved from the rest in the 60:10 proportion
         rest = len(f["train"]) + len(f["val"])
         assert abs(len(f["val"]) - rest / 7) <= 1
-    old = loo.fold_splits({**cfg, "split": {**cfg["split"], "protocol": "repeated-holdout"}}, _Source(patients))
+    old = loo.fold_splits(typed({**cfg, "split": {**cfg["split"], "protocol": "repeated-holdout"}}, loo.FAMILY), _Source(patients))
     assert all(len(f["test"]) == 5 for f in old)  # 30 % of 17, the test sets of independent splits
 
 
@@ -283,11 +284,11 @@ def test_edited_splits_file_at_the_same_path_is_new_work(tmp_path):
     path.write_text(json.dumps({"folds": [{"fold": 0, "train": ["a"], "val": [], "test": ["b"]}]}))
     from domgen.families.common import hashed_view, with_content_digests
 
-    cfg = {"source": "A", "splits_file": str(path), "init_checkpoint": None}
-    first = config_hash(hashed_view(with_content_digests(cfg, [])))
-    assert config_hash(hashed_view(with_content_digests(cfg, []))) == first
+    cfg = typed({"source": "A", "splits_file": str(path), "init_checkpoint": None}, loo.FAMILY)
+    first = config_hash(hashed_view(with_content_digests(cfg, []).as_dict()))
+    assert config_hash(hashed_view(with_content_digests(cfg, []).as_dict())) == first
     path.write_text(json.dumps({"folds": [{"fold": 0, "train": ["b"], "val": [], "test": ["a"]}]}))
-    assert config_hash(hashed_view(with_content_digests(cfg, []))) != first
+    assert config_hash(hashed_view(with_content_digests(cfg, []).as_dict())) != first
 
 
 def test_source_lists(tiny_suite):
@@ -295,11 +296,13 @@ def test_source_lists(tiny_suite):
     from domgen.errors import DomgenError
 
     suite = load_suite(str(tiny_suite))
-    assert loo.source_names(suite, {"source": "all"}) == ["A", "B", "C", "D"]  # the COVID datasets, not tumour/effusion
-    assert loo.source_names(suite, {"source": "A, C"}) == ["A", "C"]
+    sources = lambda value: loo.source_names(suite, typed({"source": value}, loo.FAMILY))  # noqa: E731
+    assert sources("all") == ["A", "B", "C", "D"]  # the COVID datasets, not tumour/effusion
+    assert sources("A, C") == ["A", "C"]
     with pytest.raises(DomgenError, match="twice"):
-        loo.source_names(suite, {"source": "A,A"})
+        sources("A,A")
     with pytest.raises(DomgenError, match="'Z' is not in suite"):
-        loo.source_names(suite, {"source": "A,Z"})
-    round_b = loo.round_config({"source": "A,B", "targets": None}, suite, "B")
-    assert round_b["source"] == "B" and round_b["targets"] == ["A", "C", "D"]
+        sources("A,Z")
+    round_b = loo.round_config(typed({"source": "A,B", "targets": None}, loo.FAMILY), suite, "B")
+    assert round_b.source == "B" and round_b.targets == ("A", "C", "D")
+    assert round_b.as_dict()["targets"] == ["A", "C", "D"]

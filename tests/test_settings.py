@@ -19,6 +19,7 @@ from domgen.errors import DomgenError
 from domgen.families import FAMILIES, common
 from domgen.models import ARCHITECTURES, build_model
 from domgen.tracking import mlflow_store as store
+from domgen.typed_config import typed
 
 
 def test_every_shipped_profile_passes_its_own_table():
@@ -125,7 +126,7 @@ def test_hashes_follow_contents_not_paths(tiny_suite, tmp_path):
     assert common.identity({"splits_file": str(a)}, []) == common.identity({"splits_file": str(b)}, [])
     b.write_text('{"folds": [1]}')
     assert common.identity({"splits_file": str(a)}, []) != common.identity({"splits_file": str(b)}, [])
-    view = common.hashed_view(common.with_content_digests({"suite": str(tiny_suite), "x": 1}, ["A"]))
+    view = common.hashed_view(common.with_content_digests(typed({"suite": str(tiny_suite)}, settings.LOO), ["A"]).as_dict())
     assert "suite" not in view and view["content_digest"]["datasets"]["A"] == here["datasets"]["A"]
 
 

@@ -13,19 +13,21 @@ from domgen.errors import DomgenError
 from domgen.families import FAMILIES, Family, log_round_tables
 from domgen.settings import S
 from domgen.tracking import mlflow_store as store
+from domgen.typed_config import typed
 
 TOY, EXPERIMENT = "toy", "domgen-toy"
 PROFILE = "family: toy\nseed: 0\ntoy:\n  scale: 0.8\n"
 
 
-def run_toy(cfg: dict, progress: bool = True) -> str:
+def run_toy(cfg, progress: bool = True) -> str:
     """The toy's run: one parent run whose ``dsc`` is half its scale; re-running finds it by its config hash."""
-    exp_id, h, finished = store.round_lookup(EXPERIMENT, cfg)
+    cfg = typed(cfg, TOY)  # its typed config, made from its rows (a dict is checked first)
+    exp_id, h, finished = store.round_lookup(EXPERIMENT, cfg.as_dict())
     if finished:
         return finished
-    parent_id, _ = store.start_or_resume_run(exp_id, "toy round", cfg, store.tags(family=TOY, config_hash=h, role="round"))
+    parent_id, _ = store.start_or_resume_run(exp_id, "toy round", cfg.as_dict(), store.tags(family=TOY, config_hash=h, role="round"))
     with store.finishing(parent_id):
-        store.log_metrics(parent_id, {"dsc": cfg["toy"]["scale"] / 2})
+        store.log_metrics(parent_id, {"dsc": cfg.toy.scale / 2})
         log_round_tables(TOY, parent_id)
     return parent_id
 
@@ -60,6 +62,7 @@ def test_a_toy_family_is_checked_run_logged_and_reported(toy, tracking_uri, tmp_
         toy.config(str(tmp_path / "typo.yaml"))
 
     cfg = toy.config("quick", ["toy.scale=0.6"])
+    assert (cfg.seed, cfg.toy.scale) == (0, 0.6) and cfg.as_dict() == {"family": TOY, "profile": "quick", "seed": 0, "toy": {"scale": 0.6}}
     parent = toy.run_config(cfg, progress=False)
     run = store.get_run(parent)
     assert run.info.status == "FINISHED" and run.data.metrics["dsc"] == pytest.approx(0.3)

@@ -21,6 +21,7 @@ from domgen.models.multi_encoder import MultiEncoderModel
 from domgen.tracking import mlflow_store as store
 from domgen.models.checkpoint import load_checkpoint
 from domgen.training.trainer import LOSSES, TrainSettings, poly_lr, set_train_mode, train, train_step
+from domgen.typed_config import typed
 from test_multi_encoder import tiny_slices
 from stores import sqlite_store
 
@@ -120,7 +121,7 @@ def _pretrained_and_config(dims: int):
     cfg = _paper_profile()
     torch.manual_seed(7)
     if dims == 3:  # the paper profile's 3D model at 4 -> 8 filters (the same modules, a fraction of the time)
-        model_cfg = volume_model_config({**cfg, "volume": {**cfg["volume"], "model": {**cfg["volume"]["model"], "features": [4, 8]}}})
+        model_cfg = volume_model_config(typed(cfg, "transfer").replace(**{"volume.model.features": [4, 8]}))
         return cfg, _as_if_pretrained(build_model_3d(model_cfg)), model_cfg, torch.randn(1, 1, 8, 8, 8)
     model_cfg = {**cfg["model"], "encoder": "resnet18"}  # the profile's Linknet with a smaller ResNet
     return cfg, _as_if_pretrained(build_model(model_cfg["arch"], "resnet18", "none", 1)), model_cfg, torch.randn(1, 1, 32, 32)
@@ -176,20 +177,19 @@ def test_body_fresh_decoder_is_seeded(dims):
 def test_paper_profile_trains_every_strategy_with_the_papers_optimiser():
     """Wang et al. (nnU-Net's set-up, values as experiments/transfer/paper.yaml states them): SGD, lr 0.01, Nesterov
     momentum 0.99, poly schedule with power 0.9, in 2D and in 3D, for every strategy; the quick profile's departures too."""
-    from domgen import settings
     from domgen.config import load_profile
     from domgen.families.transfer import strategy_train_settings, volume_train_settings
 
-    cfg = _paper_profile()
-    assert cfg["strategies"] == ["scratch", "continual", "body", "frozen", "multi-encoder"]
+    cfg = typed(_paper_profile(), "transfer")
+    assert cfg.strategies == ("scratch", "continual", "body", "frozen", "multi-encoder")
     pretrained = pretrained_model()
-    for name in cfg["strategies"]:
-        _, overrides = prepare_strategy(name, None if name == "scratch" else pretrained, MODEL_CFG, cfg["strategy_train"])
+    for name in cfg.strategies:
+        _, overrides = prepare_strategy(name, None if name == "scratch" else pretrained, MODEL_CFG, cfg.strategy_train)
         for run in (strategy_train_settings(cfg, 0, overrides), volume_train_settings(cfg, 0, overrides)):
             assert (run.optimizer, run.lr, run.momentum, run.nesterov, run.schedule, run.poly_power) == ("sgd", 0.01, 0.99, True, "poly", 0.9), name
-    quick = settings.validate(load_profile("transfer", "quick"))
-    for name in quick["strategies"]:
-        _, overrides = prepare_strategy(name, None if name == "scratch" else pretrained, MODEL_CFG, quick["strategy_train"])
+    quick = typed(load_profile("transfer", "quick"), "transfer")
+    for name in quick.strategies:
+        _, overrides = prepare_strategy(name, None if name == "scratch" else pretrained, MODEL_CFG, quick.strategy_train)
         run = strategy_train_settings(quick, 0, overrides)
         expected = ("adam", 0.01, "poly") if name in ("continual", "body") else ("adam", 0.001, "constant")
         assert (run.optimizer, run.lr, run.schedule) == expected, name

@@ -21,33 +21,35 @@ class Family:
     experiment: str  # the MLflow experiment
     profiles: str  # folder under experiments/
     parent_role: str  # ``domgen.role`` of its parent runs ("a|b": either)
-    # "module:function(cfg, progress=..., **options)": expands a validated config into runs; returns the parent run id
-    # (benchmark: a result holding it)
+    # "module:function(cfg, progress=..., **options)": expands a config (typed, or a dict it checks) into runs; returns the
+    # parent run id (benchmark: a result holding it)
     run: str
     tables: str  # "module:function" returning {name: DataFrame} for a parent run id
     report: str = "domgen.families:round_report"  # "module:function(family, out, run_id)" writing the report
 
     def settings(self) -> list:
-        """The family's config class: its rows of ``domgen.settings.SETTINGS`` (key, type, default, range, help)."""
+        """The family's rows of ``domgen.settings.SETTINGS`` (key, type, default, range, help)."""
         from domgen import settings
 
         return [s for s in settings.SETTINGS if self.name in s.families]
 
-    def config(self, profile: str = "quick", overrides=(), **flat) -> dict:
-        """Profile (a name under experiments/<profiles>/ or a YAML path) + ``--set`` overrides + dotted flags, every
-        value checked against the family's settings: one DomgenError sentence for the first wrong one."""
+    def config(self, profile: str = "quick", overrides=(), **flat):
+        """The family's typed config (``domgen.typed_config``): profile (a name under experiments/<profiles>/ or a YAML
+        path) + ``--set`` overrides + dotted flags, every value checked against the family's settings: one DomgenError
+        sentence for the first wrong one."""
         from domgen.config import apply_overrides, load_profile
-        from domgen.settings import validate
+        from domgen.typed_config import typed
 
         # a row the profile leaves to its table default can still be set (--set threads=1, --set train.compile=true)
         known = {s.key for s in self.settings()}
-        return validate(apply_overrides(load_profile(self.profiles, profile), overrides, known, **flat))
+        return typed(apply_overrides(load_profile(self.profiles, profile), overrides, known, **flat), self.name)
 
     def run_function(self) -> Callable:
         return _load(self.run)
 
-    def run_config(self, cfg: dict, progress: bool = True, **options):
-        """Run (or resume) the family on a validated config; what its run function returns (the parent run id)."""
+    def run_config(self, cfg, progress: bool = True, **options):
+        """Run (or resume) the family on its typed config (or a dict, which the run function checks); what its run
+        function returns (the parent run id)."""
         return self.run_function()(cfg, progress=progress, **options)
 
     def table_builder(self) -> Callable[[str], dict]:

@@ -11,7 +11,6 @@ processes, or Ray tasks logging to a shared MLflow server.
 """
 from __future__ import annotations
 
-import copy
 import functools
 import time
 from dataclasses import dataclass, replace
@@ -32,6 +31,7 @@ from domgen.preprocessing.splits import train_val_test_split
 from domgen.tracking import mlflow_store as store
 from domgen.models.checkpoint import save_checkpoint
 from domgen.training.trainer import TrainSettings, predict_model_size, seed_everything, to_original_size, train
+from domgen.typed_config import FamilyConfig, typed
 
 FAMILY = "benchmark"
 EXPERIMENT = "domgen-benchmark"
@@ -67,43 +67,41 @@ class Configuration:
         return {"experiment": self.experiment, "arch": self.arch, "encoder": self.encoder, "weights": self.weights}
 
 
-def expand_grid(cfg: dict) -> list[Configuration]:
-    """Every configuration of ``cfg['grid']``, in the paper's order (experiment, arch, encoder, weights); names
-    are checked against the settings table (architectures case-insensitively, a name given twice counts once)."""
-    axes = [settings.check_value(settings.TABLE[(FAMILY, f"grid.{axis}")], cfg["grid"][axis])
-            for axis in ("experiments", "archs", "encoders", "weights")]
-    return [Configuration(*cell) for cell in product(*axes)]
+def expand_grid(cfg: FamilyConfig) -> list[Configuration]:
+    """Every configuration of ``cfg.grid``, in the paper's order (experiment, arch, encoder, weights); the names were
+    checked against the settings table (architectures case-insensitively, a name given twice counts once)."""
+    grid = cfg.grid
+    return [Configuration(*cell) for cell in product(grid.experiments, grid.archs, grid.encoders, grid.weights)]
 
 
-def base_config(cfg: dict) -> dict:
+def base_config(cfg: FamilyConfig) -> dict:
     """What every configuration of the sweep shares: the config without the grid and run-only keys; with the
     datasets' content digest attached (``with_content``), the suite's path is left out too."""
-    return common.hashed_view({k: v for k, v in common.completed(cfg, FAMILY).items() if k not in RUN_ONLY_KEYS})
+    return common.hashed_view({k: v for k, v in cfg.as_dict().items() if k not in RUN_ONLY_KEYS})
 
 
-def with_content(cfg: dict) -> dict:
+def with_content(cfg: FamilyConfig) -> FamilyConfig:
     """``cfg`` with the content digest of its two datasets, so a configuration's hash follows the data, not its path."""
-    return common.with_content_digests(cfg, [cfg["train_dataset"], cfg["test_dataset"]])
+    return common.with_content_digests(cfg, [cfg.train_dataset, cfg.test_dataset])
 
 
-def configuration_hash(cfg: dict, configuration: Configuration) -> str:
+def configuration_hash(cfg: FamilyConfig, configuration: Configuration) -> str:
     """The run's identity: the shared config plus its grid cell (not which sweep, executor or grid subset ran it)."""
     return config_hash({"config": base_config(cfg), **configuration.identity()})
 
 
-def preprocessing_of(cfg: dict, experiment: str) -> SlicePreprocessing:
-    return settings.build(SlicePreprocessing, {**cfg["preprocessing"], **EXPERIMENTS[experiment]})
+def preprocessing_of(cfg: FamilyConfig, experiment: str) -> SlicePreprocessing:
+    return settings.build(SlicePreprocessing, {**cfg.preprocessing.as_dict(), **EXPERIMENTS[experiment]})
 
 
-def train_val_patients(patients: list[str], split: dict, seed: int) -> tuple[list[str], list[str]]:
-    """80/20 by patient: ``ordered`` keeps the sorted order (the paper's slices 0-79 / 80-99), ``random`` draws with ``seed``."""
-    fraction = float(split["val_fraction"])
-    if split["method"] == "ordered":
+def train_val_patients(patients: list[str], split, seed: int) -> tuple[list[str], list[str]]:
+    """80/20 by patient (``split``: the config's split section): ``ordered`` keeps the sorted order (the paper's slices
+    0-79 / 80-99), ``random`` draws with ``seed``."""
+    fraction = split.val_fraction
+    if split.method == "ordered":
         n_val = max(1, int(round(fraction * len(patients)))) if len(patients) > 1 else 0
         ordered = sorted(patients)
         return ordered[:len(ordered) - n_val], ordered[len(ordered) - n_val:]
-    if split["method"] != "random":
-        raise DomgenError(f"split.method {split['method']!r} is not 'ordered' or 'random'; fix the profile or --set split.method=...")
     parts = train_val_test_split(patients, (1.0 - fraction, fraction, 0.0), seed=seed)
     return parts["train"], parts["val"]
 
@@ -118,22 +116,22 @@ def _prepared(suite_name: str, dataset: str, pre: SlicePreprocessing) -> SliceSe
     return prepare_slices(cases, pre)
 
 
-def datasets_of(cfg: dict, experiment: str) -> tuple[SliceSet, SliceSet, SliceSet]:
+def datasets_of(cfg: FamilyConfig, experiment: str) -> tuple[SliceSet, SliceSet, SliceSet]:
     """(train, validation, test) slices of one experiment."""
     pre = preprocessing_of(cfg, experiment)
-    source = _prepared(str(cfg["suite"]), cfg["train_dataset"], pre)
-    test = _prepared(str(cfg["suite"]), cfg["test_dataset"], pre)
-    train_ids, val_ids = train_val_patients(source.patients(), cfg["split"], cfg["seed"])
+    source = _prepared(str(cfg.suite), cfg.train_dataset, pre)
+    test = _prepared(str(cfg.suite), cfg.test_dataset, pre)
+    train_ids, val_ids = train_val_patients(source.patients(), cfg.split, cfg.seed)
     return source.of_patients(train_ids), source.of_patients(val_ids), test
 
 
-def check_data(cfg: dict) -> None:
+def check_data(cfg: FamilyConfig) -> None:
     """Fail early, in the driver, on a missing suite or dataset (not as 600 failed configurations)."""
-    if not cfg.get("suite"):
-        raise DomgenError(f"profile '{cfg.get('profile')}' names no suite; pass --suite path/to/suite.yaml (see experiments/benchmark/paper.yaml)")
-    suite = load_suite(cfg["suite"])
-    for key in ("train_dataset", "test_dataset"):
-        suite.get(cfg[key])
+    if not cfg.suite:
+        raise DomgenError(f"profile '{cfg.profile}' names no suite; pass --suite path/to/suite.yaml (see experiments/benchmark/paper.yaml)")
+    suite = load_suite(cfg.suite)
+    for name in (cfg.train_dataset, cfg.test_dataset):
+        suite.get(name)
 
 
 def sample_index(test: SliceSet, n: int) -> np.ndarray:
@@ -142,17 +140,17 @@ def sample_index(test: SliceSet, n: int) -> np.ndarray:
     return np.sort(np.argsort(-areas, kind="stable")[:n])
 
 
-def score(model, test: SliceSet, cfg: dict) -> tuple[dict[str, float], np.ndarray]:
+def score(model, test: SliceSet, cfg: FamilyConfig) -> tuple[dict[str, float], np.ndarray]:
     """The paper's test metrics (per-slice Sens/Spec/Dice, averaged over slices) and the model-size probabilities."""
-    ev = cfg["evaluation"]
-    probs = predict_model_size(model, test, device=cfg["device"])
-    if ev["resolution"] == "model":
+    ev = cfg.evaluation
+    probs = predict_model_size(model, test, device=cfg.device)
+    if ev.resolution == "model":
         # the paper scores the 512x512 resized masks
         scored, prob_list = replace(test, truths=list(test.targets)), list(probs)
     else:
         scored, prob_list = test, to_original_size(probs, test)
-    settings = EvaluationSettings(empty=ev["empty"], dice_eps=float(ev["dice_eps"]), surface=False)
-    summary, _ = evaluate(prob_list, scored, float(ev["threshold"]), settings)
+    settings = EvaluationSettings(empty=ev.empty, dice_eps=ev.dice_eps, surface=False)
+    summary, _ = evaluate(prob_list, scored, ev.threshold, settings)
     paper = {"sens": summary["slice_sen"], "spec": summary["slice_spc"], "dice": summary["slice_dsc"],
              "sens_std": summary["slice_sen_std"], "spec_std": summary["slice_spc_std"], "dice_std": summary["slice_dsc_std"],
              # without the TP+FP=0 rule (counts pooled per patient): a model that predicts nothing scores 0 here, not 1
@@ -160,21 +158,21 @@ def score(model, test: SliceSet, cfg: dict) -> tuple[dict[str, float], np.ndarra
     return paper, probs
 
 
-def _log_samples(run_id: str, test: SliceSet, probs: np.ndarray, cfg: dict, tmp) -> None:
-    idx = sample_index(test, int(cfg["evaluation"]["sample_slices"]))
+def _log_samples(run_id: str, test: SliceSet, probs: np.ndarray, cfg: FamilyConfig, tmp) -> None:
+    idx = sample_index(test, cfg.evaluation.sample_slices)
     path = tmp / "samples.npz"
     np.savez_compressed(path, image=test.inputs[idx, 0].astype(np.float16), truth=test.targets[idx],
-                        prediction=(probs[idx] > float(cfg["evaluation"]["threshold"])).astype(np.uint8),
+                        prediction=(probs[idx] > cfg.evaluation.threshold).astype(np.uint8),
                         slice_id=np.asarray([test.slice_ids[i] for i in idx]))
     store.log_artifact_file(run_id, path, "predictions")
 
 
-def train_configuration(cfg: dict, configuration: Configuration, run_id: str) -> dict[str, float]:
+def train_configuration(cfg: FamilyConfig, configuration: Configuration, run_id: str) -> dict[str, float]:
     """Build, train and test one configuration inside its MLflow run; returns the logged summary."""
     train_set, val_set, test = datasets_of(cfg, configuration.experiment)
-    seed_everything(cfg["seed"])
+    seed_everything(cfg.seed)
     model = build_model(configuration.arch, configuration.encoder, WEIGHTS[configuration.weights], 1)
-    train_settings = settings.build(TrainSettings, cfg["train"], seed=cfg["seed"], device=cfg["device"])
+    train_settings = settings.build(TrainSettings, cfg.train.as_dict(), seed=cfg.seed, device=cfg.device)
     result = train(model, train_set, val_set, train_settings, on_epoch=store.epoch_logger(run_id), progress=False, desc=configuration.name)
     metrics, probs = score(result.model, test, cfg)
     history = result.history
@@ -189,19 +187,19 @@ def train_configuration(cfg: dict, configuration: Configuration, run_id: str) ->
     store.log_metrics(run_id, summary)
     with store.artifact_dir() as tmp:
         _log_samples(run_id, test, probs, cfg, tmp)
-        if cfg.get("save_checkpoint", True):
+        if cfg.save_checkpoint:
             model_cfg = {"arch": configuration.arch, "encoder": configuration.encoder, "encoder_weights": WEIGHTS[configuration.weights],
                          "in_channels": 1}
-            save_checkpoint(tmp / "checkpoint.pt", result.model, model_cfg, preprocessing=cfg["preprocessing"],
-                            experiment=configuration.experiment, threshold=float(cfg["evaluation"]["threshold"]))
+            save_checkpoint(tmp / "checkpoint.pt", result.model, model_cfg, preprocessing=cfg.preprocessing.as_dict(),
+                            experiment=configuration.experiment, threshold=cfg.evaluation.threshold)
             store.log_artifact_file(run_id, tmp / "checkpoint.pt", "model")
     return summary
 
 
-def _run_tags(cfg: dict, configuration: Configuration, h: str) -> dict[str, str]:
+def _run_tags(cfg: FamilyConfig, configuration: Configuration, h: str) -> dict[str, str]:
     return store.tags(family=FAMILY, role="configuration", config_hash=h, sweep_hash=config_hash(base_config(cfg)),
                       experiment=configuration.experiment, arch=configuration.arch, encoder=configuration.encoder,
-                      weights=configuration.weights, profile=cfg.get("profile"))
+                      weights=configuration.weights, profile=cfg.profile)
 
 
 def run_job(job: dict) -> dict:
@@ -257,7 +255,7 @@ def record_failure(job: dict, reason: str) -> dict:
     return {"status": "failed", "hash": h, "reason": reason}
 
 
-def status_of(exp_id: str, cfg: dict, configurations: list[Configuration]) -> dict[Configuration, str]:
+def status_of(exp_id: str, cfg: FamilyConfig, configurations: list[Configuration]) -> dict[Configuration, str]:
     """done | running | failed | todo per configuration, from MLflow (one query, not one per configuration).
 
     done: a FINISHED run; running: a live run of another driver (its lease is fresh); failed: the newest
@@ -291,7 +289,7 @@ class SweepResult:
     elsewhere: int = 0  # live in another driver on the same sweep
 
 
-def retry_overrides(cfg: dict, overrides: dict) -> dict:
+def retry_overrides(cfg: FamilyConfig, overrides: dict) -> dict:
     """``--retry-failed --set KEY=VALUE`` pairs checked against ``RETRY_KEYS`` and the settings table."""
     out = {}
     for key, value in overrides.items():
@@ -302,27 +300,17 @@ def retry_overrides(cfg: dict, overrides: dict) -> dict:
     return out
 
 
-def _apply(cfg: dict, overrides: dict) -> dict:
-    out = copy.deepcopy(cfg)
-    for key, value in overrides.items():
-        node = out
-        *parents, last = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[last] = value
-    return out
-
-
-def run_benchmark(cfg: dict, executor: str = "local", workers: int = 1, address: str | None = None,
+def run_benchmark(cfg: dict | FamilyConfig, executor: str = "local", workers: int = 1, address: str | None = None,
                   retry_failed: bool = False, progress: bool = True, retry_with: dict | None = None,
                   gpus_per_trial: float | None = None) -> SweepResult:
-    """Run (or resume) the sweep of ``cfg['grid']``; returns the parent run id and what happened.
+    """Run (or resume) the sweep of ``cfg.grid``; returns the parent run id and what happened.
 
+    ``cfg``: the typed config, or a dict (checked and completed as on the command line, so it finds the same runs).
     ``retry_with`` (with ``retry_failed``): settings from ``RETRY_KEYS`` that the failed configurations are
     retried with, inside the same sweep and under the same hashes. ``gpus_per_trial`` (Ray with CUDA): the share
     of a GPU each configuration gets (None: one GPU).
     """
-    cfg = common.completed(cfg, FAMILY)
+    cfg = typed(cfg, FAMILY)
     from domgen.executors import get_executor
 
     started = time.perf_counter()
@@ -330,7 +318,7 @@ def run_benchmark(cfg: dict, executor: str = "local", workers: int = 1, address:
     cfg = with_content(cfg)
     configurations = expand_grid(cfg)
     exp_id = store.experiment_id(EXPERIMENT)
-    runner = get_executor(executor, workers=workers, address=address, device=cfg["device"], threads=cfg.get("threads"),
+    runner = get_executor(executor, workers=workers, address=address, device=cfg.device, threads=cfg.threads,
                           gpus_per_trial=gpus_per_trial)
     with units.shared_store(runner, EXPERIMENT) as shared_uri:
         return _sweep(cfg, configurations, exp_id, shared_uri, runner, retry_failed, progress, started,
@@ -339,9 +327,9 @@ def run_benchmark(cfg: dict, executor: str = "local", workers: int = 1, address:
 
 def _sweep(cfg, configurations, exp_id, shared_uri, runner, retry_failed, progress, started, retry_with) -> SweepResult:
     sweep_hash = config_hash(base_config(cfg))
-    parent_tags = store.tags(family=FAMILY, role="sweep", config_hash=config_hash(common.hashed_view(cfg)), sweep_hash=sweep_hash,
-                             profile=cfg.get("profile"), n_configurations=len(configurations))
-    parent_id, _ = store.start_or_resume_run(exp_id, f"benchmark sweep ({len(configurations)} configurations)", cfg, parent_tags)
+    parent_tags = store.tags(family=FAMILY, role="sweep", config_hash=config_hash(common.hashed_view(cfg.as_dict())), sweep_hash=sweep_hash,
+                             profile=cfg.profile, n_configurations=len(configurations))
+    parent_id, _ = store.start_or_resume_run(exp_id, f"benchmark sweep ({len(configurations)} configurations)", cfg.as_dict(), parent_tags)
     with store.finishing(parent_id):
         state = status_of(exp_id, cfg, configurations)
         retry = [c for c in configurations if retry_failed and state[c] == "failed"]
@@ -349,7 +337,7 @@ def _sweep(cfg, configurations, exp_id, shared_uri, runner, retry_failed, progre
         skipped = sum(state[c] == "done" for c in configurations)
         elsewhere = sum(state[c] == "running" for c in configurations)
         failed = {c.name: "failed before; use --retry-failed" for c in configurations if state[c] == "failed" and not retry_failed}
-        run_cfg = _apply(cfg, retry_with) if retry_with else None
+        run_cfg = cfg.replace(**retry_with) if retry_with else None
         jobs = [{"cfg": cfg, "configuration": c.identity(), "exp_id": exp_id, "parent_id": parent_id, "tracking_uri": shared_uri,
                  "threads": runner.threads, **({"run_cfg": run_cfg, "retry_overrides": retry_with} if c in retry and retry_with else {})}
                 for c in todo]
@@ -368,21 +356,20 @@ def _sweep(cfg, configurations, exp_id, shared_uri, runner, retry_failed, progre
     return SweepResult(parent_id, finished, failed, skipped, seconds, elsewhere)
 
 
-def dry_run(cfg: dict) -> list[tuple[Configuration, str, str]]:
+def dry_run(cfg: dict | FamilyConfig) -> list[tuple[Configuration, str, str]]:
     """(configuration, hash, done | running | failed | todo) for every configuration of the grid; trains nothing."""
-    cfg = with_content(cfg)
+    cfg = with_content(typed(cfg, FAMILY))
     configurations = expand_grid(cfg)
     exp = store.get_experiment(EXPERIMENT)
     state = status_of(exp.experiment_id, cfg, configurations) if exp else {c: "todo" for c in configurations}
     return [(c, configuration_hash(cfg, c), state[c]) for c in configurations]
 
 
-def resolve(cfg: dict, **grid) -> dict:
-    """``cfg`` with the grid axes given on the command line (comma-separated) replacing the profile's."""
-    out = copy.deepcopy(cfg)
-    for axis, value in grid.items():
-        if value:
-            out["grid"][axis] = settings.check_value(settings.TABLE[(FAMILY, f"grid.{axis}")], value)
-    if out.get("threads") is None:
-        out["threads"] = settings.environment("DOMGEN_THREADS")
-    return out
+def resolve(cfg: dict | FamilyConfig, **grid) -> FamilyConfig:
+    """``cfg`` with the grid axes given on the command line (comma-separated) replacing the profile's, and ``threads``
+    from DOMGEN_THREADS where the config leaves it unset."""
+    cfg = typed(cfg, FAMILY)
+    changes = {f"grid.{axis}": value for axis, value in grid.items() if value}
+    if cfg.threads is None:
+        changes["threads"] = settings.environment("DOMGEN_THREADS")
+    return cfg.replace(**changes)

@@ -20,6 +20,7 @@ from domgen.data.registry import load_cases, load_suite
 from domgen.errors import DomgenError
 from domgen.preprocessing.slices import SlicePreprocessing, SliceSet, prepare_slices
 from domgen.tracking import mlflow_store as store
+from domgen.typed_config import FamilyConfig
 
 CHECKPOINT = "model/checkpoint.pt"
 # spec fields that say where a dataset lies, not what it is: left out of its digest
@@ -58,9 +59,9 @@ def content_digest(cfg: dict, datasets: list[str]) -> dict:
     return out
 
 
-def with_content_digests(cfg: dict, datasets: list[str]) -> dict:
-    """A copy of ``cfg`` with ``content_digest`` attached (logged with the params; ``hashed_view`` uses it)."""
-    return {**cfg, "content_digest": content_digest(cfg, datasets)}
+def with_content_digests(cfg: FamilyConfig, datasets: list[str]) -> FamilyConfig:
+    """``cfg`` with ``content_digest`` attached (logged with the params; ``hashed_view`` uses it)."""
+    return cfg.attach(content_digest=content_digest(cfg.as_dict(), datasets))
 
 
 # train.* keys that choose how batches reach the model, not what it computes (the numbers are the same either way)
@@ -91,15 +92,6 @@ def _as_trained(cfg: dict) -> dict:
     if isinstance(out.get("strategy_train"), dict):
         out["strategy_train"] = {k: as_trained(v) for k, v in out["strategy_train"].items()}
     return out
-
-
-def completed(cfg: dict, family: str) -> dict:
-    """A copy of ``cfg`` with every row the profile omits at its table default, as ``validate`` leaves it: a family's
-    run function starts here, so a config built in Python (``load_profile`` + ``apply_overrides``, no ``validate``)
-    has the hashes, and finds the runs, of the same command on the command line."""
-    from domgen.settings import fill_defaults
-
-    return fill_defaults(copy.deepcopy(cfg), family)
 
 
 def hashed_view(cfg: dict) -> dict:
@@ -133,14 +125,14 @@ def dataset_names(value) -> list[str]:
     return [str(v).strip() for v in items if str(v).strip() and str(v).strip() != "all"]
 
 
-def check_datasets(cfg: dict) -> None:
+def check_datasets(cfg: FamilyConfig) -> None:
     """Every dataset the config names exists in its suite: one sentence before any MLflow run or file."""
-    keys = DATASET_KEYS.get(cfg.get("family"), ())
-    if cfg.get("suite") is None or not keys:
+    keys = DATASET_KEYS.get(cfg.family, ())
+    if cfg.suite is None or not keys:
         return
-    suite = load_suite(cfg["suite"])
+    suite = load_suite(cfg.suite)
     for key in keys:
-        for name in dataset_names(cfg.get(key)):
+        for name in dataset_names(getattr(cfg, key)):
             suite.get(name)
 
 

@@ -29,7 +29,6 @@ from domgen.evaluation.evaluate import EvaluationSettings, evaluate, paired_pati
 from domgen.evaluation.statistics import paired_bootstrap_change
 from domgen.families import leave_one_out as loo
 from domgen.families import units
-from domgen.families import common
 from domgen.families.common import hashed_view, prepare_dataset, with_content_digests
 from domgen.methods.dg import AdaptContext, get_method, unlabelled
 from domgen.methods.pseudolabel import PseudoLabelSettings
@@ -37,6 +36,7 @@ from domgen.preprocessing.slices import SlicePreprocessing, SliceSet
 from domgen.tracking import mlflow_store as store
 from domgen.tracking.tables import log_tables
 from domgen.training.trainer import TrainSettings, predict_model_size, seed_everything, to_original_size
+from domgen.typed_config import FamilyConfig, typed
 
 FAMILY = "compare"
 EXPERIMENT = "domgen-compare"
@@ -62,7 +62,7 @@ class Spec:
         return self.train, self.transfer
 
 
-def parse_methods(names: list[str], cfg: dict, sources: list[str]) -> list[Spec]:
+def parse_methods(names: list[str], cfg: FamilyConfig, sources: list[str]) -> list[Spec]:
     """``erm``, ``bigaug``, ``tent`` (tent on erm's model), ``tent@bigaug``, ``gin+transfer``: checked before any run."""
     specs = []
     for text in names:
@@ -86,7 +86,7 @@ def parse_methods(names: list[str], cfg: dict, sources: list[str]) -> list[Spec]
             spec = Spec(text, "erm", base, False)
         for name in filter(None, (spec.train, spec.test)):
             get_method(name).check(cfg, sources)
-        if spec.transfer and not cfg.get("init_run"):
+        if spec.transfer and not cfg.init_run:
             raise DomgenError(f"--methods {text} starts from a pretrained model; give --init-run RUN_ID")
         specs.append(spec)
     if len({s.text for s in specs}) != len(specs):
@@ -94,11 +94,11 @@ def parse_methods(names: list[str], cfg: dict, sources: list[str]) -> list[Spec]
     return specs
 
 
-def dataset_lists(cfg: dict, suite) -> tuple[list[str], list[str]]:
-    sources = [str(s) for s in (cfg.get("sources") or [])]
+def dataset_lists(cfg: FamilyConfig, suite) -> tuple[list[str], list[str]]:
+    sources = list(cfg.sources or ())
     if not sources:
         raise DomgenError("--sources is empty; give a dataset name or a comma list such as A,B")
-    targets = [str(t) for t in (cfg.get("targets") or [n for n in loo.covid_names(suite) if n not in sources])]
+    targets = list(cfg.targets or [n for n in loo.covid_names(suite) if n not in sources])
     for name in sources + targets:
         suite.get(name)
     overlap = sorted(set(sources) & set(targets))
@@ -127,41 +127,45 @@ def pooled(parts: list[SliceSet], names: list[str]) -> SliceSet:
     return SliceSet.concat(parts)
 
 
-def model_config(cfg: dict, s: int, train: str, transfer: bool, sources: list[str], targets: list[str]) -> dict:
+def model_config(cfg: FamilyConfig, s: int, train: str, transfer: bool, sources: list[str], targets: list[str]) -> FamilyConfig:
     """The leave-one-out round config a (seed, training method) model is trained under; ``erm`` with seed 0 and one
-    source is leave-one-out's own round (so its fold model is leave-one-out's)."""
-    rc = {k: copy.deepcopy(v) for k, v in cfg.items() if k not in _COMPARE_KEYS}
-    rc.update(family=loo.FAMILY, source=",".join(sources), targets=list(targets), seed=cfg["seed"] + SEED_STEP * s)
+    source is leave-one-out's own round (so its fold model is leave-one-out's).
+
+    Made from the compare config's dict and taken as it is (``check=False``): it is hashed as it was before the typed
+    configs, and ``--selection last`` trains with ``train.select_by: last``, which no profile may give."""
+    rc = {k: v for k, v in cfg.as_dict().items() if k not in _COMPARE_KEYS}
+    rc.update(family=loo.FAMILY, source=",".join(sources), targets=list(targets), seed=cfg.seed + SEED_STEP * s)
     method = get_method(train)
     if method.augment:
         rc["train"]["augment"] = method.augment
-    if cfg["selection"] == "last":
+    if cfg.selection == "last":
         rc["train"].update(select_by="last", patience=None)
-    if train != "erm" or transfer or cfg["selection"] != "training-domain" or len(sources) > 1:
-        rc["dg"] = {"method": train, "selection": cfg["selection"]}  # erm alone keeps leave-one-out's identity
+    if train != "erm" or transfer or cfg.selection != "training-domain" or len(sources) > 1:
+        rc["dg"] = {"method": train, "selection": cfg.selection}  # erm alone keeps leave-one-out's identity
         params = method_params(cfg, train)
         if params:  # the training method's rows (method.gin.layers, ...) enter its models' identity
             rc["dg"]["params"] = params
     if transfer:
-        rc["init_run"] = cfg["init_run"]
-    return rc
+        rc["init_run"] = cfg.init_run
+    return typed(rc, loo.FAMILY, check=False)
 
 
-def method_params(cfg: dict, name: str) -> dict:
+def method_params(cfg: FamilyConfig, name: str) -> dict:
     """A method's hyper-parameters: its ``method.<name>.*`` rows as the profile and ``--set`` give them."""
-    return dict((cfg.get("method") or {}).get(name) or {})
+    section = getattr(cfg.method, name, None)
+    return section.as_dict() if section is not None else {}
 
 
-def train_settings(rc: dict, seed: int) -> TrainSettings:
+def train_settings(rc: FamilyConfig, seed: int) -> TrainSettings:
     """The training settings of a model config: its augmentation built with the training method's rows."""
-    method = (rc.get("dg") or {}).get("method", "erm")
-    params = (rc.get("dg") or {}).get("params") if get_method(method).augment else None
-    return TrainSettings.from_config(rc["train"], seed=seed, device=rc["device"], augment_params=params)
+    dg = rc.attached("dg") or {}
+    params = dg.get("params") if get_method(dg.get("method", "erm")).augment else None
+    return TrainSettings.from_config(rc.train.as_dict(), seed=seed, device=rc.device, augment_params=params)
 
 
 @dataclass
 class Comparison:
-    cfg: dict
+    cfg: FamilyConfig
     exp_id: str
     parent_id: str
     source: SliceSet
@@ -174,7 +178,7 @@ class Comparison:
 
 def _fold_sets(c: Comparison, train: str, seed: int):
     method = get_method(train)
-    oracle = SliceSet.concat(list(c.targets.values())) if c.cfg["selection"] == "oracle" else None
+    oracle = SliceSet.concat(list(c.targets.values())) if c.cfg.selection == "oracle" else None
 
     def sets(fold):
         part = method.training_view(c.source.of_patients(fold["train"]), seed + fold["fold"])
@@ -184,48 +188,48 @@ def _fold_sets(c: Comparison, train: str, seed: int):
     return sets
 
 
-def train_model(c: Comparison, rc: dict, fold: dict, train: str):
+def train_model(c: Comparison, rc: FamilyConfig, fold: dict, train: str):
     """(model, cut-off, in-domain CI limit) of a training method in a fold: leave-one-out's ``train_fold``, found again by
     its hash when it exists; the run is tagged with the method and the selection."""
-    pretrained = loo.initial_model(rc) if rc.get("init_run") else None
+    pretrained = loo.initial_model(rc) if rc.init_run else None
     r = loo.Round(rc, c.exp_id, c.parent_id, c.source, {}, [fold], c.pre,
-                  train_settings(rc, rc["seed"]),
-                  EvaluationSettings.from_config(rc["evaluation"]), PseudoLabelSettings.from_config(rc["pseudolabel"]),
-                  c.progress, pretrained, fold_sets=_fold_sets(c, train, rc["seed"]))
+                  train_settings(rc, rc.seed),
+                  EvaluationSettings.from_config(rc.evaluation.as_dict()), PseudoLabelSettings.from_config(rc.pseudolabel.as_dict()),
+                  c.progress, pretrained, fold_sets=_fold_sets(c, train, rc.seed))
     out = loo.train_fold(r, fold)
-    run = store.find_run(c.exp_id, loo.child_hash(rc, fold=fold["fold"], phase="baseline", target=rc["source"]))
-    for key, value in (("family", FAMILY), ("method", train), ("selection", c.cfg["selection"]), ("seed", rc["seed"])):
+    run = store.find_run(c.exp_id, loo.child_hash(rc.as_dict(), fold=fold["fold"], phase="baseline", target=rc.source))
+    for key, value in (("family", FAMILY), ("method", train), ("selection", c.cfg.selection), ("seed", rc.seed)):
         store.set_tag(run.info.run_id, f"domgen.{key}", value)
     return out
 
 
-def evaluation_hash(rc: dict, fold: dict, spec: Spec, name: str) -> str:
-    return loo.child_hash(rc, fold=fold["fold"], phase="compare", target=name, method=spec.text)
+def evaluation_hash(rc: FamilyConfig, fold: dict, spec: Spec, name: str) -> str:
+    return loo.child_hash(rc.as_dict(), fold=fold["fold"], phase="compare", target=name, method=spec.text)
 
 
-def evaluate_spec(c: Comparison, rc: dict, fold: dict, spec: Spec, name: str, trained: tuple) -> None:
+def evaluate_spec(c: Comparison, rc: FamilyConfig, fold: dict, spec: Spec, name: str, trained: tuple) -> None:
     """One method on one target in one fold and seed, not yet run (``compare_unit`` looks): adapt (test-time methods,
     on the unlabelled target), predict, score; logged under its hash."""
     k = fold["fold"]
     h = evaluation_hash(rc, fold, spec, name)
     model, cutoff, limit = trained
     slices = c.targets[name]
-    tags = store.tags(family=FAMILY, source=rc["source"], target=name, fold=k, seed=rc["seed"], method=spec.text,
-                      selection=c.cfg["selection"], config_hash=h, role="unseen", phase="compare")
-    with store.tracked_run(c.exp_id, f"seed {rc['seed']} fold {k} | {spec.text} -> {name}", rc, tags, c.parent_id) as run, \
+    tags = store.tags(family=FAMILY, source=rc.source, target=name, fold=k, seed=rc.seed, method=spec.text,
+                      selection=c.cfg.selection, config_hash=h, role="unseen", phase="compare")
+    with store.tracked_run(c.exp_id, f"seed {rc.seed} fold {k} | {spec.text} -> {name}", rc.as_dict(), tags, c.parent_id) as run, \
             store.artifact_dir() as tmp:
         if spec.test:
             method = get_method(spec.test)
-            ctx = AdaptContext(c.source.of_patients(fold["train"]), c.source.of_patients(fold["val"]), cutoff, rc["device"],
-                               rc["seed"] + k, train_settings(rc, rc["seed"] + k),
-                               PseudoLabelSettings.from_config(rc["pseudolabel"]), limit,
+            ctx = AdaptContext(c.source.of_patients(fold["train"]), c.source.of_patients(fold["val"]), cutoff, rc.device,
+                               rc.seed + k, train_settings(rc, rc.seed + k),
+                               PseudoLabelSettings.from_config(rc.pseudolabel.as_dict()), limit,
                                method_params(c.cfg, spec.test), c.progress)
-            seed_everything(rc["seed"] + k)
+            seed_everything(rc.seed + k)
             hidden = unlabelled(slices)  # a test-time method never sees the target's labels
             small = method.predict(method.adapt(copy.deepcopy(model), hidden, ctx), hidden, ctx)
         else:
-            small = predict_model_size(model, slices, device=rc["device"])
-        summary, per_slice = evaluate(to_original_size(small, slices), slices, cutoff, EvaluationSettings.from_config(rc["evaluation"]))
+            small = predict_model_size(model, slices, device=rc.device)
+        summary, per_slice = evaluate(to_original_size(small, slices), slices, cutoff, EvaluationSettings.from_config(rc.evaluation.as_dict()))
         store.log_metrics(run.info.run_id, {**summary, "cutoff": cutoff})
         per_slice.to_csv(tmp / "per_slice_metrics.csv", index=False)
         store.log_artifact_file(run.info.run_id, tmp / "per_slice_metrics.csv")
@@ -256,52 +260,54 @@ def records_of(c: Comparison, jobs: list[dict]) -> list[dict]:
             rc = model_config(c.cfg, s, spec.train, spec.transfer, c.sources, list(c.targets))
             for name in c.targets:
                 run = store.find_run(c.exp_id, evaluation_hash(rc, fold, spec, name))
-                records.append({"method": spec.text, "target": name, "seed": rc["seed"], "fold": fold["fold"],
+                records.append({"method": spec.text, "target": name, "seed": rc.seed, "fold": fold["fold"],
                                 "run_id": run.info.run_id})
     return records
 
 
-def run_compare(cfg: dict, progress: bool = True, runner=None) -> str:
+def run_compare(cfg: dict | FamilyConfig, progress: bool = True, runner=None) -> str:
     """Run (or resume) the comparison; returns the parent run id. Every input is checked before any run exists.
+    ``cfg``: the typed config, or a dict (checked and completed as on the command line, so it finds the same runs).
     ``runner`` (``domgen.executors.get_executor``): where the seed x fold units run (``domgen.families.units``)."""
-    cfg = common.completed(cfg, FAMILY)
-    if cfg.get("selection") not in SELECTIONS:
-        raise DomgenError(f"--selection {cfg.get('selection')} is unknown; use one of {', '.join(SELECTIONS)}")
-    for text in cfg.get("methods") or ["erm"]:  # unknown names before the suite is read (or generated)
+    cfg = typed(cfg, FAMILY)
+    if cfg.selection not in SELECTIONS:
+        raise DomgenError(f"--selection {cfg.selection} is unknown; use one of {', '.join(SELECTIONS)}")
+    for text in cfg.methods or ["erm"]:  # unknown names before the suite is read (or generated)
         test, _, trained = text.rpartition("@")
         for name in filter(None, (test, trained.partition("+")[0])):
             get_method(name)
-    suite = load_suite(cfg["suite"])
+    suite = load_suite(cfg.suite)
     sources, targets = dataset_lists(cfg, suite)
-    specs = parse_methods(list(cfg.get("methods") or ["erm"]), cfg, sources)
-    cfg = with_content_digests({**cfg, "sources": sources, "targets": targets}, [*sources, *targets])
-    exp_id, h, finished = store.round_lookup(EXPERIMENT, hashed_view(cfg))
+    specs = parse_methods(list(cfg.methods or ["erm"]), cfg, sources)
+    cfg = with_content_digests(cfg.replace(sources=sources, targets=targets), [*sources, *targets])
+    exp_id, h, finished = store.round_lookup(EXPERIMENT, hashed_view(cfg.as_dict()))
     if finished:  # its tables, without preparing data or starting an executor's tracking server
         return finished
     with units.shared_store(runner, EXPERIMENT):
         return _run(cfg, suite, sources, targets, specs, progress, runner, exp_id, h)
 
 
-def _run(cfg: dict, suite, sources: list[str], targets: list[str], specs: list[Spec], progress: bool, runner, exp_id: str,
+def _run(cfg: FamilyConfig, suite, sources: list[str], targets: list[str], specs: list[Spec], progress: bool, runner, exp_id: str,
          h: str) -> str:
-    pre = SlicePreprocessing.from_config(cfg["preprocessing"])
+    pre = SlicePreprocessing.from_config(cfg.preprocessing.as_dict())
     prepared = {n: prepare_dataset(suite, n, pre, progress) for n in [*sources, *targets]}
-    if cfg["selection"] == "oracle":
+    if cfg.selection == "oracle":
         unlabelled_targets = [n for n in targets if not has_labels(prepared[n])]
         if unlabelled_targets:
             raise DomgenError(f"--selection oracle chooses the epoch by the targets' labels, but {', '.join(unlabelled_targets)} has "
                               "none; use --selection training-domain or last")
     source = pooled([prepared[n] for n in sources], sources)
-    for s in range(cfg["seeds"]):  # a bad split or an empty validation part stops here, before any run exists
+    for s in range(cfg.seeds):  # a bad split or an empty validation part stops here, before any run exists
         rc = model_config(cfg, s, "erm", False, sources, targets)
-        loo.check_validation_parts(rc if cfg["selection"] != "oracle" else {**rc, "train": {"select_by": "last", "patience": None}},
-                                   loo.fold_splits(rc, source))
-    parent_id, _ = store.start_or_resume_run(exp_id, f"{FAMILY} {','.join(sources)} -> {','.join(targets)}", cfg,
+        folds = loo.fold_splits(rc, source)
+        if cfg.selection != "oracle":  # oracle chooses the epoch on the targets' labels, not on a validation part
+            loo.check_validation_parts(rc, folds)
+    parent_id, _ = store.start_or_resume_run(exp_id, f"{FAMILY} {','.join(sources)} -> {','.join(targets)}", cfg.as_dict(),
                                              store.tags(family=FAMILY, source=",".join(sources), config_hash=h, role="comparison",
-                                                        selection=cfg["selection"], methods=",".join(s.text for s in specs)))
+                                                        selection=cfg.selection, methods=",".join(s.text for s in specs)))
     with store.finishing(parent_id):
         c = Comparison(cfg, exp_id, parent_id, source, {n: prepared[n] for n in targets}, sources, specs, pre, progress)
-        jobs = [{"name": f"seed {s} fold {fold['fold']}", "seed_index": s, "fold": fold} for s in range(cfg["seeds"])
+        jobs = [{"name": f"seed {s} fold {fold['fold']}", "seed_index": s, "fold": fold} for s in range(cfg.seeds)
                 for fold in loo.fold_splits(model_config(cfg, s, "erm", False, sources, targets), source)]
         units.run_units(runner, compare_unit, jobs, shared=units.for_units(runner, c), what="seed x fold unit", progress=progress)
         with store.artifact_dir() as tmp:
@@ -310,7 +316,7 @@ def _run(cfg: dict, suite, sources: list[str], targets: list[str], specs: list[S
         tables = compare_tables(parent_id)
         log_tables(parent_id, tables)
         with store.artifact_dir() as tmp:
-            store.log_artifact_file(parent_id, dsc_plot(tmp / "method_target_dsc.png", tables["dsc_means"], cfg["selection"]), "plots")
+            store.log_artifact_file(parent_id, dsc_plot(tmp / "method_target_dsc.png", tables["dsc_means"], cfg.selection), "plots")
     return parent_id
 
 

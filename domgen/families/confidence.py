@@ -148,13 +148,13 @@ def run_confidence(checkpoint: Path, target: str, top_k: int = 50, suite: str | 
         raise DomgenError(f"target {target} has no lesion in its ground truth, so no score can be compared with the true DSC; "
                           "pick a target with lesion masks")
     exp_id = store.experiment_id(EXPERIMENT)
-    h = config_hash({"config": r.cfg, "start": start, "target": target, "top_k": top_k, "scores": sorted(CONFIDENCE_SCORES),
+    h = config_hash({"config": r.cfg.as_dict(), "start": start, "target": target, "top_k": top_k, "scores": sorted(CONFIDENCE_SCORES),
                      "measures": MEASURES_VERSION})
     done = store.find_run(exp_id, h)
     if done is not None:
         with store.artifact_dir() as tmp:
             return done.info.run_id, pd.read_csv(store.download_artifact(done.info.run_id, "confidence_scores.csv", tmp))
-    device = r.cfg["device"]
+    device = r.cfg.device
     val = r.source.of_patients(fold["val"])
     try:  # temperature scaling is fitted on the source validation slices: never on the target's labels
         temperature = fit_fold_temperature(model, val, device)
@@ -172,7 +172,7 @@ def run_confidence(checkpoint: Path, target: str, top_k: int = 50, suite: str | 
             scores[name] = None  # mc-dropout without dropout layers, ci-ts without validation slices: reported as n/a
     ranking = ci_ranking(probs, slices, cutoff, r.pl_settings.with_ci_limit(limit).selection,
                          {k: v for k, v in scores.items() if v is not None})
-    table = score_table(ranking, scores, top_k, seed=r.cfg["seed"])
+    table = score_table(ranking, scores, top_k, seed=r.cfg.seed)
 
     # the fold's in-domain test set: calibration, and the in-domain limits of the selection rule on each CI's scale
     test = r.source.of_patients(fold["test"])
@@ -185,11 +185,11 @@ def run_confidence(checkpoint: Path, target: str, top_k: int = 50, suite: str | 
         eligible = values[:, 1] >= np.asarray([r.pl_settings.selection.min_pixels_for(p.shape) for p in test_probs])
         indomain[name] = np.where(eligible, values[:, 0], np.nan)
     selection = selection_table(ranking, {name: ranking[name].to_numpy(dtype=float) for name in scaled}, indomain, r.pl_settings)
-    calibration = pd.DataFrame(calibration_rows(f"{r.cfg['source']} (in-domain test)", test_probs, test.truths, cutoff, temperature)
+    calibration = pd.DataFrame(calibration_rows(f"{r.cfg.source} (in-domain test)", test_probs, test.truths, cutoff, temperature)
                                + calibration_rows(f"{target} (unseen)", probs, slices.truths, cutoff, temperature))
 
-    tags = store.tags(family=FAMILY, source=r.cfg["source"], target=target, fold=fold["fold"], config_hash=h, role="analysis")
-    with store.tracked_run(exp_id, run_name or f"{r.cfg['source']} fold {fold['fold']} -> {target}", r.cfg, tags) as run, \
+    tags = store.tags(family=FAMILY, source=r.cfg.source, target=target, fold=fold["fold"], config_hash=h, role="analysis")
+    with store.tracked_run(exp_id, run_name or f"{r.cfg.source} fold {fold['fold']} -> {target}", r.cfg.as_dict(), tags) as run, \
             store.artifact_dir() as tmp:
         metrics = {"cutoff": cutoff, "top_k": float(top_k), **({"temperature": temperature} if temperature else {})}
         for _, row in table.iterrows():
@@ -219,9 +219,9 @@ def run_confidence(checkpoint: Path, target: str, top_k: int = 50, suite: str | 
         marks = {f"rule ({row.score})": row.coverage for _, row in selection.iterrows() if row.selected}
         plots = [score_plot(tmp / "dsc_vs_score.png", ranking, available),
                  risk_coverage_plot(tmp / "risk_coverage.png", {n: (ok[n].to_numpy(dtype=float), risk) for n in available}, risk,
-                                    marks, f"{r.cfg['source']} fold {fold['fold']} -> {target}: risk = 1 - slice DSC"),
+                                    marks, f"{r.cfg.source} fold {fold['fold']} -> {target}: risk = 1 - slice DSC"),
                  reliability_plot(tmp / "reliability.png", _reliability_panels(test_probs, test.truths, probs, slices.truths,
-                                                                               r.cfg["source"], target, temperature),
+                                                                               r.cfg.source, target, temperature),
                                   f"lesion-pixel calibration (T = {temperature:.3f})" if temperature else "lesion-pixel calibration")]
         for plot in plots:
             store.log_artifact_file(run.info.run_id, plot, "plots")

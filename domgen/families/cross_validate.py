@@ -14,7 +14,6 @@ Every run is found again by its config hash, so re-running the same command resu
 """
 from __future__ import annotations
 
-import copy
 import itertools
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,18 +27,16 @@ from mlflow.tracking import MlflowClient
 from domgen.tracking.identity import child_hash, config_hash
 from domgen.data.registry import load_suite
 from domgen.errors import DomgenError
-from domgen.evaluation.metrics import EMPTY_CONVENTIONS
 from domgen.evaluation.volume_metrics import volume_metrics
 from domgen.families import log_round_tables, units
-from domgen.families import common
 from domgen.families.common import load_volumes
 from domgen.models.checkpoint import load_checkpoint, save_checkpoint
 from domgen.models.unet3d import build_model_3d
 from domgen.preprocessing.splits import kfold_splits, write_splits
 from domgen.preprocessing.volume import Volume, VolumePreprocessing, case_affine, to_case_grid, to_zyx
-from domgen.settings import CV, default
 from domgen.tracking import mlflow_store as store
 from domgen.training.volume_trainer import VolumeTrainSettings, check_patch_fits, predict_volume, train_volumes
+from domgen.typed_config import FamilyConfig, typed
 
 FAMILY = "cross-validate"
 EXPERIMENT = "domgen-cross-validate"
@@ -49,8 +46,7 @@ VALIDATION, EXTERNAL = "validation", "external"
 
 @dataclass
 class Settings:
-    """The resolved, checked sections of a cross-validate config; a key a (validated, so filled) config lacks takes its
-    row's default from domgen/settings.py."""
+    """The resolved sections of a (typed, so checked and complete) cross-validate config."""
 
     pre: VolumePreprocessing
     train: VolumeTrainSettings
@@ -61,24 +57,16 @@ class Settings:
     surface: bool
 
     @classmethod
-    def from_config(cls, cfg: dict) -> "Settings":
-        inference, evaluation = cfg.get("inference", {}), cfg.get("evaluation", {})
-        overlap = float(inference.get("overlap", default(CV, "inference.overlap")))
-        if not 0.0 <= overlap < 1.0:
-            raise DomgenError(f"inference.overlap {overlap} must be in [0, 1); the paper overlaps patches by half (0.5)")
-        empty = str(evaluation.get("empty", default(CV, "evaluation.empty")))
-        if empty not in EMPTY_CONVENTIONS:
-            raise DomgenError(f"evaluation.empty {empty!r} is unknown; choose one of {', '.join(EMPTY_CONVENTIONS)}")
-        train = VolumeTrainSettings.from_config(cfg["train"], seed=int(cfg["seed"]), device=str(cfg["device"]))
-        return cls(VolumePreprocessing.from_config(cfg["preprocessing"]), train, overlap,
-                   int(inference.get("sw_batch_size", default(CV, "inference.sw_batch_size"))),
-                   float(evaluation.get("nsd_tolerance_mm", default(CV, "evaluation.nsd_tolerance_mm"))), empty,
-                   bool(evaluation.get("surface", default(CV, "evaluation.surface"))))
+    def from_config(cls, cfg: FamilyConfig) -> "Settings":
+        inference, evaluation = cfg.inference, cfg.evaluation
+        train = VolumeTrainSettings.from_config(cfg.train.as_dict(), seed=cfg.seed, device=cfg.device)
+        return cls(VolumePreprocessing.from_config(cfg.preprocessing.as_dict()), train, inference.overlap, inference.sw_batch_size,
+                   evaluation.nsd_tolerance_mm, evaluation.empty, evaluation.surface)
 
 
 @dataclass
 class Round:
-    cfg: dict
+    cfg: FamilyConfig
     settings: Settings
     exp_id: str
     parent_id: str
@@ -88,8 +76,8 @@ class Round:
     external_probs: dict[int, list[np.ndarray]] = field(default_factory=dict)  # fold -> case-grid probabilities
 
 
-def check_datasets(suite, cfg: dict) -> None:
-    source, external = cfg["source"], cfg["external"]
+def check_datasets(suite, cfg: FamilyConfig) -> None:
+    source, external = cfg.source, cfg.external
     suite.get(source)
     if external is not None:
         suite.get(external)
@@ -97,9 +85,9 @@ def check_datasets(suite, cfg: dict) -> None:
             raise DomgenError(f"--external {external} is the source dataset; choose another dataset of the suite as the external test set")
 
 
-def fold_of(cfg: dict, patients: list[str]) -> list[dict]:
+def fold_of(cfg: FamilyConfig, patients: list[str]) -> list[dict]:
     # k-fold by patient; the held-out part ("test" in splits.json) is the fold's validation set (Müller et al.)
-    return kfold_splits(patients, k=int(cfg["folds"]), seed=int(cfg["seed"]), val_fraction=0.0)
+    return kfold_splits(patients, k=cfg.folds, seed=cfg.seed, val_fraction=0.0)
 
 
 def score(probs_case_grid: np.ndarray, volume: Volume, s: Settings) -> dict[str, float]:
@@ -164,18 +152,18 @@ def log_set_results(run_id: str, rows: list[dict], tmp: Path) -> None:
 def train_fold(r: Round, fold: dict) -> None:
     """Train fold ``k`` (unless finished), score it on its validation part and on the external set."""
     k, cfg, s = fold["fold"], r.cfg, r.settings
-    h = child_hash(cfg, fold=k, role="fold")
+    h = child_hash(cfg.as_dict(), fold=k, role="fold")
     if store.find_run(r.exp_id, h) is not None:
         return
-    tags = store.tags(family=FAMILY, source=cfg["source"], external=cfg["external"], fold=k, config_hash=h, role="fold")
-    with store.tracked_run(r.exp_id, f"fold {k}", cfg, tags, r.parent_id) as run, store.artifact_dir() as tmp:
-        torch.manual_seed(int(cfg["seed"]) + k)
-        model = build_model_3d(cfg["model"])
+    tags = store.tags(family=FAMILY, source=cfg.source, external=cfg.external, fold=k, config_hash=h, role="fold")
+    with store.tracked_run(r.exp_id, f"fold {k}", cfg.as_dict(), tags, r.parent_id) as run, store.artifact_dir() as tmp:
+        torch.manual_seed(cfg.seed + k)
+        model = build_model_3d(cfg.model.as_dict())
         train_set = [v for v in r.source if v.patient_id in set(fold["train"])]
-        settings = replace(s.train, seed=int(cfg["seed"]) + k)
+        settings = replace(s.train, seed=cfg.seed + k)
         result = train_volumes(model, train_set, settings, on_epoch=store.epoch_logger(run.info.run_id), progress=r.progress,
                                desc=f"fold {k}")
-        save = bool(cfg.get("save_predictions", True))
+        save = cfg.save_predictions
         validation = [v for v in r.source if v.patient_id in set(fold["test"])]
         rows, _ = evaluate_set(result.model, validation, s, VALIDATION, tmp, save)
         metrics = medians(rows, "val")
@@ -197,7 +185,7 @@ def fold_unit(job: dict, r: Round) -> None:
 def fold_probabilities(r: Round, k: int) -> list[np.ndarray]:
     """The external-set probabilities of fold ``k``: from this session, or from its logged checkpoint on resume."""
     if k not in r.external_probs:
-        run = store.find_run(r.exp_id, child_hash(r.cfg, fold=k, role="fold"))
+        run = store.find_run(r.exp_id, child_hash(r.cfg.as_dict(), fold=k, role="fold"))
         with store.artifact_dir() as tmp:
             model = load_checkpoint(store.download_artifact(run.info.run_id, CHECKPOINT, tmp), dims=3)[0]
         s = r.settings
@@ -209,53 +197,53 @@ def fold_probabilities(r: Round, k: int) -> list[np.ndarray]:
 def evaluate_ensemble(r: Round, folds: list[dict]) -> None:
     """The fold models' softmax outputs averaged on the external set (domgen's addition, not Müller et al.'s protocol)."""
     cfg = r.cfg
-    h = child_hash(cfg, role="ensemble")
+    h = child_hash(cfg.as_dict(), role="ensemble")
     if not r.external or store.find_run(r.exp_id, h) is not None:
         return
-    tags = store.tags(family=FAMILY, source=cfg["source"], external=cfg["external"], fold="ensemble", config_hash=h, role="ensemble")
-    with store.tracked_run(r.exp_id, "ensemble", cfg, tags, r.parent_id) as run, store.artifact_dir() as tmp:
+    tags = store.tags(family=FAMILY, source=cfg.source, external=cfg.external, fold="ensemble", config_hash=h, role="ensemble")
+    with store.tracked_run(r.exp_id, "ensemble", cfg.as_dict(), tags, r.parent_id) as run, store.artifact_dir() as tmp:
         per_fold = [fold_probabilities(r, fold["fold"]) for fold in folds]
         rows = []
         for i, volume in enumerate(r.external):
             mean = np.mean([probs[i] for probs in per_fold], axis=0)
             rows.append({"set": EXTERNAL, "dataset": volume.case.dataset, "patient_id": volume.patient_id, **score(mean, volume, r.settings)})
-            if cfg.get("save_predictions", True):
+            if cfg.save_predictions:
                 write_prediction(tmp / "predictions" / EXTERNAL, volume, mean)
         store.log_metrics(run.info.run_id, {**medians(rows, "ext"), "n_models": len(per_fold)})
         log_set_results(run.info.run_id, rows, tmp)
 
 
-def run_cross_validate(cfg: dict, progress: bool = True, runner=None) -> str:
+def run_cross_validate(cfg: dict | FamilyConfig, progress: bool = True, runner=None) -> str:
     """Run (or resume) one round; returns the parent run id. Tables: ``domgen.reports.cross_validate_report``.
 
+    ``cfg``: the typed config, or a dict (checked and completed as on the command line, so it finds the same runs).
     ``runner`` (``domgen.executors.get_executor``): where the folds run (``domgen.families.units``)."""
-    cfg = common.completed(cfg, FAMILY)
     # the ablation grid does not define a round: a round of the grid is the same run as the plain command
-    cfg = {key: value for key, value in cfg.items() if key != "ablation"}
-    exp_id, h, finished = store.round_lookup(EXPERIMENT, cfg)
+    cfg = typed(cfg, FAMILY).without("ablation")
+    exp_id, h, finished = store.round_lookup(EXPERIMENT, cfg.as_dict())
     if finished:
         return finished
     # every input is read and checked before any run exists, so a bad flag leaves nothing behind
     settings = Settings.from_config(cfg)
-    model = build_model_3d(cfg["model"])
+    model = build_model_3d(cfg.model.as_dict())
     check_patch_fits(settings.train.patch_size, model.divisor)
-    suite = load_suite(cfg["suite"])
+    suite = load_suite(cfg.suite)
     check_datasets(suite, cfg)
-    source = load_volumes(suite, cfg["source"], settings.pre, progress)
-    external = load_volumes(suite, cfg["external"], settings.pre, progress) if cfg["external"] else []
+    source = load_volumes(suite, cfg.source, settings.pre, progress)
+    external = load_volumes(suite, cfg.external, settings.pre, progress) if cfg.external else []
     folds = fold_of(cfg, [v.patient_id for v in source])
     with units.shared_store(runner, EXPERIMENT):
         return _run_round(cfg, exp_id, h, settings, suite, source, external, folds, progress, runner)
 
 
-def _run_round(cfg: dict, exp_id: str, h: str, settings: Settings, suite, source: list[Volume], external: list[Volume],
+def _run_round(cfg: FamilyConfig, exp_id: str, h: str, settings: Settings, suite, source: list[Volume], external: list[Volume],
                folds: list[dict], progress: bool, runner) -> str:
-    parent_id, _ = store.start_or_resume_run(exp_id, f"cross-validate {cfg['source']} -> {cfg['external']} (k={cfg['folds']})", cfg,
-                                             store.tags(family=FAMILY, source=cfg["source"], external=cfg["external"], folds=cfg["folds"],
+    parent_id, _ = store.start_or_resume_run(exp_id, f"cross-validate {cfg.source} -> {cfg.external} (k={cfg.folds})", cfg.as_dict(),
+                                             store.tags(family=FAMILY, source=cfg.source, external=cfg.external, folds=cfg.folds,
                                                         config_hash=h, role="round"))
     with store.finishing(parent_id):
         with store.artifact_dir() as tmp:
-            write_splits(tmp / "splits.json", folds, {"dataset": cfg["source"], "suite": str(suite.path), "seed": cfg["seed"],
+            write_splits(tmp / "splits.json", folds, {"dataset": cfg.source, "suite": str(suite.path), "seed": cfg.seed,
                                                       "protocol": "k-fold by patient; 'test' is each fold's validation part (Müller et al.)"})
             store.log_artifact_file(parent_id, tmp / "splits.json")
         r = Round(cfg, settings, exp_id, parent_id, source, external, progress)
@@ -267,25 +255,16 @@ def _run_round(cfg: dict, exp_id: str, h: str, settings: Settings, suite, source
     return parent_id
 
 
-def ablation_configs(cfg: dict) -> list[dict]:
+def ablation_configs(cfg: FamilyConfig) -> list[FamilyConfig]:
     """The full grid of the profile's ``ablation`` section (k x preprocessing x augmentation), one config each."""
-    grid = cfg.get("ablation") or {}
-    axes = {"folds": grid.get("folds", [cfg["folds"]]), "preprocessing": grid.get("preprocessing", [True]),
-            "augmentation": grid.get("augmentation", [True])}
-    for name, values in axes.items():
-        if not isinstance(values, list) or not values:
-            raise DomgenError(f"ablation.{name} must be a non-empty list, e.g. ablation.folds: [2, 3, 4, 5]")
-    out = []
-    for k, pre, aug in itertools.product(axes["folds"], axes["preprocessing"], axes["augmentation"]):
-        child = copy.deepcopy(cfg)
-        child["folds"], child["preprocessing"]["enabled"], child["train"]["augment"] = int(k), bool(pre), bool(aug)
-        out.append(child)
-    return out
+    grid = cfg.ablation
+    axes = (grid.folds or [cfg.folds], grid.preprocessing or [True], grid.augmentation or [True])
+    return [cfg.replace(**{"folds": k, "preprocessing.enabled": pre, "train.augment": aug}) for k, pre, aug in itertools.product(*axes)]
 
 
-def run_ablation(cfg: dict, progress: bool = True, runner=None) -> list[str]:
+def run_ablation(cfg: dict | FamilyConfig, progress: bool = True, runner=None) -> list[str]:
     """One round per combination of the ablation grid; returns their parent run ids (finished ones are reused)."""
-    configs = ablation_configs(cfg)
+    configs = ablation_configs(typed(cfg, FAMILY))
     for child in configs:  # check the whole grid before training anything
         Settings.from_config(child)
     return [run_cross_validate(child, progress, runner) for child in configs]

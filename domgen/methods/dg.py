@@ -23,6 +23,7 @@ from domgen.errors import DomgenError
 from domgen.methods.pseudolabel import PseudoLabelSettings, enhance
 from domgen.preprocessing.slices import SliceSet
 from domgen.training.trainer import TrainSettings, predict_model_size
+from domgen.typed_config import FamilyConfig
 
 
 @dataclass
@@ -51,7 +52,7 @@ class Method:
     augment: str | None = None  # an AUGMENTATIONS name for training (None: the profile's train.augment)
     uses_init_run = False  # starts from the model of --init-run (Wang et al.'s pretrained start)
 
-    def check(self, cfg: dict, sources: list[str]) -> None:
+    def check(self, cfg: FamilyConfig, sources: list[str]) -> None:
         """Refuse a configuration the method cannot run, in one sentence, before any run exists."""
 
     def training_view(self, train: SliceSet, seed: int) -> SliceSet:
@@ -129,7 +130,7 @@ class ERMMulti(Method):
     name = "erm-multi"
     paper = "Gulrajani & Lopez-Paz 2021 (DomainBed, ERM over training environments)"
 
-    def check(self, cfg: dict, sources: list[str]) -> None:
+    def check(self, cfg: FamilyConfig, sources: list[str]) -> None:
         if len(sources) < 2:
             raise DomgenError(f"method erm-multi pools several source domains but --sources gives only {sources[0]}; "
                               "give two or more, e.g. --sources A,B")
@@ -177,8 +178,8 @@ class Transfer(Method):
     paper = "Wang et al. 2020, Med. Phys."
     uses_init_run = True
 
-    def check(self, cfg: dict, sources: list[str]) -> None:
-        if not cfg.get("init_run"):
+    def check(self, cfg: FamilyConfig, sources: list[str]) -> None:
+        if not cfg.init_run:
             raise DomgenError("method transfer starts from a pretrained model; give --init-run RUN_ID (a `domgen transfer` "
                               "pretraining or fold run)")
 
