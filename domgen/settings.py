@@ -168,7 +168,8 @@ SETTINGS: list[Setting] = [
     S("train.lr", "float", 1e-3, ALL, "Adam learning rate", low=0.0, low_open=True),
     S("train.patience", "int", 5, ALL, "epochs without improvement before stopping (null: never stop early)", low=1, nullable=True),
     S("train.loss", "choice", "dice+bce", ALL, "training loss", choices=_losses),
-    S("train.select_by", "choice", "val_dsc", ALL, "which epoch is kept", choices=("val_dsc", "val_loss")),
+    S("train.select_by", "choice", "val_dsc", ALL, "which epoch is kept (last: the final epoch, nothing chosen on the "
+      "validation set; with train.patience null it needs none)", choices=("val_dsc", "val_loss", "last")),
     S("train.augment", "choice", "enshaei", ALL, "augmentation recipe", choices=_augmentations),
     S("train.schedule", "choice", "constant", ALL, "learning-rate schedule", choices=("constant", "poly")),
     S("train.poly_power", "float", 0.9, ALL, "power of the poly schedule", low=0.0, low_open=True),

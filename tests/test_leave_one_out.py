@@ -216,6 +216,13 @@ def test_empty_validation_set_is_refused_not_scored_as_perfect(tiny_suite, tmp_p
     assert out.exit_code == 2 and "have no validation patient" in out.output and out.output.count("\n") == 1
     store.configure(uri)
     assert MlflowClient().get_experiment_by_name(loo.EXPERIMENT) is None or not _runs(uri)
+    # the fix the sentence offers is a setting the table accepts (it named train.select_by=last, a value it refused)
+    from domgen.families import FAMILIES
+
+    offered = re.findall(r"--set (\S+=\S+)", out.output)
+    assert offered == ["train.select_by=last", "train.patience=null"]
+    cfg = FAMILIES["leave-one-out"].config("quick", [*offered, "split.val=0.0", "split.train=0.7"])
+    assert cfg.train.select_by == "last" and cfg.train.patience is None
 
 
 def test_paper_profile_draws_five_independent_60_10_30_splits():
