@@ -1,6 +1,6 @@
 """Fresh MLflow SQLite stores for the tests: a copy of one empty store that MLflow itself created and migrated (once
-per pytest process). MLflow runs its ~50 schema migrations on every new SQLite file, about 2 s on CI's cores, and the
-suite opens some 70 fresh stores; a copy is the same file MLflow would write. Only for tests that expect a store:
+per pytest process). MLflow runs its 68 schema migrations on every new SQLite file, about 2 s on CI's cores, and the
+suite opens dozens of fresh stores; a copy is the same file MLflow would write. Only for tests that expect a store:
 those that check a refusal leaves none use a path that does not exist yet."""
 from __future__ import annotations
 
