@@ -258,15 +258,18 @@ def _runner(executor: str, workers: int, address: str | None, gpus_per_trial: fl
     return None if executor == "local" and workers == 1 else runner
 
 
-def _resolve(family: str, profile: str, overrides, **flat):
+def _resolve(family: str, profile: str, overrides, check=None, **flat):
     """Profile + ``--set`` + flags of ``FAMILIES[family]``, every value checked against ``domgen.settings`` (before
-    any file or run): the family's typed config."""
+    any file or run): the family's typed config. ``check(cfg)``: the command's own check of settings together, also
+    before any file (the datasets) is touched."""
     from domgen.families import FAMILIES
     from domgen.settings import environment
 
     environment("DOMGEN_THREADS")
     environment("DOMGEN_HEARTBEAT_SECONDS")
     cfg = FAMILIES[family].config(profile, overrides, **flat)
+    if check is not None:
+        check(cfg)
     # imported after the checks above, so a mistyped flag is refused before torch and MLflow load
     from domgen.families.common import check_datasets
 
@@ -685,6 +688,14 @@ def ui(tracking_uri, port):
 
 
 # ---------------------------------------------------------------- benchmark (Bizopoulos et al.)
+def _check_stack(cfg) -> None:
+    """--stack K > 1 needs training settings the stacked step can honour (torch loads only then)."""
+    if cfg.stack > 1:
+        from domgen.families.benchmark import check_stack
+
+        check_stack(cfg)
+
+
 @main.command("benchmark")
 @click.option("--experiments", default=None, help="Comma-separated: lung, lesion-a, lesion-b (default: the profile's grid, all three).")
 @click.option("--archs", default=None, help="Comma-separated: unet, linknet, fpn, pspnet.")
@@ -701,14 +712,17 @@ def ui(tracking_uri, port):
 @click.option("--gpus-per-trial", type=float, default=None,
               help="Ray with --device cuda: the GPU share of one trial, a fraction in (0, 1] (0.25: four trials per GPU) or a whole "
                    "number [default: 1 with cuda, 0 on CPU].")
+@click.option("--stack", type=int, default=None,
+              help="Train up to K configurations of one architecture x encoder together, stepped as one stacked model in one "
+                   "process (needs --set train.device_data=true) [default: the profile's, 1].")
 @click.option("--address", default=None, help="Ray cluster address (e.g. auto or ray://head:10001); needs an http --tracking-uri.")
 @click.option("--retry-failed", is_flag=True, help="Run the configurations recorded as failed again.")
 @click.option("--dry-run", is_flag=True, help="List the configurations and which are already done; train nothing.")
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI (ray: an `mlflow server` URL; none: one is started on 127.0.0.1).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override any profile field, e.g. train.epochs=1.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def benchmark(experiments, archs, encoders, weights, profile, suite, device, seed, lung_mask, lungmask_weights, executor, workers, gpus_per_trial, address, retry_failed,
-              dry_run, tracking_uri, overrides, quiet):
+def benchmark(experiments, archs, encoders, weights, profile, suite, device, seed, lung_mask, lungmask_weights, executor, workers, gpus_per_trial, stack, address,
+              retry_failed, dry_run, tracking_uri, overrides, quiet):
     """Bizopoulos et al.'s grid: experiment x architecture x encoder x weights, one MLflow run each.
 
     Re-running the same command resumes (finished configurations are found by their config hash);
@@ -719,8 +733,8 @@ def benchmark(experiments, archs, encoders, weights, profile, suite, device, see
 
     # the grid flags enter as settings, so the image size is checked against the architectures actually run
     grid = {"grid.experiments": experiments, "grid.archs": archs, "grid.encoders": encoders, "grid.weights": weights,
-            "seed": seed, "preprocessing.lung_mask": lung_mask, "preprocessing.lungmask_weights": lungmask_weights}
-    cfg = _resolve("benchmark", profile, overrides, suite=suite, device=device, **grid)  # every --set checked
+            "seed": seed, "preprocessing.lung_mask": lung_mask, "preprocessing.lungmask_weights": lungmask_weights, "stack": stack}
+    cfg = _resolve("benchmark", profile, overrides, check=_check_stack, suite=suite, device=device, **grid)  # every --set checked
 
     from domgen.executors import get_executor
     from domgen.families import FAMILIES
@@ -734,6 +748,7 @@ def benchmark(experiments, archs, encoders, weights, profile, suite, device, see
         retry_with = retry_overrides(cfg, {item.split("=", 1)[0].strip(): yaml.safe_load(item.split("=", 1)[1])
                                            for item in overrides if item not in keep})
         cfg = resolve(_resolve("benchmark", profile, keep, suite=suite, device=device, **grid))
+    _check_stack(cfg.replace(**retry_with) if retry_with else cfg)
     get_executor(executor, workers=workers, address=address, device=cfg.device, threads=cfg.threads,
                  gpus_per_trial=gpus_per_trial)  # checks the flags
     uri = _tracking(tracking_uri)

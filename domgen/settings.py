@@ -304,6 +304,8 @@ SETTINGS: list[Setting] = [
     S("grid.encoders", "names", None, (BENCHMARK,), "encoders of the grid", choices=_encoders, flag="--encoders"),
     S("grid.weights", "names", None, (BENCHMARK,), "encoder weights of the grid", choices=_benchmark_weights, flag="--weights"),
     S("save_checkpoint", "bool", True, (BENCHMARK,), "log model/checkpoint.pt per configuration"),
+    S("stack", "int", 1, (BENCHMARK,), "configurations of one architecture x encoder trained together in one process, "
+      "stepped as one stacked model (needs train.device_data; 1: one at a time)", low=1, flag="--stack"),
     # ------------------------------------------------------------ cross-validate (Müller et al., 3D)
     S("source", "str", "A", (CV,), "the k-fold training dataset (volumes)", flag="--source"),
     S("external", "str", "B", (CV,), "the external test dataset (null: none)", nullable=True, flag="--external"),

@@ -58,6 +58,8 @@ BAD_FLAGS = [
     (["benchmark", "--archs", "nope"], "--archs"),
     (["benchmark", "--encoders", "nope"], "--encoders"),
     (["benchmark", "--experiments", "nope"], "--experiments"),
+    (["benchmark", "--stack", "0"], "--stack"),
+    (["benchmark", "--stack", "2"], "--stack"),
     (["cross-validate", "--folds", "1"], "--folds"),
     (["cross-validate", "--sampler", "nope"], "--sampler"),
     (["cross-validate", "--encoder-weights", "imagenet"], "--encoder-weights"),

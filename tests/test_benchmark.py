@@ -256,3 +256,72 @@ def test_grid_names_are_case_insensitive_and_counted_once():
     cfg = bm.resolve(load_profile("benchmark", "quick"), experiments="lung", archs="Unet,Linknet,unet", encoders="resnet18,resnet18",
                      weights="random")
     assert [c.name for c in bm.expand_grid(cfg)] == ["lung | unet | resnet18 | random", "lung | linknet | resnet18 | random"]
+
+
+@pytest.fixture(scope="module")
+def stacked_sweeps(suite, tmp_path_factory):
+    """lung and lesion-a x linknet x resnet18, 2 epochs, train.device_data: once one configuration at a time, once
+    with --stack 4 and the ImageNet weights too (the two random ones train stacked; the two ImageNet ones fail
+    offline, each alone)."""
+    out = {}
+    for name, stack, weights in (("alone", 1, "random"), ("stacked", 4, "random,imagenet")):
+        uri = sqlite_store(tmp_path_factory.mktemp(name) / "mlflow.db")
+        cfg = tiny(suite, experiments="lung,lesion-a", archs="linknet", encoders="resnet18", weights=weights)
+        cfg = cfg.replace(**{"train.device_data": True, "train.epochs": 2, "stack": stack})
+        store.configure(uri)
+        out[name] = (uri, cfg, bm.run_benchmark(cfg, progress=False))
+    return out
+
+
+def _by_name(uri: str) -> dict:
+    return {r.info.run_name: r for r in _runs(uri, "FINISHED")}
+
+
+def _val_losses(uri: str, run_id: str) -> list[float]:
+    store.configure(uri)
+    return [m.value for m in sorted(MlflowClient().get_metric_history(run_id, "val_loss"), key=lambda m: m.step)]
+
+
+def test_stacked_configurations_are_each_their_own_run_with_their_alone_identity_and_numbers(stacked_sweeps):
+    (alone_uri, _, alone), (uri, cfg, stacked) = stacked_sweeps["alone"], stacked_sweeps["stacked"]
+    assert (alone.finished, stacked.finished, len(stacked.failed)) == (2, 2, 2)
+    assert all("imagenet" in name and "could not get the imagenet weights" in reason for name, reason in stacked.failed.items())
+    one_by_one, together = _by_name(alone_uri), _by_name(uri)
+    assert sorted(together) == sorted(one_by_one) == ["lesion-a | linknet | resnet18 | random", "lung | linknet | resnet18 | random"]
+    # `stack` says how the sweep ran, not what a configuration is: the same hashes and params as one at a time
+    for name, run in together.items():
+        assert run.data.tags["domgen.stacked_with"] == "2" and "domgen.stacked_with" not in one_by_one[name].data.tags
+        assert run.data.tags["domgen.config_hash"] == one_by_one[name].data.tags["domgen.config_hash"]
+        assert run.data.params == one_by_one[name].data.params and "stack" not in run.data.params
+        assert run.data.tags["domgen.precision"] == "fp32" and run.data.metrics["epochs_run"] == 2
+    # each stacked model learnt from its own experiment's data: its validation losses follow its one-at-a-time run's
+    # to within the noise of reordered float sums (one vs two threads move them as much), while the two experiments'
+    # losses lie far apart (the lung is large, the lesion small)
+    lung = [_val_losses(u, runs["lung | linknet | resnet18 | random"].info.run_id) for u, runs in ((uri, together), (alone_uri, one_by_one))]
+    lesion = [_val_losses(u, runs["lesion-a | linknet | resnet18 | random"].info.run_id) for u, runs in ((uri, together), (alone_uri, one_by_one))]
+    assert len(lung[0]) == len(lesion[0]) == 2
+    np.testing.assert_allclose(lung[0], lung[1], atol=0.02)
+    np.testing.assert_allclose(lesion[0], lesion[1], atol=0.02)
+    assert abs(lung[1][-1] - lesion[1][-1]) > 0.1
+    # the per-epoch seconds are the group's shared out: the same for both
+    times = {name: run.data.metrics["train_seconds_per_epoch"] for name, run in together.items()}
+    assert len(set(times.values())) == 1 and min(times.values()) > 0
+
+
+def test_stacked_sweep_resumes_alone_and_retries_one_by_one(stacked_sweeps):
+    """A re-run with one more experiment trains only it (alone: nothing to stack it with); --retry-failed --set stack=1
+    retries the failed ones one at a time, in the same sweep."""
+    uri, cfg, first = stacked_sweeps["stacked"]
+    store.configure(uri)
+    more = bm.resolve(cfg, experiments="lung,lesion-a,lesion-b", weights="random")
+    again = bm.run_benchmark(more, progress=False)
+    assert (again.finished, again.skipped, len(again.failed)) == (1, 2, 0)
+    added = _by_name(uri)["lesion-b | linknet | resnet18 | random"]
+    assert added.data.tags["domgen.stacked_with"] == "1"
+    before = {r.info.run_id for r in _runs(uri)}
+    retried = bm.run_benchmark(cfg, retry_failed=True, progress=False, retry_with={"stack": 1})
+    assert (retried.finished, len(retried.failed)) == (0, 2)
+    new = [r for r in _runs(uri) if r.info.run_id not in before]
+    assert len(new) == 2 and all(r.data.tags["domgen.retry_overrides"] == "stack=1" for r in new)
+    with pytest.raises(bm.DomgenError, match="train.device_data=true"):
+        bm.run_benchmark(cfg.replace(**{"train.device_data": False}), progress=False)

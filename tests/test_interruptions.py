@@ -29,6 +29,10 @@ def _commands(suite: Path) -> dict[str, tuple[list[str], str]]:
         "benchmark": (["benchmark", "--suite", str(suite), "--experiments", "lung", "--archs", "linknet,pspnet",
                        "--encoders", "resnet18,mobilenet_v2", "--weights", "random", "--set", "evaluation.sample_slices=2", *small],
                       "configuration"),
+        # two configuration groups of lung and lesion-a, each trained as one stacked model
+        "benchmark-stacked": (["benchmark", "--suite", str(suite), "--experiments", "lung,lesion-a", "--archs", "linknet",
+                               "--encoders", "resnet18,mobilenet_v2", "--weights", "random", "--stack", "2", "--set",
+                               "train.device_data=true", "--set", "evaluation.sample_slices=2", *small], "configuration"),
         "transfer": (["transfer", "--suite", str(suite), "--folds", "2", "--strategy", "scratch,continual", "--pretrain", "msd",
                       "--set", "pretraining.train={epochs: 1}", "--set", "train.batch_size=4", *small], "strategy"),
         "leave-one-out": (["leave-one-out", "--suite", str(suite), "--source", "A", "--targets", "B", "--folds", "2",
@@ -92,7 +96,7 @@ def _interrupt_mid_run(args, role, db: Path, uri: str, cwd: Path, sig) -> set[st
     return finished_before
 
 
-@pytest.mark.parametrize("family", ["benchmark", "transfer", "leave-one-out"])
+@pytest.mark.parametrize("family", ["benchmark", "benchmark-stacked", "transfer", "leave-one-out"])
 def test_sigterm_sigint_sigkill_then_a_plain_rerun_finishes_without_duplicates(family, tiny_suite, tmp_path):
     """SIGTERM mid-run, re-run and SIGINT mid-run, re-run and SIGKILL mid-run, then a plain re-run."""
     db = tmp_path / "mlflow.db"

@@ -11,7 +11,7 @@ from torch import nn
 
 from domgen.errors import DomgenError
 from domgen.training.stacked import StackedModels, stacked_step, train_stacked
-from domgen.training.trainer import LOSSES, TrainSettings, predict_model_size, train_step
+from domgen.training.trainer import LOSSES, TrainSettings, predict_model_size, train, train_step
 from tests.test_trainer import tiny_slices
 
 
@@ -95,3 +95,43 @@ def test_unstackable_requests_are_one_sentence():
     s = tiny_slices(n=4)
     with pytest.raises(DomgenError, match="patience"):
         train_stacked([net(0), net(1)], [s, s], [s, s], TrainSettings(patience=5))
+
+
+def test_autocast_does_not_reach_inside_vmap_so_half_precision_is_refused():
+    """Why stacking is fp32 only: under bf16 autocast one model's forward pass gives bf16 logits, the same pass under
+    vmap gives fp32 (pytorch/pytorch#192617). If a PyTorch update makes this fail, stacked bf16 can be built."""
+    from domgen.training.trainer import autocast
+
+    model, stack = net(1), StackedModels([net(1), net(2)], "cpu")
+    x = torch.randn(2, 2, 1, 16, 16)
+    with autocast("bf16", "cpu"):
+        assert model(x[0]).dtype == torch.bfloat16
+        assert stack.forward(x).dtype == torch.float32
+
+
+def test_train_stacked_records_what_train_records_and_calls_each_models_callback():
+    """Each model's epoch records carry train's keys (the group's seconds shared out), and reach that model's callback."""
+    s = tiny_slices(n=4, size=32, seed=0)
+    seen: list[list[dict]] = [[], []]
+    settings = TrainSettings(epochs=2, batch_size=2, patience=None, augment="enshaei")
+    results = train_stacked([net(0), net(1)], [s, s], [s, s], settings, on_epoch=[seen[0].append, seen[1].append])
+    single = train(net(0), s, s, TrainSettings(epochs=1, batch_size=2, patience=None, augment="enshaei", device_data=True),
+                   progress=False)
+    for k, result in enumerate(results):
+        assert seen[k] == result.history and [r["epoch"] for r in seen[k]] == [0, 1]
+        assert set(seen[k][0]) == set(single.history[0])
+        assert seen[k][0]["precision"] == "fp32" and seen[k][0]["memory_format"] == "contiguous"
+    assert seen[0][0]["train_seconds"] == seen[1][0]["train_seconds"] > 0
+    assert seen[0][0]["val_loss"] != seen[1][0]["val_loss"]  # two models (different inits), each its own record
+
+
+@pytest.mark.parametrize("change,needle", [({"patience": 5}, "train.patience"), ({"precision": "fp16"}, "fp16"),
+                                           ({"precision": "bf16"}, "torch.vmap"),
+                                           ({"channels_last": True}, "channels_last"), ({"compile": True}, "compile")])
+def test_settings_the_stacked_step_cannot_honour_are_one_sentence(change, needle):
+    from domgen.training.stacked import check_stackable
+
+    with pytest.raises(DomgenError, match=needle) as refusal:
+        check_stackable(TrainSettings(**{"patience": None, **change, **({"device": "cuda"} if "precision" in change else {})}))
+    assert "\n" not in str(refusal.value) and "--stack 1" in str(refusal.value)
+    check_stackable(TrainSettings(patience=None, precision="fp32"))  # what it accepts

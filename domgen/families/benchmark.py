@@ -7,12 +7,15 @@ resolved config: re-running the same command (after a crash or ``kill -9``) does
 A configuration that fails (an encoder smp cannot build, ImageNet weights that cannot be downloaded,
 out of memory) is recorded as FAILED with its reason and the sweep goes on; ``retry_failed`` reruns them.
 The configurations are handed to an executor (``domgen.executors``): in-process, local worker
-processes, or Ray tasks logging to a shared MLflow server.
+processes, or Ray tasks logging to a shared MLflow server. With ``stack`` K > 1 (``--stack K``, issue 22) a job is
+up to K configurations of one architecture x encoder (the experiments and weights), trained together in one
+process as one stacked model (``domgen.training.stacked``), still one MLflow run each.
 """
 from __future__ import annotations
 
 import functools
 import time
+from collections import defaultdict
 from dataclasses import dataclass, replace
 from itertools import product
 
@@ -30,6 +33,7 @@ from domgen.preprocessing.slices import SlicePreprocessing, SliceSet, prepare_sl
 from domgen.preprocessing.splits import train_val_test_split
 from domgen.tracking import mlflow_store as store
 from domgen.models.checkpoint import save_checkpoint
+from domgen.training.stacked import check_stackable, train_stacked
 from domgen.training.trainer import TrainSettings, predict_model_size, seed_everything, to_original_size, train
 from domgen.typed_config import FamilyConfig, typed
 
@@ -43,11 +47,12 @@ SAMPLES = "predictions/samples.npz"
 EXPERIMENTS = settings.BENCHMARK_EXPERIMENTS
 WEIGHTS = settings.BENCHMARK_WEIGHTS
 # settings that choose how the sweep runs, not what a configuration computes: left out of every hash
-RUN_ONLY_KEYS = ("grid", "threads", "profile")
+# (stack too: a stacked configuration computes what it would alone, within rounding; its run records the group size)
+RUN_ONLY_KEYS = ("grid", "threads", "profile", "stack")
 # what a --retry-failed may change for the failed configurations without changing their identity
 # (the documented out-of-memory recipe: --retry-failed --set train.batch_size=1)
 RETRY_KEYS = ("train.batch_size", "device", "threads", "train.precision", "train.channels_last", "train.loader_workers",
-              "train.pin_memory")
+              "train.pin_memory", "stack")
 
 
 @dataclass(frozen=True)
@@ -167,19 +172,47 @@ def _log_samples(run_id: str, test: SliceSet, probs: np.ndarray, cfg: FamilyConf
     store.log_artifact_file(run_id, path, "predictions")
 
 
+def train_settings_of(cfg: FamilyConfig) -> TrainSettings:
+    return settings.build(TrainSettings, cfg.train.as_dict(), seed=cfg.seed, device=cfg.device)
+
+
+def check_stack(cfg: FamilyConfig) -> None:
+    """With ``stack`` > 1, one sentence now (before any run) for a training setting the stacked step cannot honour."""
+    if cfg.stack == 1:
+        return
+    train_settings = train_settings_of(cfg)
+    if not train_settings.device_data:
+        raise DomgenError(f"--stack {cfg.stack} trains on the device's own augmentation, so it needs "
+                          "--set train.device_data=true (a setting of the configurations' identity); or use --stack 1")
+    check_stackable(train_settings)
+
+
+def built(cfg: FamilyConfig, configuration: Configuration):
+    """(model, (train, validation, test)) of one configuration, the model initialised from ``cfg.seed``."""
+    data = datasets_of(cfg, configuration.experiment)
+    seed_everything(cfg.seed)
+    return build_model(configuration.arch, configuration.encoder, WEIGHTS[configuration.weights], 1), data
+
+
 def train_configuration(cfg: FamilyConfig, configuration: Configuration, run_id: str) -> dict[str, float]:
     """Build, train and test one configuration inside its MLflow run; returns the logged summary."""
-    train_set, val_set, test = datasets_of(cfg, configuration.experiment)
-    seed_everything(cfg.seed)
-    model = build_model(configuration.arch, configuration.encoder, WEIGHTS[configuration.weights], 1)
-    train_settings = settings.build(TrainSettings, cfg.train.as_dict(), seed=cfg.seed, device=cfg.device)
-    result = train(model, train_set, val_set, train_settings, on_epoch=store.epoch_logger(run_id), progress=False, desc=configuration.name)
+    model, data = built(cfg, configuration)
+    result = train(model, data[0], data[1], train_settings_of(cfg), on_epoch=store.epoch_logger(run_id), progress=False,
+                   desc=configuration.name)
+    return log_configuration(cfg, configuration, run_id, result, data)
+
+
+def log_configuration(cfg: FamilyConfig, configuration: Configuration, run_id: str, result, data) -> dict[str, float]:
+    """Test a trained configuration (``result``: its ``TrainResult``) and log its summary, sample predictions and
+    checkpoint; returns the summary."""
+    train_set, val_set, test = data
     metrics, probs = score(result.model, test, cfg)
     history = result.history
     summary = {**metrics,
                "params_m": count_parameters(result.model)[1] / 1e6,
                "train_seconds_per_epoch": float(np.mean([h["train_seconds"] for h in history])),
                # per-epoch times are the metrics train_seconds / val_seconds (one value per step); these are their means
+               # (stacked: the group's seconds divided by the configurations trained together)
                "val_seconds_per_epoch": float(np.mean([h["val_seconds"] for h in history])),
                "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
                "best_val_loss": float(min(h["val_loss"] for h in history)),
@@ -202,35 +235,145 @@ def _run_tags(cfg: FamilyConfig, configuration: Configuration, h: str) -> dict[s
                       weights=configuration.weights, profile=cfg.profile)
 
 
-def run_job(job: dict) -> dict:
-    """One configuration, start to end, in whatever process the executor chose. Never raises for the
-    configuration's own failure: it is recorded in MLflow and returned as ``{"status": "failed", "reason": ...}``.
-    A configuration finished meanwhile, or live in another driver, is left alone (``done`` / ``elsewhere``)."""
+def _claim(job: dict):
+    """(configuration, the config it runs with, hash, claimed run or None) of one configuration's job."""
+    cfg, configuration = job["cfg"], Configuration(**job["configuration"])
+    run_cfg = job.get("run_cfg") or cfg  # cfg with --retry-failed overrides: same identity, other resources
+    h = configuration_hash(cfg, configuration)
+    run_tags = _run_tags(cfg, configuration, h)
+    if job.get("retry_overrides"):
+        run_tags[f"{store.TAG}retry_overrides"] = ", ".join(f"{k}={v}" for k, v in job["retry_overrides"].items())
+    run = store.claim_run(job["exp_id"], configuration.name, {**base_config(run_cfg), **configuration.identity()}, run_tags,
+                          job["parent_id"])
+    return configuration, run_cfg, h, run
+
+
+def _unclaimed(job: dict, h: str) -> dict:
+    interrupts.check()
+    return {"status": "done" if store.find_run(job["exp_id"], h) is not None else "elsewhere", "hash": h}
+
+
+def _finished(h: str, run_id: str, started: float, summary: dict) -> dict:
+    return {"status": "finished", "hash": h, "run_id": run_id, "seconds": time.perf_counter() - started,
+            **{k: summary[k] for k in ("dice", "sens", "spec", "params_m")}}
+
+
+def _failed(h: str, exc: BaseException, started: float) -> dict:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return {"status": "failed", "hash": h, "reason": f"{type(exc).__name__}: {exc}"[:500], "seconds": time.perf_counter() - started}
+
+
+def _in_worker(job: dict) -> None:
     store.configure(job["tracking_uri"])
     interrupts.install()  # a worker process too: Ctrl-C never lands inside a write to the store
     if job.get("threads"):
         torch.set_num_threads(int(job["threads"]))
-    cfg, configuration = job["cfg"], Configuration(**job["configuration"])
-    run_cfg = job.get("run_cfg") or cfg  # cfg with --retry-failed overrides: same identity, other resources
-    h = configuration_hash(cfg, configuration)
-    exp_id = job["exp_id"]
-    run_tags = _run_tags(cfg, configuration, h)
-    if job.get("retry_overrides"):
-        run_tags[f"{store.TAG}retry_overrides"] = ", ".join(f"{k}={v}" for k, v in job["retry_overrides"].items())
+
+
+def run_job(job: dict) -> dict:
+    """One configuration, start to end, in whatever process the executor chose. Never raises for the
+    configuration's own failure: it is recorded in MLflow and returned as ``{"status": "failed", "reason": ...}``.
+    A configuration finished meanwhile, or live in another driver, is left alone (``done`` / ``elsewhere``)."""
+    _in_worker(job)
     started = time.perf_counter()
-    run = store.claim_run(exp_id, configuration.name, {**base_config(run_cfg), **configuration.identity()}, run_tags, job["parent_id"])
+    configuration, run_cfg, h, run = _claim(job)
     if run is None:
-        interrupts.check()
-        return {"status": "done" if store.find_run(exp_id, h) is not None else "elsewhere", "hash": h}
+        return _unclaimed(job, h)
     try:
         with store.finishing(run.info.run_id):
             summary = train_configuration(run_cfg, configuration, run.info.run_id)
     except Exception as exc:  # one configuration's failure (build, weights, OOM) must not stop the sweep
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        return {"status": "failed", "hash": h, "reason": f"{type(exc).__name__}: {exc}"[:500], "seconds": time.perf_counter() - started}
-    return {"status": "finished", "hash": h, "run_id": run.info.run_id, "seconds": time.perf_counter() - started,
-            **{k: summary[k] for k in ("dice", "sens", "spec", "params_m")}}
+        return _failed(h, exc, started)
+    return _finished(h, run.info.run_id, started, summary)
+
+
+def run_group(group: dict) -> list[dict]:
+    """The configurations of ``group["members"]`` (jobs of one architecture x encoder, one config) trained together
+    as one stacked model (``train_stacked``), each in its own MLflow run; one result per member, as ``run_job``'s.
+
+    Each run is claimed as ``run_job`` claims it (one finished meanwhile, or live elsewhere, is left out). A member
+    that cannot be built (ImageNet weights offline) fails alone; the others train together, in subgroups of equal
+    training and validation sizes; a subgroup of one trains as ``run_job`` would. A failure of the stacked training
+    fails its subgroup. Each run's tag ``domgen.stacked_with`` says how many configurations trained together."""
+    members = group["members"]
+    _in_worker(members[0])
+    started = time.perf_counter()
+    results: dict[int, dict] = {}
+    info = {}  # member index -> (configuration, run config, hash, run id) of the runs claimed here
+    # each claimed run's lease is held (and its end written) by its own ``store.finishing``, entered at once after the
+    # claim (as run_job does) and left below, last first
+    leases, entered = {}, []
+    outcome: dict[int, BaseException | None] = {}
+    try:
+        for i, job in enumerate(members):
+            configuration, run_cfg, h, run = _claim(job)
+            if run is None:
+                results[i] = _unclaimed(job, h)
+                continue
+            info[i] = (configuration, run_cfg, h, run.info.run_id)
+            leases[i] = store.finishing(run.info.run_id)
+            leases[i].__enter__()  # a held Ctrl-C raises here, and that run is already marked interrupted
+            entered.append(i)
+        ready = {}  # index -> (model, data)
+        for i, (configuration, run_cfg, _, _) in info.items():
+            try:
+                ready[i] = built(run_cfg, configuration)
+            except Exception as exc:
+                outcome[i] = exc
+        subgroups = defaultdict(list)
+        for i in ready:
+            subgroups[(len(ready[i][1][0]), len(ready[i][1][1]))].append(i)
+        for indices in subgroups.values():
+            run_cfg = info[indices[0]][1]
+            try:
+                for i in indices:
+                    store.set_tag(info[i][3], f"{store.TAG}stacked_with", str(len(indices)))
+                if len(indices) == 1:
+                    (i,) = indices
+                    trained = [train(ready[i][0], ready[i][1][0], ready[i][1][1], train_settings_of(run_cfg),
+                                     on_epoch=store.epoch_logger(info[i][3]), progress=False, desc=info[i][0].name)]
+                else:
+                    trained = train_stacked([ready[i][0] for i in indices], [ready[i][1][0] for i in indices],
+                                            [ready[i][1][1] for i in indices], train_settings_of(run_cfg),
+                                            on_epoch=[store.epoch_logger(info[i][3]) for i in indices])
+            except Exception as exc:  # out of memory, a NaN: the subgroup fails, the sweep goes on
+                outcome.update({i: exc for i in indices})
+                continue
+            for i, result in zip(indices, trained):
+                configuration, run_cfg_i, h, run_id = info[i]
+                try:
+                    results[i] = _finished(h, run_id, started,
+                                           log_configuration(run_cfg_i, configuration, run_id, result, ready[i][1]))
+                    outcome[i] = None
+                except Exception as exc:
+                    outcome[i] = exc
+    except BaseException as exc:  # Ctrl-C, SIGTERM (or the store failing): every open run ends as finishing ends it
+        for i in reversed(entered):
+            leases[i].__exit__(type(exc), exc, exc.__traceback__)
+        raise
+    for i in reversed(entered):
+        exc = outcome.get(i)
+        if exc is None:
+            leases[i].__exit__(None, None, None)  # FINISHED
+        else:
+            leases[i].__exit__(type(exc), exc, exc.__traceback__)  # FAILED with the error as a tag
+            results[i] = _failed(info[i][2], exc, started)
+    return [results[i] for i in range(len(members))]
+
+
+def stacked_units(jobs: list[dict], cfg: FamilyConfig) -> list[dict]:
+    """The jobs as ``run_group`` units: those of one architecture x encoder and one run config, at most ``stack`` a
+    unit (the run config's: a retry may change it), in the grid's order of their first member."""
+    groups: dict[tuple, list[dict]] = {}
+    for job in jobs:
+        c = job["configuration"]
+        groups.setdefault((c["arch"], c["encoder"], "run_cfg" in job), []).append(job)
+    units_ = []
+    for members in groups.values():
+        size = (members[0].get("run_cfg") or cfg).stack
+        units_ += [{"members": members[start:start + size]} for start in range(0, len(members), size)]
+    return units_
 
 
 def record_failure(job: dict, reason: str) -> dict:
@@ -315,14 +458,17 @@ def run_benchmark(cfg: dict | FamilyConfig, executor: str = "local", workers: in
 
     started = time.perf_counter()
     check_data(cfg)
+    check_stack(cfg)
+    retry_with = retry_overrides(cfg, retry_with or {})
+    if retry_with:
+        check_stack(cfg.replace(**retry_with))
     cfg = with_content(cfg)
     configurations = expand_grid(cfg)
     exp_id = store.experiment_id(EXPERIMENT)
     runner = get_executor(executor, workers=workers, address=address, device=cfg.device, threads=cfg.threads,
                           gpus_per_trial=gpus_per_trial)
     with units.shared_store(runner, EXPERIMENT) as shared_uri:
-        return _sweep(cfg, configurations, exp_id, shared_uri, runner, retry_failed, progress, started,
-                      retry_overrides(cfg, retry_with or {}))
+        return _sweep(cfg, configurations, exp_id, shared_uri, runner, retry_failed, progress, started, retry_with)
 
 
 def _sweep(cfg, configurations, exp_id, shared_uri, runner, retry_failed, progress, started, retry_with) -> SweepResult:
@@ -342,15 +488,20 @@ def _sweep(cfg, configurations, exp_id, shared_uri, runner, retry_failed, progre
                  "threads": runner.threads, **({"run_cfg": run_cfg, "retry_overrides": retry_with} if c in retry and retry_with else {})}
                 for c in todo]
         finished = 0
-        for job, result, error in runner.map(run_job, jobs, progress=progress):
+        stacked = any((job.get("run_cfg") or cfg).stack > 1 for job in jobs)
+        units_ = stacked_units(jobs, cfg) if stacked else jobs
+        for unit, outcome, error in runner.map(run_group if stacked else run_job, units_, progress=progress,
+                                               desc="configuration groups" if stacked else "configurations"):
+            members = unit["members"] if stacked else [unit]
             if error is not None:
-                result = record_failure(job, error)
-            if result["status"] == "failed":
-                failed[Configuration(**job["configuration"]).name] = result["reason"]
-            elif result["status"] == "elsewhere":
-                elsewhere += 1
-            else:
-                finished += 1
+                outcome = [record_failure(job, error) for job in members]
+            for job, result in zip(members, outcome if stacked else [outcome]):
+                if result["status"] == "failed":
+                    failed[Configuration(**job["configuration"]).name] = result["reason"]
+                elif result["status"] == "elsewhere":
+                    elsewhere += 1
+                else:
+                    finished += 1
         seconds = time.perf_counter() - started
         store.log_metrics(parent_id, {"n_finished": skipped + finished, "n_failed": len(failed), "sweep_seconds": seconds})
     return SweepResult(parent_id, finished, failed, skipped, seconds, elsewhere)

@@ -7,22 +7,30 @@ the same shapes, so their parameters and BatchNorm buffers are stacked (``torch.
 The loss is the sum of the K models' losses, so each model's gradient is its own; Adam and SGD act element by element,
 so one optimiser over the stacked tensors updates each model exactly as its own optimiser would. BatchNorm's running
 statistics are stacked buffers updated in place under vmap, one slice per model.
+
+``domgen benchmark --stack K`` (``domgen.families.benchmark.run_group``) trains up to K configurations of the grid that
+share an architecture and encoder this way, one MLflow run each, as if each had been trained alone with
+``train.device_data: true``. fp32 only: autocast does not reach inside ``torch.vmap`` in this PyTorch (a bf16 or fp16
+step would run, partly or wholly, in fp32 under a half-precision label; pytorch/pytorch#192617, #184890); channels_last
+and compile are not built for the stacked step either. Each is refused in one sentence (``check_stackable``).
 """
 from __future__ import annotations
 
 import copy
 import time
+from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state
+from tqdm.auto import tqdm
 
 from domgen.errors import DomgenError
 from domgen.preprocessing.slices import SliceSet
 from domgen.training.device_augment import DeviceBatches, DeviceSlices
-from domgen.training.trainer import (LOSSES, OPTIMIZERS, TrainResult, TrainSettings, mark_speed_settings, poly_lr,
-                                     seed_everything)
+from domgen.training.trainer import (LOSSES, OPTIMIZERS, TrainResult, TrainSettings, device_type, mark_speed_settings,
+                                     memory_format_name, poly_lr, resolve_precision, seed_everything)
 
 
 class StackedModels:
@@ -87,19 +95,36 @@ def _validate(stack: StackedModels, loss_fn: nn.Module, val: list[DeviceSlices],
     return losses, dsc
 
 
+def check_stackable(settings: TrainSettings) -> None:
+    """Nothing, or one sentence naming the setting the stacked step cannot honour and the fix."""
+    precision = resolve_precision(settings.precision, settings.device)
+    problems = [(settings.patience is not None, f"train.patience is {settings.patience} (the models would stop apart)",
+                 "train.patience=null"),
+                (precision != "fp32", f"train.precision {settings.precision} runs {precision} here, and autocast does not "
+                 "reach inside torch.vmap (the step would run fp32 under a half-precision label)", "train.precision=fp32"),
+                (settings.channels_last, "train.channels_last is true (not built for the stacked step)",
+                 "train.channels_last=false"),
+                (settings.compile, "train.compile is true (not built for the stacked step)", "train.compile=false")]
+    for bad, what, fix in problems:
+        if bad:
+            raise DomgenError(f"stacked training cannot run here: {what}; use --set {fix}, or train one model at a "
+                              "time (--stack 1)")
+
+
 def train_stacked(models: list[nn.Module], train_sets: list[SliceSet], val_sets: list[SliceSet],
-                  settings: TrainSettings) -> list[TrainResult]:
+                  settings: TrainSettings, on_epoch: list[Callable[[dict], None]] | None = None,
+                  progress: bool = False, desc: str = "train stacked") -> list[TrainResult]:
     """Train model k on (train_sets[k], val_sets[k]) for ``settings.epochs``, all K in lockstep on ``settings.device``;
     each keeps its best epoch by ``settings.select_by``. The data stay on the device (``device_augment``), augmented
-    per model with its own (seed, epoch) stream; fp32 only, and no early stopping (the models would stop apart)."""
-    if not (len(models) == len(train_sets) == len(val_sets)) or not models:
-        raise DomgenError("train_stacked needs as many training and validation sets as models (one each)")
+    per model with its own (seed, epoch) stream, as ``train`` with ``device_data`` does; no early stopping (the models
+    would stop apart). ``on_epoch[k]`` gets model k's record of each epoch, with the keys ``train``'s records have;
+    its ``train_seconds`` / ``val_seconds`` are the group's seconds divided by K (each model's share of the device)."""
+    if not (len(models) == len(train_sets) == len(val_sets)) or not models or (on_epoch and len(on_epoch) != len(models)):
+        raise DomgenError("train_stacked needs as many training and validation sets (and epoch callbacks) as models")
     if len({len(s) for s in train_sets}) != 1 or len({len(s) for s in val_sets}) != 1 or not len(val_sets[0]):
         raise DomgenError("stacked training needs training sets of one size and validation sets of one (non-zero) size; "
                           "train these configurations one by one")
-    if settings.patience is not None or settings.precision != "fp32":
-        raise DomgenError(f"stacked training runs every epoch in fp32; use --set train.patience=null and "
-                          f"train.precision=fp32 (they are {settings.patience} and {settings.precision})")
+    check_stackable(settings)
     seed_everything(settings.seed)
     device = settings.device
     stack = StackedModels(models, device)
@@ -111,26 +136,38 @@ def train_stacked(models: list[nn.Module], train_sets: list[SliceSet], val_sets:
     histories: list[list[dict]] = [[] for _ in range(k)]
     best = [(-np.inf, 0, None)] * k
     started = time.perf_counter()
-    for epoch in range(settings.epochs):
+    bar = tqdm(range(settings.epochs), desc=desc, unit="epoch", disable=not progress, leave=False)
+    for epoch in bar:
         if settings.schedule == "poly":
             for group in optimizer.param_groups:
                 group["lr"] = poly_lr(settings.lr, epoch, settings.epochs, settings.poly_power)
         stack.train(True)
         for b in batches:
             b.set_epoch(epoch)
+        epoch_started = time.perf_counter()
         total, count = torch.zeros(k, device=device), 0
         for pairs in zip(*batches):
             x, y = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
             total += stacked_step(stack, optimizer, loss_fn, x, y) * x.shape[1]
             count += x.shape[1]
+        if device_type(device) == "cuda":
+            torch.cuda.synchronize(device)  # the queued steps belong to the training seconds
+        val_started = time.perf_counter()
         val_loss, val_dsc = _validate(stack, loss_fn, val, settings.batch_size)
         train_loss = (total / max(count, 1)).cpu().numpy()  # one sync per epoch
+        val_seconds = time.perf_counter() - val_started
         for i in range(k):
-            histories[i].append({"epoch": epoch, "train_loss": float(train_loss[i]), "val_loss": float(val_loss[i]),
-                                 "val_dsc": float(val_dsc[i]), "lr": optimizer.param_groups[0]["lr"]})
+            record = {"epoch": epoch, "train_loss": float(train_loss[i]), "val_loss": float(val_loss[i]),
+                      "val_dsc": float(val_dsc[i]), "lr": optimizer.param_groups[0]["lr"],
+                      "train_seconds": (val_started - epoch_started) / k, "val_seconds": val_seconds / k,
+                      "precision": "fp32", "memory_format": memory_format_name(False)}
+            histories[i].append(record)
+            if on_epoch:
+                on_epoch[i](record)
             score = val_dsc[i] if settings.select_by == "val_dsc" else -val_loss[i]
             if settings.select_by == "last" or score > best[i][0]:
                 best[i] = (score, epoch, stack.state_dict(i))
+        bar.set_postfix(loss=f"{float(train_loss.mean()):.3f}", val_loss=f"{float(val_loss.mean()):.3f}")
     seconds = (time.perf_counter() - started) / max(settings.epochs, 1)
     results = []
     for i, model in enumerate(models):
