@@ -10,7 +10,7 @@ compared with it too, so the fraction is of what the chip could do, not of what 
 in hours of this device if every configuration cost what this one does.
 
     python benchmarks/grid_limit.py --device cuda                                  # paper size, default modes
-    python benchmarks/grid_limit.py --device cuda --modes default,device_data,device_data+compile,device_data+compile+bf16 --stack 2,6
+    python benchmarks/grid_limit.py --device cuda --modes default,device_data,device_data+compile,device_data+compile+bf16 --stack 2,6 --stack-compile
     python benchmarks/grid_limit.py --size 64 --device cpu --epochs 2 --archs unet --encoders resnet18   # a try on a CPU
 """
 from __future__ import annotations
@@ -77,8 +77,9 @@ def measure(arch: str, encoder: str, size: int, epochs: int, device: str, mode: 
     return _row(flops, [result.history])
 
 
-def measure_stacked(arch: str, encoder: str, size: int, epochs: int, device: str, k: int) -> dict:
-    """K models of one configuration (other inits, other data) trained as one stacked model."""
+def measure_stacked(arch: str, encoder: str, size: int, epochs: int, device: str, k: int, compile: bool = False) -> dict:
+    """K models of one configuration (other inits, other data) trained as one stacked model (``compile``: its
+    training forward pass through torch.compile)."""
     from benchmarks.gpu_epoch import random_slices
 
     torch.manual_seed(0)
@@ -88,7 +89,8 @@ def measure_stacked(arch: str, encoder: str, size: int, epochs: int, device: str
         torch.manual_seed(i)
         models.append(build_model(arch, encoder, "none", 1))
     results = train_stacked(models, [random_slices(N_TRAIN, size, 2 * i) for i in range(k)],
-                            [random_slices(N_VAL, size, 2 * i + 1) for i in range(k)], _settings(epochs, device, device_data=True))
+                            [random_slices(N_VAL, size, 2 * i + 1) for i in range(k)],
+                            _settings(epochs, device, device_data=True, compile=compile))
     return _row(flops, [r.history for r in results], k)
 
 
@@ -101,6 +103,7 @@ def main() -> None:
     parser.add_argument("--encoders", default="resnet34,efficientnet-b3")
     parser.add_argument("--modes", default="default,device_data,device_data+compile", help=f"of {', '.join(MODES)}")
     parser.add_argument("--stack", default="", help="comma-separated K > 1: also K models trained as one stacked model")
+    parser.add_argument("--stack-compile", action="store_true", help="each --stack K also with its forward pass compiled")
     parser.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS,
                         help="the chip's peak; default 989 = H100/H200 SXM dense bf16 tensor cores")
     args = parser.parse_args()
@@ -120,8 +123,9 @@ def main() -> None:
     for encoder in args.encoders.split(","):
         for arch in args.archs.split(","):
             rows = [(mode, lambda mode=mode: measure(arch, encoder, args.size, args.epochs, args.device, MODES[mode])) for mode in modes]
-            rows += [(f"stacked K={k}", lambda k=k: measure_stacked(arch, encoder, args.size, args.epochs, args.device, k))
-                     for k in stacks]
+            rows += [(f"stacked K={k}" + "+compile" * c,
+                      lambda k=k, c=c: measure_stacked(arch, encoder, args.size, args.epochs, args.device, k, c))
+                     for k in stacks for c in ((False, True) if args.stack_compile else (False,))]
             for name, run in rows:
                 row = run()
                 print(f"{arch:8s} {encoder:16s} {name:26s} {row['flops_per_slice'] / 1e9:11.2f} {row['train_s']:8.2f} "

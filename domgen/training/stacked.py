@@ -12,7 +12,9 @@ statistics are stacked buffers updated in place under vmap, one slice per model.
 share an architecture and encoder this way, one MLflow run each, as if each had been trained alone with
 ``train.device_data: true``. fp32 only: autocast does not reach inside ``torch.vmap`` in this PyTorch (a bf16 or fp16
 step would run, partly or wholly, in fp32 under a half-precision label; pytorch/pytorch#192617, #184890); channels_last
-and compile are not built for the stacked step either. Each is refused in one sentence (``check_stackable``).
+is not built for the stacked step either. Each is refused in one sentence (``check_stackable``). ``train.compile``
+compiles the stacked training forward pass (``torch.compile`` of the vmapped call; validation stays eager, as in
+``train``).
 """
 from __future__ import annotations
 
@@ -29,8 +31,8 @@ from tqdm.auto import tqdm
 from domgen.errors import DomgenError
 from domgen.preprocessing.slices import SliceSet
 from domgen.training.device_augment import DeviceBatches, DeviceSlices
-from domgen.training.trainer import (LOSSES, OPTIMIZERS, TrainResult, TrainSettings, device_type, mark_speed_settings,
-                                     memory_format_name, poly_lr, resolve_precision, seed_everything)
+from domgen.training.trainer import (LOSSES, OPTIMIZERS, TrainResult, TrainSettings, compile_model, device_type,
+                                     mark_speed_settings, memory_format_name, poly_lr, resolve_precision, seed_everything)
 
 
 class StackedModels:
@@ -64,10 +66,11 @@ class StackedModels:
 
 
 def stacked_step(stack: StackedModels, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, x: torch.Tensor,
-                 y: torch.Tensor) -> torch.Tensor:
-    """One step of all K models, model k on (x[k], y[k]); returns the K detached losses (no host sync)."""
+                 y: torch.Tensor, forward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """One step of all K models, model k on (x[k], y[k]); returns the K detached losses (no host sync).
+    ``forward``: the stack's forward pass to use (a compiled one), by default ``stack.forward``."""
     optimizer.zero_grad(set_to_none=True)
-    logits = stack.forward(x).float()
+    logits = (forward or stack.forward)(x).float()
     losses = torch.stack([loss_fn(logits[k], y[k]) for k in range(stack.k)])
     losses.sum().backward()  # the models share nothing, so the sum's gradient w.r.t. model k is model k's own
     optimizer.step()
@@ -103,8 +106,7 @@ def check_stackable(settings: TrainSettings) -> None:
                 (precision != "fp32", f"train.precision {settings.precision} runs {precision} here, and autocast does not "
                  "reach inside torch.vmap (the step would run fp32 under a half-precision label)", "train.precision=fp32"),
                 (settings.channels_last, "train.channels_last is true (not built for the stacked step)",
-                 "train.channels_last=false"),
-                (settings.compile, "train.compile is true (not built for the stacked step)", "train.compile=false")]
+                 "train.channels_last=false")]
     for bad, what, fix in problems:
         if bad:
             raise DomgenError(f"stacked training cannot run here: {what}; use --set {fix}, or train one model at a "
@@ -130,6 +132,7 @@ def train_stacked(models: list[nn.Module], train_sets: list[SliceSet], val_sets:
     stack = StackedModels(models, device)
     loss_fn = LOSSES[settings.loss]()
     optimizer = OPTIMIZERS[settings.optimizer](list(stack.params.values()), settings)
+    forward = compile_model(stack.forward, device) if settings.compile else stack.forward
     batches = [DeviceBatches(s, settings.augment, settings.seed, settings.batch_size, device) for s in train_sets]
     val = [DeviceSlices.of(s, device) for s in val_sets]
     k = len(models)
@@ -148,7 +151,7 @@ def train_stacked(models: list[nn.Module], train_sets: list[SliceSet], val_sets:
         total, count = torch.zeros(k, device=device), 0
         for pairs in zip(*batches):
             x, y = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
-            total += stacked_step(stack, optimizer, loss_fn, x, y) * x.shape[1]
+            total += stacked_step(stack, optimizer, loss_fn, x, y, forward) * x.shape[1]
             count += x.shape[1]
         if device_type(device) == "cuda":
             torch.cuda.synchronize(device)  # the queued steps belong to the training seconds

@@ -321,9 +321,10 @@ def set_train_mode(model: nn.Module) -> None:
                 module.eval()
 
 
-def compile_model(model: nn.Module, device: str) -> nn.Module:
+def compile_model(model: nn.Module | Callable, device: str) -> nn.Module | Callable:
     """``torch.compile(model)`` (sharing its parameters) for the training step, or ``model`` itself with a warning
-    where this machine cannot compile (Inductor on a CPU needs a C++ compiler; dynamo needs a supported Python)."""
+    where this machine cannot compile (Inductor on a CPU needs a C++ compiler; dynamo needs a supported Python).
+    ``model`` may be a function too (the stacked models' vmapped forward pass)."""
     import shutil
     import warnings
 
