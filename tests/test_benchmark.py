@@ -306,6 +306,16 @@ def test_stacked_configurations_are_each_their_own_run_with_their_alone_identity
     # the per-epoch seconds are the group's shared out: the same for both
     times = {name: run.data.metrics["train_seconds_per_epoch"] for name, run in together.items()}
     assert len(set(times.values())) == 1 and min(times.values()) > 0
+    # and Table II says so: a "stacked" column beside the seconds, only where some configuration trained stacked
+    from domgen.reports.benchmark_report import benchmark_records, table2
+
+    store.configure(uri)
+    exp = MlflowClient().get_experiment_by_name(bm.EXPERIMENT)
+    rows = table2(benchmark_records(exp.experiment_id, run.data.tags["domgen.sweep_hash"])).set_index("weights")
+    assert rows.loc["random", "stacked"] == "2" and rows.loc["imagenet", "stacked"] == "-"
+    store.configure(alone_uri)
+    exp = MlflowClient().get_experiment_by_name(bm.EXPERIMENT)
+    assert "stacked" not in table2(benchmark_records(exp.experiment_id, run.data.tags["domgen.sweep_hash"]))
 
 
 def test_stacked_sweep_resumes_alone_and_retries_one_by_one(stacked_sweeps):

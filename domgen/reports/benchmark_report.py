@@ -66,8 +66,9 @@ def benchmark_records(exp_id: str, sweep_hash: str) -> pd.DataFrame:
         t = run.data.tags
         rows.append({"experiment": t.get("domgen.experiment"), "arch": t.get("domgen.arch"), "encoder": t.get("domgen.encoder"),
                      "weights": t.get("domgen.weights"), "status": run.info.status, "error": t.get("domgen.error", ""),
-                     "run_id": run.info.run_id, **run.data.metrics})
-    columns = ["experiment", "arch", "encoder", "weights", "status", "error", "run_id"]
+                     # how many configurations trained together (--stack); their seconds per epoch are shares
+                     "stacked_with": int(t.get("domgen.stacked_with", 1)), "run_id": run.info.run_id, **run.data.metrics})
+    columns = ["experiment", "arch", "encoder", "weights", "status", "error", "stacked_with", "run_id"]
     return pd.DataFrame(rows, columns=columns if not rows else None)
 
 
@@ -100,8 +101,11 @@ def _weights_sorted(values) -> list[str]:
 
 
 def table2(rec: pd.DataFrame) -> pd.DataFrame:
-    """Table II: one row per architecture x encoder x weights; per experiment Sens/Spec/Dice in % ("failed" where it failed)."""
+    """Table II: one row per architecture x encoder x weights; per experiment Sens/Spec/Dice in % ("failed" where it failed).
+    Where some configurations trained stacked (``--stack``), a column "stacked" gives how many trained together: their
+    seconds per epoch are each one's share of the group's, not a model's time alone."""
     experiments = [e for e in ("lung", "lesion-a", "lesion-b") if e in set(rec.experiment)]
+    stacked = "stacked_with" in rec and len(rec) and bool((rec[rec.status == "FINISHED"].stacked_with > 1).any())
     rows = []
     for (arch, encoder, weights), group in rec.groupby(["arch", "encoder", "weights"], sort=True):
         ok = group[group.status == "FINISHED"]
@@ -109,6 +113,8 @@ def table2(rec: pd.DataFrame) -> pd.DataFrame:
                "params (M)": _cell(ok.params_m.mean(), 2) if "params_m" in ok and len(ok) else "-",
                "train s/epoch": _cell(ok.train_seconds_per_epoch.mean(), 2) if "train_seconds_per_epoch" in ok and len(ok) else "-",
                "val s": _cell(ok.val_seconds_per_epoch.mean(), 2) if "val_seconds_per_epoch" in ok and len(ok) else "-"}
+        if stacked:
+            row["stacked"] = "/".join(str(k) for k in sorted(set(ok.stacked_with))) if len(ok) else "-"
         for experiment in experiments:
             run = group[group.experiment == experiment]
             for key, label in PAPER_METRICS:
