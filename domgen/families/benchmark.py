@@ -349,16 +349,20 @@ def run_group(group: dict) -> list[dict]:
                 except Exception as exc:
                     outcome[i] = exc
     except BaseException as exc:  # Ctrl-C, SIGTERM (or the store failing): every open run ends as finishing ends it
-        for i in reversed(entered):
-            leases[i].__exit__(type(exc), exc, exc.__traceback__)
+        with interrupts.shielded(discard=True):  # a second Ctrl-C while they end is dropped, as finishing drops it
+            for i in reversed(entered):
+                leases[i].__exit__(type(exc), exc, exc.__traceback__)
         raise
-    for i in reversed(entered):
-        exc = outcome.get(i)
-        if exc is None:
-            leases[i].__exit__(None, None, None)  # FINISHED
-        else:
-            leases[i].__exit__(type(exc), exc, exc.__traceback__)  # FAILED with the error as a tag
-            results[i] = _failed(info[i][2], exc, started)
+    # every run is ended before a Ctrl-C that comes now is raised (after the block): one left RUNNING with its work
+    # done would be trained again by the re-run
+    with interrupts.shielded():
+        for i in reversed(entered):
+            exc = outcome.get(i)
+            if exc is None:
+                leases[i].__exit__(None, None, None)  # FINISHED
+            else:
+                leases[i].__exit__(type(exc), exc, exc.__traceback__)  # FAILED with the error as a tag
+                results[i] = _failed(info[i][2], exc, started)
     return [results[i] for i in range(len(members))]
 
 
