@@ -194,12 +194,16 @@ def built(cfg: FamilyConfig, configuration: Configuration):
     return build_model(configuration.arch, configuration.encoder, WEIGHTS[configuration.weights], 1), data
 
 
+def train_alone(cfg: FamilyConfig, configuration: Configuration, run_id: str, model, data):
+    """``train`` of one built configuration, each epoch logged to its run; its ``TrainResult``."""
+    return train(model, data[0], data[1], train_settings_of(cfg), on_epoch=store.epoch_logger(run_id), progress=False,
+                 desc=configuration.name)
+
+
 def train_configuration(cfg: FamilyConfig, configuration: Configuration, run_id: str) -> dict[str, float]:
     """Build, train and test one configuration inside its MLflow run; returns the logged summary."""
     model, data = built(cfg, configuration)
-    result = train(model, data[0], data[1], train_settings_of(cfg), on_epoch=store.epoch_logger(run_id), progress=False,
-                   desc=configuration.name)
-    return log_configuration(cfg, configuration, run_id, result, data)
+    return log_configuration(cfg, configuration, run_id, train_alone(cfg, configuration, run_id, model, data), data)
 
 
 def log_configuration(cfg: FamilyConfig, configuration: Configuration, run_id: str, result, data) -> dict[str, float]:
@@ -331,8 +335,7 @@ def run_group(group: dict) -> list[dict]:
                     store.set_tag(info[i][3], f"{store.TAG}stacked_with", str(len(indices)))
                 if len(indices) == 1:
                     (i,) = indices
-                    trained = [train(ready[i][0], ready[i][1][0], ready[i][1][1], train_settings_of(run_cfg),
-                                     on_epoch=store.epoch_logger(info[i][3]), progress=False, desc=info[i][0].name)]
+                    trained = [train_alone(run_cfg, info[i][0], info[i][3], *ready[i])]
                 else:
                     trained = train_stacked([ready[i][0] for i in indices], [ready[i][1][0] for i in indices],
                                             [ready[i][1][1] for i in indices], train_settings_of(run_cfg),
@@ -461,11 +464,11 @@ def run_benchmark(cfg: dict | FamilyConfig, executor: str = "local", workers: in
     from domgen.executors import get_executor
 
     started = time.perf_counter()
-    check_data(cfg)
-    check_stack(cfg)
+    check_stack(cfg)  # settings alone, before the suite is read
     retry_with = retry_overrides(cfg, retry_with or {})
     if retry_with:
         check_stack(cfg.replace(**retry_with))
+    check_data(cfg)
     cfg = with_content(cfg)
     configurations = expand_grid(cfg)
     exp_id = store.experiment_id(EXPERIMENT)
